@@ -1,0 +1,1 @@
+"""Edge-server side: tail service, coordinator and service placement."""

@@ -1,0 +1,1 @@
+"""Coordinator: system model, solver, online controller and policies."""

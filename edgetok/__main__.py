@@ -1,0 +1,5 @@
+"""Allow `python -m edgetok`."""
+
+from edgetok.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Gateway daemon: ingest, windows, journal, head runtime, uplink, results, HTTP."""

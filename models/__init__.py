@@ -1,0 +1,1 @@
+"""Bundle format and loader (runtime, no torch); the torch build toolchain lives in `build`."""
