@@ -54,7 +54,7 @@ def quantize(x: np.ndarray, precision: Precision) -> tuple[bytes, float, int]:
     lo = float(min(x.min(initial=0.0), 0.0))
     hi = float(max(x.max(initial=0.0), 0.0))
     scale = (hi - lo) / 255.0 or 1.0
-    zero_point = int(round(-128 - lo / scale))
+    zero_point = round(-128 - lo / scale)
     q = np.clip(np.rint(x / scale) + zero_point, -128, 127).astype(np.int8)
     return q.tobytes(), scale, zero_point
 

@@ -18,6 +18,7 @@ import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from edgetok.aio import wait_event
 from edgetok.settings import MqttSettings
 
 log = logging.getLogger(__name__)
@@ -107,7 +108,7 @@ class MqttSession:
             s.host, s.port, identifier=self.client_id, username=s.username,
             password=self._password, protocol=aiomqtt.ProtocolVersion.V5, will=will,
             keepalive=s.keepalive_s, tls_context=tls_context(s),
-            clean_start=False if persistent else True,
+            clean_start=not persistent,
             properties=self._connect_properties(), timeout=PUBLISH_TIMEOUT_S)
         if self._manual_ack:
             # aiomqtt exposes no switch for this; paho's client is its documented engine.
@@ -130,10 +131,7 @@ class MqttSession:
                 self._client = None
             if self._closing.is_set():
                 break
-            try:
-                await asyncio.wait_for(self._closing.wait(), timeout=delay)
-            except TimeoutError:
-                pass
+            await wait_event(self._closing, delay)
             delay = min(delay * 2, self.settings.reconnect_max_s)
         self._closed.set()
 
@@ -168,7 +166,7 @@ class MqttSession:
 
     async def _pump(self, client: aiomqtt.Client, generation: int) -> None:
         async for m in client.messages:
-            msg = InMessage(topic=m.topic.value, payload=bytes(m.payload)  # type: ignore[arg-type]
+            msg = InMessage(topic=m.topic.value, payload=bytes(m.payload)
                             if not isinstance(m.payload, bytes) else m.payload,
                             qos=m.qos, retain=m.retain, mid=m.mid, generation=generation)
             if self._on_message is not None:
@@ -185,9 +183,7 @@ class MqttSession:
     async def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False,
                       wait_s: float | None = None) -> bool:
         """Publish once connected; False if not connected within `wait_s` or the send failed."""
-        try:
-            await asyncio.wait_for(self.connected.wait(), timeout=wait_s)
-        except TimeoutError:
+        if not await wait_event(self.connected, wait_s):
             return False
         client = self._client
         if client is None:
@@ -203,7 +199,5 @@ class MqttSession:
         """Publish `final` (e.g. the retained `stopped`), disconnect cleanly, and stop run()."""
         self._final = final if self.connected.is_set() else None
         self._closing.set()
-        try:
-            await asyncio.wait_for(self._closed.wait(), timeout=timeout_s)
-        except TimeoutError:
+        if not await wait_event(self._closed, timeout_s):
             log.warning("MQTT session did not close within %.1fs", timeout_s)

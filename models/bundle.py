@@ -52,6 +52,9 @@ class Profile(_Frozen):
                                        description="Test accuracy by feature precision.")
     param_distortion: float = Field(0.0, description="||θ−θ_ρ||² / ||θ||².")
     output_distortion: float = Field(0.0, description="E||y−y_ρ||² / E||y||².")
+    int8_scale: float = Field(0.0, description="Median int8 feature scale over test windows.")
+    int8_zero_point: int = Field(0, description="Median int8 feature zero point over test "
+                                 "windows.")
 
 
 class Variant(_Frozen):

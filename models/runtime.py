@@ -10,7 +10,6 @@ from typing import Literal
 
 import numpy as np
 import onnxruntime as ort
-
 from edgetok.models.bundle import BundleError, Manifest, load_manifest
 
 log = logging.getLogger(__name__)
@@ -31,9 +30,9 @@ class Runtime:
         self._pinned: set[tuple[str, Part]] = set()
         for vid in preload:
             for part in ("head", "tail"):
-                if self._file(vid, part) is not None:  # type: ignore[arg-type]
-                    self._pinned.add((vid, part))  # type: ignore[arg-type]
-                    self.session(vid, part)  # type: ignore[arg-type]
+                if self._file(vid, part) is not None:
+                    self._pinned.add((vid, part))
+                    self.session(vid, part)
 
     def _file(self, variant_id: str, part: Part) -> str | None:
         v = self.manifest.variant(variant_id)

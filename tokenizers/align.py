@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import numpy as np
-
 from edgetok.tokenizers.base import TokenizeError
+from edgetok.tokenizers.series import MAX_SERIES_SAMPLES
 
 
 def align(timestamps: np.ndarray, values: np.ndarray, *, start: float, rate_hz: float,
@@ -21,17 +21,24 @@ def align(timestamps: np.ndarray, values: np.ndarray, *, start: float, rate_hz: 
     if vals.ndim != 2 or ts.ndim != 1 or vals.shape[0] != ts.shape[0]:
         raise TokenizeError("bad_shape", f"readings {vals.shape} do not match timestamps "
                             f"{ts.shape}")
-    if rate_hz <= 0 or length <= 0:
+    if not rate_hz > 0 or length <= 0:
         raise TokenizeError("bad_rate", f"rate {rate_hz} Hz and length {length} must be > 0")
+    if length * max(vals.shape[1], 1) > MAX_SERIES_SAMPLES:
+        raise TokenizeError("too_large", f"{vals.shape[1]}x{length} slots exceed "
+                            f"{MAX_SERIES_SAMPLES}")
     grid = start + np.arange(length, dtype=np.float64) / rate_hz
     out = np.full((vals.shape[1], length), np.nan)
     if ts.size == 0:
         return out, grid
+    # A reading without a usable time cannot be placed; it is a gap, not an error.
+    known = np.isfinite(ts)
+    if not known.all():
+        ts, vals = ts[known], vals[known]
     order = np.lexsort((np.arange(ts.size), ts))  # stable by arrival within equal times
     ts, vals = ts[order], vals[order]
-    slots = np.rint((ts - start) * rate_hz).astype(np.int64)
-    inside = (slots >= 0) & (slots < length)
-    slots, vals = slots[inside], vals[inside]
+    pos = np.rint((ts - start) * rate_hz)
+    inside = (pos >= 0) & (pos < length)  # filter before the cast: huge floats overflow int64
+    slots, vals = pos[inside].astype(np.int64), vals[inside]
     for c in range(vals.shape[1]):
         have = ~np.isnan(vals[:, c])
         # Fancy assignment keeps the last write per slot: the latest reading wins.

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from typing import ClassVar, Literal
 
 import numpy as np
+from edgetok.tokenizers.base import Modality, SeriesWindow, TokenBatch, TokenizeError, WindowKind
+from edgetok.tokenizers.series import check_series, stack_windows
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-
-from edgetok.tokenizers.base import Modality, SeriesWindow, TokenBatch, TokenizeError
 
 # Keeps flat channels (a sensor at rest) from dividing by ~0 and exploding.
 NORM_EPS = 1e-5
@@ -18,6 +18,8 @@ class PatchConfig(BaseModel):
     """Cut each channel into patches; tokens are patch vectors for a learned projection."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+    # What the gateway feeds tokenize(): see WindowKind in base.py.
+    window_kind: ClassVar[WindowKind] = "series"
 
     type: Literal["patch"] = Field("patch", description="Tokenizer key.")
     patch_len: int = Field(10, ge=1, le=4096, description="Samples per patch.")
@@ -30,6 +32,10 @@ class PatchConfig(BaseModel):
     normalize: bool = Field(True, description="Per-window, per-channel instance normalisation.")
     nan_policy: Literal["mask", "reject"] = Field(
         "mask", description="NaN/inf samples: 'mask' treats them as gaps, 'reject' refuses.")
+    num_channels: int | None = Field(
+        None, ge=1, le=4096, description="Expected channel count; None accepts any.")
+    window_len: int | None = Field(
+        None, ge=1, description="Expected samples per window; None accepts any.")
 
     @model_validator(mode="after")
     def _stride_fits(self) -> PatchConfig:
@@ -38,6 +44,7 @@ class PatchConfig(BaseModel):
         return self
 
     def build(self) -> PatchTokenizer:
+        """The tokenizer this config describes."""
         return PatchTokenizer(self)
 
     def num_tokens(self, length: int, channels: int) -> int:
@@ -51,6 +58,7 @@ class PatchConfig(BaseModel):
 
 
 def _num_patches(length: int, patch_len: int, stride: int, pad: str) -> int:
+    """Patches that cover `length` samples; with pad='end' the tail gets one padded patch."""
     if length < patch_len:
         return 1 if pad == "end" else 0
     n = (length - patch_len) // stride + 1
@@ -67,28 +75,17 @@ class PatchTokenizer:
 
     def tokenize(self, windows: Sequence[SeriesWindow]) -> TokenBatch:
         """Tokenize windows that share one shape."""
-        if not windows:
-            raise TokenizeError("empty", "no windows to tokenize")
-        shapes = {w.values.shape for w in windows}
-        if len(shapes) != 1:
-            raise TokenizeError("bad_shape", f"windows in one batch differ in shape: {shapes}")
-        x = np.stack([w.values for w in windows]).astype(np.float32, copy=False)
-        t = np.stack([w.timestamps for w in windows]).astype(np.float64, copy=False)
+        x, t = stack_windows(windows)
         return self.tokenize_array(x, t)
 
     def tokenize_array(self, x: np.ndarray, t: np.ndarray) -> TokenBatch:
         """Tokenize a (B, C, T) array with (B, T) timestamps; NaN marks gaps."""
         cfg = self.config
-        if x.ndim != 3 or x.shape[2] == 0:
-            raise TokenizeError("bad_shape", f"expected (batch, channels, time), got {x.shape}")
+        x = np.asarray(x, dtype=np.float32)
+        t = np.asarray(t, dtype=np.float64)
+        x, finite = check_series(x, t, num_channels=cfg.num_channels,
+                                 window_len=cfg.window_len, nan_policy=cfg.nan_policy)
         b, c, length = x.shape
-        finite = np.isfinite(x)
-        if not finite.all():
-            if cfg.nan_policy == "reject":
-                raise TokenizeError("non_finite", "window holds NaN or inf samples")
-            x = np.where(finite, x, np.nan)
-        if not finite.any(axis=(1, 2)).all():
-            raise TokenizeError("empty", "a window has no finite samples")
         n = _num_patches(length, cfg.patch_len, cfg.stride, cfg.pad)
         if n == 0:
             raise TokenizeError("bad_shape", f"window of {length} samples is shorter than one "

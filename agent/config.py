@@ -1,0 +1,51 @@
+"""Edge-server config: broker, bundles, tail workers, HTTP and coordinator."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, field_validator
+
+from edgetok.settings import MqttSettings, Strict, load_toml, read_secret
+
+
+def _resolve(v: list[Path], info: Any) -> list[Path]:
+    base = (info.context or {}).get("base_dir")
+    return [p if p.is_absolute() or base is None else (Path(base) / p).resolve() for p in v]
+
+
+class ServerHttp(Strict):
+    """The server's local HTTP API (health, status)."""
+
+    host: str = Field("127.0.0.1", description="Bind address.")
+    port: int = Field(8090, ge=0, le=65535, description="TCP port (0 picks a free one).")
+
+
+class ServerConfig(Strict):
+    """Everything `edgetok server` needs."""
+
+    id: str = Field("server-1", description="Server id, reported in every reply.")
+    group: str = Field("tail", description="Shared-subscription group: servers in one group "
+                       "split the gateways' frames between them.")
+    mqtt: MqttSettings = Field(default_factory=lambda: MqttSettings(session_expiry_s=0),
+                               description="Broker connection.")
+    bundles: list[Path] = Field(min_length=1, description="Bundle directories this server can "
+                                "run tails for (matched by bundle id in each frame).")
+    workers: int = Field(2, ge=1, le=64, description="Tail computations run at once.")
+    threads: int = Field(1, ge=0, le=64, description="ONNX Runtime intra-op threads per session.")
+    max_sessions: int = Field(32, ge=1, description="Open ONNX sessions kept per bundle.")
+    http: ServerHttp = Field(default_factory=lambda: ServerHttp(),
+                             description="HTTP API.")
+    coordinator: dict[str, Any] | None = Field(
+        None, description="Coordinator settings; omit to run the tail service alone.")
+
+    _abs = field_validator("bundles")(_resolve)
+
+    def mqtt_password(self) -> str | None:
+        return read_secret("mqtt_password", "EDGETOK_MQTT_PASSWORD", self.mqtt.password)
+
+
+def load(path: Path | str) -> ServerConfig:
+    """Read a server config file; ConfigError lists every problem."""
+    return load_toml(path, ServerConfig)

@@ -1,0 +1,390 @@
+"""The online controller: per-gateway estimates from telemetry, re-solving, Lyapunov, hysteresis.
+
+Pure: no I/O, no clock of its own (callers pass `now`). The edge server feeds it telemetry and
+its own queueing measurements and publishes the Decisions it returns, retained, on
+`edgetok/<gw>/control`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+from edgetok.agent.coordinator.model import (
+    Environment,
+    Objective,
+    OptionTable,
+    gain_from_rate,
+    options_from_manifest,
+)
+from edgetok.agent.coordinator.policies import make_policy
+from edgetok.agent.coordinator.scenario import BudgetTable, DeviceTable, LinkTable, ServerTable
+from edgetok.agent.coordinator.solver import FEAS_RTOL, Solution, rank, solve_options
+from edgetok.models.bundle import Manifest
+from pydantic import Field
+
+from edgetok.control import Decision, PolicyName, Telemetry
+from edgetok.settings import Strict
+
+log = logging.getLogger(__name__)
+
+# Above this utilisation the M/M/1 wait explodes; we cap it there and call the server full.
+MAX_UTILISATION = 0.95
+# Smallest sample count before a variance estimate is trusted for the gain back-off.
+MIN_GAIN_SAMPLES = 3
+
+
+class ControllerConfig(Strict):
+    """The coordinator's settings, embedded in the edge server's config as [coordinator]."""
+
+    policy: PolicyName = Field("joint", description="Decision policy: joint, device-only, "
+                               "server-only or fixed-split.")
+    objective: Objective = Field("accuracy", description="What to minimise: 'accuracy' "
+                                 "(1 − profiled accuracy) or 'output_distortion'.")
+    link: LinkTable = Field(description="Uplink; `gain` is the nominal (prior) channel gain.")
+    device: DeviceTable = Field(description="Gateway CPU (the same for every gateway).")
+    server: ServerTable = Field(default_factory=ServerTable,
+                                description="Tail slowdown and base queueing delay.")
+    budget: BudgetTable = Field(description="Deadline, per-window energy cap, privacy floor.")
+    average_energy_mj: float | None = Field(
+        None, gt=0, description="Long-term average energy per window (mJ), enforced with a "
+        "Lyapunov virtual queue; omit to minimise distortion alone.")
+    lyapunov_v: float = Field(
+        1e5, gt=0, description="Drift-plus-penalty weight V (mJ² per unit distortion): larger "
+        "stays closer to the best accuracy (gap O(1/V)) but lets the energy queue, i.e. the "
+        "overspend before it is paid back, grow as O(V); it also scales the switch cost.")
+    ewma_alpha: float = Field(
+        0.3, gt=0, le=1, description="Smoothing of every estimate: larger reacts faster to a "
+        "change and follows noise more.")
+    gain_alpha_down: float = Field(
+        0.8, gt=0, le=1, description="Smoothing of the gain estimate when a sample is below it: "
+        "near 1 follows a fading dip at once (fewer missed deadlines), at the price of "
+        "reacting to a single bad sample.")
+    latency_margin: float = Field(
+        0.1, ge=0, lt=1, description="Fraction of the deadline held back when planning, for "
+        "estimation error: fewer missed deadlines, a little more energy.")
+    gain_backoff_sigma: float = Field(
+        2.0, ge=0, description="Plan against the gain this many standard deviations (of the "
+        "smoothed log-gain) below its mean: robustness to fading, at some efficiency.")
+    resolve_threshold: float = Field(
+        0.1, gt=0, description="Relative change of an estimate (gain, compute speed, queue, "
+        "bandwidth share) that triggers a re-solve.")
+    resolve_interval_s: float = Field(5.0, gt=0, description="Re-solve at least this often.")
+    switch_cost: float = Field(
+        0.005, ge=0, description="Distortion a different option must save before the gateway "
+        "swaps variants (against flapping).")
+    switch_energy_frac: float = Field(
+        0.1, ge=0, description="Relative energy an equally good option must save to justify "
+        "a swap.")
+    actuation_tolerance: float = Field(
+        0.05, ge=0, description="Relative change of clock or power worth a new decision.")
+    bandwidth_sharing: Literal["none", "equal"] = Field(
+        "equal", description="How gateways on one cell share its bandwidth: 'equal' splits B "
+        "among those transmitting, 'none' gives each the whole band.")
+    cells: dict[str, str] = Field(
+        default_factory=dict, description="Gateway id → cell id; overrides telemetry `cell`. "
+        "Gateways with no cell have one of their own.")
+    server_workers: int = Field(1, ge=1, description="Tail workers serving the gateways in "
+                                "parallel (for the queueing model).")
+    stale_after_s: float = Field(
+        30.0, gt=0, description="Without uplink measurements for this long the gain estimate "
+        "relaxes back to the nominal gain, so a gateway that went device-only is retried.")
+
+
+@dataclass(slots=True)
+class Ewma:
+    """Exponentially weighted mean and variance of one quantity."""
+
+    alpha: float
+    mean: float = math.nan
+    var: float = 0.0
+    count: int = 0
+
+    def update(self, x: float, alpha_down: float | None = None) -> None:
+        """Fold in a sample; `alpha_down`, if given, is the weight of a sample below the mean."""
+        if self.count == 0:
+            self.mean, self.var = x, 0.0
+        else:
+            d = x - self.mean
+            a = alpha_down if alpha_down is not None and d < 0 else self.alpha
+            self.mean += a * d
+            self.var = (1 - a) * (self.var + a * d * d)
+        self.count += 1
+
+    def value(self, default: float) -> float:
+        """The mean, or `default` before the first sample."""
+        return default if self.count == 0 else self.mean
+
+
+@dataclass(slots=True)
+class GatewayState:
+    """What the controller knows about one gateway (mutable, owned by the controller)."""
+
+    log_gain: Ewma
+    log_speed: Ewma
+    rate: Ewma
+    last_gain_ts: float = -math.inf
+    cell: str | None = None
+    queue_depth: int = 0
+    head_s: float = 0.0
+    deadline_s: float | None = None
+    energy_queue_mj: float = 0.0
+    windows_done: int | None = None
+    option: int | None = None
+    decision: Decision | None = None
+    seq: int = 0
+    solved_ts: float = -math.inf
+    planned: tuple[float, ...] = field(default_factory=tuple)
+    last_seen: float = -math.inf
+
+
+class OnlineController:
+    """Per-gateway decisions that follow the measured link, compute speed and server load."""
+
+    def __init__(self, config: ControllerConfig, manifest: Manifest,
+                 epoch_ms: int | None = None) -> None:
+        """Build the option table and the policy once; `epoch_ms` defaults to now."""
+        self.config = config
+        self.table: OptionTable = options_from_manifest(manifest, config.objective,
+                                                        config.device.reference_hz)
+        if config.budget.privacy_min_split > self.table.num_layers:
+            raise ValueError(f"privacy_min_split {config.budget.privacy_min_split} > "
+                             f"{self.table.num_layers} layers")
+        self.nominal = self._environment(config.link.gain, config.link.bandwidth_hz, 1.0, 0.0,
+                                         config.budget.deadline_ms / 1000.0)
+        self.policy = make_policy(config.policy, self.table, self.nominal)
+        self.epoch_ms = int(time.time() * 1000) if epoch_ms is None else epoch_ms
+        self.server_queue = Ewma(config.ewma_alpha)
+        self.gateways: dict[str, GatewayState] = {}
+        self._head_cycles = {o.variant: o.c_head for o in self.table.options if o.c_head > 0}
+
+    def _environment(self, gain: float, bandwidth: float, scale: float, wait_s: float,
+                     deadline_s: float) -> Environment:
+        c = self.config
+        return Environment(
+            bandwidth_hz=bandwidth, gain=gain, noise_w_per_hz=c.link.noise_w_per_hz,
+            p_max_w=c.link.p_max_w, f_min_hz=c.device.f_min_hz, f_max_hz=c.device.f_max_hz,
+            kappa=c.device.kappa, slowdown=c.server.slowdown, queue_s=0.0,
+            deadline_s=deadline_s, energy_budget_j=c.budget.energy_mj / 1000.0,
+            privacy_min_split=c.budget.privacy_min_split, compute_scale=scale,
+            local_wait_s=wait_s)
+
+    def _state(self, gateway: str) -> GatewayState:
+        st = self.gateways.get(gateway)
+        if st is None:
+            a = self.config.ewma_alpha
+            st = self.gateways[gateway] = GatewayState(Ewma(a), Ewma(a), Ewma(a))
+        return st
+
+    def _cell(self, gateway: str) -> str:
+        st = self.gateways.get(gateway)
+        return self.config.cells.get(gateway) or (st.cell if st and st.cell else f"@{gateway}")
+
+    def _transmitting(self, gateway: str) -> bool:
+        st = self.gateways.get(gateway)
+        return bool(st and st.decision and st.decision.split < self.table.num_layers)
+
+    def _bandwidth(self, gateway: str, include_self: bool) -> float:
+        """Bandwidth one gateway gets on its cell, counting the others now transmitting."""
+        b = self.config.link.bandwidth_hz
+        if self.config.bandwidth_sharing == "none":
+            return b
+        cell = self._cell(gateway)
+        others = sum(1 for g in self.gateways
+                     if g != gateway and self._cell(g) == cell and self._transmitting(g))
+        return b / (others + (1 if include_self else 0) or 1)
+
+    def observe(self, t: Telemetry, now: float) -> None:
+        """Fold one telemetry report into the gateway's estimates (and its energy queue)."""
+        st = self._state(t.gateway)
+        st.last_seen = now
+        if t.cell is not None:
+            st.cell = t.cell
+        if t.deadline_ms is not None:
+            st.deadline_s = t.deadline_ms / 1000.0
+        if t.uplink_bps is not None:
+            p = t.tx_power_w or (st.decision.tx_power_w if st.decision else 0.0)
+            p = p or self.config.link.p_max_w
+            g = gain_from_rate(t.uplink_bps, p, self._bandwidth(t.gateway, True),
+                               self.config.link.noise_w_per_hz)
+            if g > 0:
+                st.log_gain.update(math.log(g), self.config.gain_alpha_down)
+                st.last_gain_ts = now
+        if t.cpu_hz is not None:
+            for variant, ms in t.head_ms.items():
+                cycles = self._head_cycles.get(variant)
+                if cycles and ms > 0:
+                    st.log_speed.update(math.log(ms / 1000.0 * t.cpu_hz / cycles))
+        if st.decision is not None and st.decision.variant in t.head_ms:
+            st.head_s = t.head_ms[st.decision.variant] / 1000.0
+        st.queue_depth = t.queue_depth
+        if t.windows_per_s is not None:
+            st.rate.update(t.windows_per_s)
+        self._energy_queue(st, t)
+
+    def _energy_queue(self, st: GatewayState, t: Telemetry) -> None:
+        """Q ← max(Q + Σ(E − Ē), 0) over the windows finished since the last report."""
+        avg = self.config.average_energy_mj
+        if avg is None:
+            return
+        n = 1
+        if t.windows_done is not None:
+            n = 0 if st.windows_done is None else max(t.windows_done - st.windows_done, 0)
+            st.windows_done = t.windows_done
+        e = t.energy_mj if t.energy_mj is not None else (
+            st.decision.energy_mj if st.decision else None)
+        if e is not None and n:
+            st.energy_queue_mj = max(st.energy_queue_mj + n * (e - avg), 0.0)
+
+    def observe_server(self, queue_ms: float) -> None:
+        """Fold in the tail service's measured queueing delay (ms)."""
+        self.server_queue.update(max(queue_ms, 0.0))
+
+    def forget(self, gateway: str) -> None:
+        """Drop a gateway (it went offline); its retained decision stays on the broker."""
+        self.gateways.pop(gateway, None)
+
+    def _gain(self, st: GatewayState, now: float) -> float:
+        nominal = math.log(self.config.link.gain)
+        if st.log_gain.count == 0:
+            return self.config.link.gain
+        mean = st.log_gain.mean
+        if st.log_gain.count >= MIN_GAIN_SAMPLES:
+            mean -= self.config.gain_backoff_sigma * math.sqrt(st.log_gain.var)
+        age = now - st.last_gain_ts - self.config.stale_after_s
+        if age > 0:
+            w = min(age / self.config.stale_after_s, 1.0)
+            mean += w * (nominal - mean)
+        return math.exp(mean)
+
+    def _queue(self, gateway: str, st: GatewayState) -> np.ndarray:
+        """Server queueing per option: measured delay or M/M/1 under everyone's load."""
+        slow = self.config.server.slowdown
+        workers = self.config.server_workers
+        load = rate_sum = 0.0
+        for g, other in self.gateways.items():
+            if g != gateway and other.option is not None and self._transmitting(g):
+                lam = other.rate.value(0.0)
+                load += lam * self.table.t_tail[other.option] * slow
+                rate_sum += lam
+        lam = st.rate.value(0.0)
+        own = lam * self.table.t_tail * slow
+        util = (load + own) / workers
+        mean_service = (load + own) / max(rate_sum + lam, 1e-12)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            wait = np.where(util < MAX_UTILISATION, util / (1.0 - util),
+                            MAX_UTILISATION / (1.0 - MAX_UTILISATION)) * mean_service / workers
+        measured = self.server_queue.value(0.0) / 1000.0
+        base = self.config.server.queue_ms / 1000.0
+        return np.asarray(np.maximum(wait, max(measured, base)))
+
+    def environment(self, gateway: str, now: float) -> tuple[Environment, np.ndarray]:
+        """The current estimated environment of a gateway and its per-option queueing."""
+        st = self._state(gateway)
+        wait = st.queue_depth * st.head_s
+        deadline = self._deadline(st) * (1.0 - self.config.latency_margin)
+        env = self._environment(self._gain(st, now), self._bandwidth(gateway, True),
+                                math.exp(st.log_speed.value(0.0)), wait, deadline)
+        return env, self._queue(gateway, st)
+
+    def _deadline(self, st: GatewayState) -> float:
+        return st.deadline_s or self.config.budget.deadline_ms / 1000.0
+
+    def _penalty(self, st: GatewayState, sol: Solution) -> tuple[np.ndarray, float]:
+        """Per-option drift-plus-penalty score and the margin a switch must beat."""
+        c = self.config
+        if c.average_energy_mj is None:
+            return self.table.distortion, c.switch_cost
+        return (c.lyapunov_v * self.table.distortion + st.energy_queue_mj * sol.energy * 1e3,
+                c.lyapunov_v * c.switch_cost)
+
+    def _due(self, st: GatewayState, env: Environment, queue: np.ndarray, now: float) -> str:
+        if st.decision is None:
+            return "initial"
+        if now - st.solved_ts >= self.config.resolve_interval_s:
+            return "periodic"
+        now_est = (env.gain, env.compute_scale, float(queue.max()) + 1e-6,
+                   env.bandwidth_hz, env.deadline_s, st.energy_queue_mj + 1.0)
+        thr = self.config.resolve_threshold
+        if any(abs(math.log(a / b)) > math.log1p(thr) for a, b in zip(now_est, st.planned,
+                                                                     strict=True)):
+            return "estimates-moved"
+        return ""
+
+    def decide(self, gateway: str, now: float, force: bool = False) -> Decision | None:
+        """Re-solve for one gateway if due; a new Decision when it changed, else None."""
+        st = self._state(gateway)
+        env, queue = self.environment(gateway, now)
+        reason = self._due(st, env, queue, now) or ("forced" if force else "")
+        if not reason:
+            return None
+        sol = solve_options(self.table, env, queue)
+        penalty, margin = self._penalty(st, sol)
+        best = int(rank(self.table, sol, self.policy.allowed, penalty)[0])
+        cur = st.option
+        if (cur is not None and cur != best and self.policy.allowed[cur] and sol.feasible[cur]
+                and penalty[cur] <= penalty[best] + margin
+                and sol.energy[cur] <= sol.energy[best] * (1 + self.config.switch_energy_frac)):
+            best = cur  # not worth a variant swap
+        st.solved_ts = now
+        st.planned = (env.gain, env.compute_scale, float(queue.max()) + 1e-6,
+                      env.bandwidth_hz, env.deadline_s, st.energy_queue_mj + 1.0)
+        # Feasible against the real deadline: the margin is for planning only.
+        feasible = bool(sol.latency[best] <= self._deadline(st) * (1 + FEAS_RTOL)
+                        and sol.energy[best] <= env.energy_budget_j * (1 + FEAS_RTOL))
+        if not self._changed(st, best, sol, feasible):
+            return None
+        o = self.table.options[best]
+        st.seq += 1
+        st.option = best
+        st.decision = Decision(
+            gateway=gateway, epoch=self.epoch_ms, seq=st.seq, ts=now, bundle=self.table.bundle,
+            variant=o.variant, pruning_ratio=o.pruning_ratio, split=o.split,
+            precision=o.precision, cpu_hz=float(sol.f[best]), tx_power_w=float(sol.p[best]),
+            latency_ms=float(sol.latency[best]) * 1e3, energy_mj=float(sol.energy[best]) * 1e3,
+            distortion=o.distortion, accuracy=o.accuracy, feasible=feasible,
+            policy=self.policy.name, reason=reason if feasible else "infeasible")
+        log.info("gateway %s: %s %s f=%.3g Hz p=%.3g W T=%.1f ms E=%.2f mJ (%s)", gateway,
+                 o.variant, o.precision, st.decision.cpu_hz, st.decision.tx_power_w,
+                 st.decision.latency_ms, st.decision.energy_mj, st.decision.reason)
+        return st.decision
+
+    def _changed(self, st: GatewayState, best: int, sol: Solution, feasible: bool) -> bool:
+        d = st.decision
+        if d is None or best != st.option or d.feasible != feasible:
+            return True
+        tol = self.config.actuation_tolerance
+        f, p = float(sol.f[best]), float(sol.p[best])
+        return (abs(f - d.cpu_hz) > tol * d.cpu_hz
+                or abs(p - d.tx_power_w) > tol * max(d.tx_power_w, 1e-3 * self.config.link.p_max_w))
+
+    def step(self, now: float) -> list[Decision]:
+        """Re-solve every gateway that is due; the decisions that changed."""
+        out = []
+        for gw in list(self.gateways):
+            d = self.decide(gw, now)
+            if d is not None:
+                out.append(d)
+        return out
+
+    def current(self, gateway: str) -> Decision | None:
+        """The gateway's latest decision, if any."""
+        st = self.gateways.get(gateway)
+        return st.decision if st else None
+
+    def snapshot(self, now: float) -> dict[str, Any]:
+        """Estimates and decisions of every gateway, for /v1/status and metrics."""
+        out: dict[str, Any] = {"policy": self.policy.name, "bundle": self.table.bundle,
+                               "server_queue_ms": self.server_queue.value(0.0), "gateways": {}}
+        for gw, st in self.gateways.items():
+            env, queue = self.environment(gw, now)
+            out["gateways"][gw] = {
+                "gain": env.gain, "bandwidth_hz": env.bandwidth_hz,
+                "compute_scale": env.compute_scale, "queue_ms_max": float(queue.max()) * 1e3,
+                "energy_queue_mj": st.energy_queue_mj,
+                "decision": st.decision.model_dump(mode="json") if st.decision else None}
+        return out

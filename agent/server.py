@@ -1,0 +1,169 @@
+"""`edgetok server`: runs tails for frames taken from a shared uplink subscription."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from aiohttp import web
+from edgetok.agent.config import ServerConfig
+from edgetok.models.bundle import BundleError
+from edgetok.models.runtime import Runtime
+
+from edgetok import __version__
+from edgetok.frames import FrameError, TailReply, decode_frame
+from edgetok.mqttlink import InMessage, MqttSession
+from edgetok.topics import Topics, uplink_share_filter
+
+log = logging.getLogger(__name__)
+
+# Frames queued for the tail workers; when full, the MQTT pump waits, so the broker holds
+# the backlog instead of this process.
+QUEUE_DEPTH = 256
+
+
+class TailServer:
+    """One edge-server process."""
+
+    def __init__(self, cfg: ServerConfig) -> None:
+        self.cfg = cfg
+        self.runtimes: dict[str, Runtime] = {}
+        for path in cfg.bundles:
+            rt = Runtime(path, threads=cfg.threads, max_sessions=cfg.max_sessions)
+            self.runtimes[rt.manifest.bundle_id] = rt
+        self.queue: asyncio.Queue[InMessage] = asyncio.Queue(maxsize=QUEUE_DEPTH)
+        self.executor = ThreadPoolExecutor(max_workers=cfg.workers, thread_name_prefix="tail")
+        self.stopping = asyncio.Event()
+        self.counters = {"frames": 0, "replies": 0, "expired": 0, "errors": 0}
+        self.busy_s = 0.0
+        self.started = time.time()
+        self.session = MqttSession(
+            cfg.mqtt, cfg.mqtt.client_id or f"edgetok-srv-{cfg.id}",
+            password=cfg.mqtt_password(),
+            subscriptions=[uplink_share_filter(cfg.mqtt.prefix, cfg.group)],
+            manual_ack=False, on_message=self.queue.put)
+        self.http_port = cfg.http.port
+
+    def _tail(self, rt: Runtime, variant: str, feats: np.ndarray) -> tuple[np.ndarray, float]:
+        t0 = time.perf_counter()
+        v = rt.manifest.variant(variant)
+        out = rt.run(variant, "tail", feats) if v.tail else feats
+        return out, (time.perf_counter() - t0) * 1000
+
+    async def _handle(self, msg: InMessage) -> None:
+        self.counters["frames"] += 1
+        received = time.time()
+        try:
+            header, feats = decode_frame(msg.payload)
+        except FrameError as exc:
+            self.counters["errors"] += 1
+            log.warning("dropping undecodable frame on %s: %s", msg.topic, exc)
+            return
+        if header.deadline_ts < received:
+            # The gateway has already fallen back; answering would only cost bandwidth.
+            self.counters["expired"] += 1
+            return
+        reply = TailReply(gateway=header.gateway, stream=header.stream, window=header.window,
+                          variant=header.variant, logits=[], tail_ms=0.0, server=self.cfg.id,
+                          received_ts=received)
+        rt = self.runtimes.get(header.bundle)
+        if rt is None:
+            reply = _with_error(reply, f"server has no bundle {header.bundle}")
+        else:
+            try:
+                loop = asyncio.get_running_loop()
+                out, ms = await loop.run_in_executor(self.executor, self._tail, rt,
+                                                     header.variant, feats)
+                self.busy_s += ms / 1000
+                reply = TailReply(
+                    gateway=reply.gateway, stream=reply.stream, window=reply.window,
+                    variant=reply.variant, logits=[float(x) for x in out.reshape(-1)],
+                    tail_ms=round(ms, 3), server=reply.server, received_ts=received)
+            except (BundleError, ValueError, RuntimeError) as exc:
+                self.counters["errors"] += 1
+                reply = _with_error(reply, f"{type(exc).__name__}: {exc}")
+        topics = Topics(self.cfg.mqtt.prefix, header.gateway)
+        if await self.session.publish(topics.downlink, reply.encode(), qos=1, wait_s=5.0):
+            self.counters["replies"] += 1
+
+    async def _worker(self) -> None:
+        while True:
+            msg = await self.queue.get()
+            try:
+                await self._handle(msg)
+            except Exception:  # a bad frame must not kill the worker
+                self.counters["errors"] += 1
+                log.exception("tail worker failed on a frame from %s", msg.topic)
+
+    async def run(self) -> None:
+        """Serve until `stopping` is set."""
+        async with asyncio.TaskGroup() as tg:
+            mqtt_task = tg.create_task(self.session.run())
+            workers = [tg.create_task(self._worker()) for _ in range(self.cfg.workers)]
+            runner = await self._serve_http()
+            await self.stopping.wait()
+            for w in workers:
+                w.cancel()
+            await runner.cleanup()
+            await self.session.close()
+            await mqtt_task
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+    async def _serve_http(self) -> web.AppRunner:
+        app = web.Application()
+
+        async def healthz(_: web.Request) -> web.Response:
+            return web.json_response({"status": "alive"})
+
+        async def readyz(_: web.Request) -> web.Response:
+            ok = self.session.connected.is_set()
+            return web.json_response({"ready": ok, "failing": [] if ok else
+                                      ["broker_connected"]}, status=200 if ok else 503)
+
+        async def status(_: web.Request) -> web.Response:
+            return web.json_response({
+                "server": self.cfg.id, "version": __version__, "group": self.cfg.group,
+                "uptime_s": round(time.time() - self.started), "bundles": sorted(self.runtimes),
+                "mqtt": {"connected": self.session.connected.is_set(),
+                         "connects": self.session.connects},
+                "counters": self.counters, "busy_s": round(self.busy_s, 3),
+                "queue_depth": self.queue.qsize()})
+
+        app.router.add_get("/healthz", healthz)
+        app.router.add_get("/readyz", readyz)
+        app.router.add_get("/v1/status", status)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, self.cfg.http.host, self.cfg.http.port)
+        await site.start()
+        sockets = getattr(site._server, "sockets", None) or []
+        self.http_port = sockets[0].getsockname()[1] if sockets else self.cfg.http.port
+        return runner
+
+
+def _with_error(reply: TailReply, error: str) -> TailReply:
+    return TailReply(gateway=reply.gateway, stream=reply.stream, window=reply.window,
+                     variant=reply.variant, logits=[], tail_ms=0.0, server=reply.server,
+                     received_ts=reply.received_ts, error=error)
+
+
+async def run_server(cfg: ServerConfig) -> int:
+    """Run until SIGTERM/SIGINT."""
+    srv = TailServer(cfg)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, srv.stopping.set)
+    await srv.run()
+    return 0
+
+
+def main(config: Path) -> int:
+    """Entry point for `edgetok server`."""
+    from edgetok.agent.config import load
+
+    return asyncio.run(run_server(load(config)))

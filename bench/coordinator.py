@@ -1,0 +1,336 @@
+"""Coordinator benchmark: the four policies replay shared channel and load traces.
+
+Each trace is a ground truth per second: every gateway's channel (the rate its radio would
+get at full power on the whole band) and which gateways are on. Every policy runs the real
+OnlineController on telemetry simulated from that truth, one second late (decisions are made
+on what was measured, then judged against what happens), through the system model with the
+bundle's real profile. Writes bench/out/coordinator.json and one PNG per trace.
+
+    .venv/bin/python bench/coordinator.py [--bundle bundles/reference] [--deadline-ms X]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from edgetok.agent.coordinator.model import (
+    Environment,
+    OptionTable,
+    evaluate,
+    gain_from_rate,
+    rate_bps,
+)
+from edgetok.agent.coordinator.online import MAX_UTILISATION, ControllerConfig, OnlineController
+from edgetok.agent.coordinator.solver import TIE_ATOL, grid_options, rank, solve_options
+from edgetok.models.bundle import Manifest, read_manifest
+
+from edgetok.control import POLICY_NAMES, Telemetry
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "bench" / "out"
+BUNDLES = (ROOT / "bundles/reference", ROOT / "bundles/quick")
+
+# A 20 MHz Wi-Fi uplink at 20 dBm with a 10 dB noise figure; a Pi-4 class CPU.
+B, N0, P_MAX = 20e6, 3.98e-20, 0.1
+F_MIN, F_MAX, KAPPA = 0.6e9, 1.5e9, 2e-28
+NOMINAL_BPS = 20e6
+WINDOWS_PER_S = 20.0
+SERVER_WORKERS = 2
+SERVER_BASE_MS = 1.0
+# Measurement noise (log-normal sigma) on throughput and head latency samples.
+MEAS_NOISE = 0.05
+# A device-only gateway sends no features, so it probes the uplink every few seconds.
+PROBE_EVERY_S = 5
+GRID_N = 200
+GAP_EVERY = 7
+OVERLOAD_S = 1.0  # queueing delay charged when the server is past saturation
+
+log = logging.getLogger("bench.coordinator")
+
+
+@dataclass(frozen=True, slots=True)
+class Trace:
+    """Ground truth: full-power rate per second and gateway (NaN = gateway absent)."""
+
+    name: str
+    rates: np.ndarray
+    cells: tuple[str, ...]
+
+
+def _gauss_markov_db(rng: np.random.Generator, steps: int, n: int, sigma_db: float,
+                     corr: float) -> np.ndarray:
+    """First-order Gauss–Markov shadowing in dB: stationary N(0, σ²), lag-1 correlation corr."""
+    x = np.zeros((steps, n))
+    x[0] = rng.normal(0.0, sigma_db, n)
+    for t in range(1, steps):
+        x[t] = corr * x[t - 1] + math.sqrt(1 - corr**2) * rng.normal(0.0, sigma_db, n)
+    return x
+
+
+def _rate_with_fading(db: np.ndarray) -> np.ndarray:
+    """Full-power rate when the nominal SNR is scaled by a dB offset."""
+    snr0 = 2 ** (NOMINAL_BPS / B) - 1
+    return B * np.log2(1 + snr0 * 10 ** (db / 10))
+
+
+def traces(seed: int) -> list[Trace]:
+    """The three shared traces: a bandwidth drop, fading, and a load ramp to 50 gateways."""
+    rng = np.random.default_rng(seed)
+    drop = np.full((300, 1), NOMINAL_BPS)
+    drop[100:200] = 1e6
+    fading = _rate_with_fading(_gauss_markov_db(rng, 300, 5, sigma_db=8.0, corr=0.9))
+    counts = (1, 2, 5, 10, 20, 35, 50)
+    load = _rate_with_fading(_gauss_markov_db(rng, 40 * len(counts), 50, 3.0, 0.9))
+    for k, n in enumerate(counts):
+        load[40 * k:40 * (k + 1), n:] = np.nan
+    return [Trace("drop", drop, ("cell0",)),
+            Trace("fading", fading, tuple(f"cell{i}" for i in range(5))),
+            Trace("load", load, tuple(f"cell{i // 10}" for i in range(50)))]
+
+
+def config(policy: str, deadline_ms: float, objective: str) -> ControllerConfig:
+    """The controller config every policy shares."""
+    return ControllerConfig.model_validate({
+        "policy": policy, "objective": objective,
+        "link": {"bandwidth_hz": B, "gain": gain_from_rate(NOMINAL_BPS, P_MAX, B, N0),
+                 "noise_w_per_hz": N0, "p_max_w": P_MAX},
+        "device": {"f_min_hz": F_MIN, "f_max_hz": F_MAX, "kappa": KAPPA},
+        "server": {"slowdown": 1.0, "queue_ms": SERVER_BASE_MS},
+        "budget": {"deadline_ms": deadline_ms}, "server_workers": SERVER_WORKERS,
+        "resolve_interval_s": 5.0})
+
+
+def server_queue_s(table: OptionTable, opts: dict[str, int]) -> float:
+    """True M/M/1-style waiting time under the tails the gateways run right now."""
+    load = sum(WINDOWS_PER_S * table.t_tail[o] for o in opts.values() if table.transmits[o])
+    util = load / SERVER_WORKERS
+    if util >= 1.0:
+        return OVERLOAD_S
+    n = sum(1 for o in opts.values() if table.transmits[o]) or 1
+    mean_service = load / (WINDOWS_PER_S * n)
+    wait = min(util, MAX_UTILISATION) / (1 - min(util, MAX_UTILISATION))
+    return wait * mean_service / SERVER_WORKERS + SERVER_BASE_MS / 1000
+
+
+def run_policy(trace: Trace, policy: str, manifest: Manifest, deadline_ms: float,
+               objective: str, seed: int) -> dict[str, Any]:
+    """Replay one trace under one policy; per-step series and summary metrics."""
+    rng = np.random.default_rng(seed)
+    ctl = OnlineController(config(policy, deadline_ms, objective), manifest, epoch_ms=0)
+    table = ctl.table
+    steps, n = trace.rates.shape
+    series = {k: np.full((steps, n), np.nan) for k in
+              ("split", "ratio", "bytes", "latency", "energy", "accuracy", "hit")}
+    solve_ms: list[float] = []
+    cpu_ms: list[float] = []
+    gaps: list[dict[str, float]] = []
+    done = dict.fromkeys(range(n), 0)
+    for t in range(steps):
+        now = float(t)
+        active = [i for i in range(n) if not math.isnan(trace.rates[t, i])]
+        for i in range(n):
+            if i not in active and f"gw{i}" in ctl.gateways:
+                ctl.forget(f"gw{i}")
+        opts: dict[str, int] = {}
+        for i in active:
+            gw = f"gw{i}"
+            if gw not in ctl.gateways:  # a newcomer says hello before its first window
+                ctl.observe(Telemetry(gateway=gw, ts=now, cell=trace.cells[i],
+                                      windows_per_s=WINDOWS_PER_S), now)
+            t0, c0 = time.perf_counter(), time.thread_time()
+            ctl.decide(gw, now)
+            if ctl.gateways[gw].solved_ts == now:
+                solve_ms.append((time.perf_counter() - t0) * 1e3)
+                cpu_ms.append((time.thread_time() - c0) * 1e3)
+                if i == 0 and t % GAP_EVERY == 0:
+                    gaps.append(optimality_gap(ctl, gw, now))
+            d = ctl.current(gw)
+            assert d is not None
+            opts[gw] = table.index(d.variant, d.precision)
+        queue = server_queue_s(table, opts)
+        for i in active:
+            gw = f"gw{i}"
+            d, o = ctl.current(gw), opts[gw]
+            assert d is not None
+            tx_in_cell = sum(1 for j in active if trace.cells[j] == trace.cells[i]
+                             and table.transmits[opts[f"gw{j}"]])
+            env = Environment(bandwidth_hz=B / max(tx_in_cell, 1),
+                              gain=gain_from_rate(trace.rates[t, i], P_MAX, B, N0),
+                              noise_w_per_hz=N0, p_max_w=P_MAX, f_min_hz=F_MIN,
+                              f_max_hz=F_MAX, kappa=KAPPA, queue_s=queue,
+                              deadline_s=deadline_ms / 1000)
+            lat, en = evaluate(table, env, np.array(d.cpu_hz), np.array(d.tx_power_w))
+            acc = table.options[o].accuracy
+            for k, v in (("split", d.split), ("ratio", d.pruning_ratio),
+                         ("bytes", table.options[o].s_bytes), ("latency", lat[o] * 1e3),
+                         ("energy", en[o] * 1e3), ("accuracy", np.nan if acc is None else acc),
+                         ("hit", float(lat[o] <= env.deadline_s * (1 + 1e-9)))):
+                series[k][t, i] = v
+            done[i] += int(WINDOWS_PER_S)
+            jitter = math.exp(MEAS_NOISE * rng.standard_normal())
+            if table.transmits[o]:
+                p, bps = d.tx_power_w, float(rate_bps(d.tx_power_w, env)) * jitter
+            elif t % PROBE_EVERY_S == 0:
+                p, bps = P_MAX, float(rate_bps(P_MAX, env)) * jitter
+            else:
+                p, bps = d.tx_power_w, None
+            head = ({d.variant: table.c_head[o] / d.cpu_hz * 1e3 * jitter}
+                    if table.c_head[o] > 0 else {})
+            ctl.observe(Telemetry(gateway=gw, ts=now, uplink_bps=bps, tx_power_w=p,
+                                  cpu_hz=d.cpu_hz, head_ms=head, windows_per_s=WINDOWS_PER_S,
+                                  windows_done=done[i], energy_mj=float(en[o] * 1e3),
+                                  cell=trace.cells[i]), now)
+        ctl.observe_server(queue * 1e3)
+    return summarise(series, solve_ms, cpu_ms, gaps, ctl)
+
+
+def optimality_gap(ctl: OnlineController, gw: str, now: float) -> dict[str, float]:
+    """Exact solver vs an n×n brute-force grid over (f, p), on the controller's estimates."""
+    env, queue = ctl.environment(gw, now)
+    allowed = ctl.policy.allowed
+    exact, grid = solve_options(ctl.table, env, queue), grid_options(ctl.table, env, GRID_N,
+                                                                     queue)
+    e, g = int(rank(ctl.table, exact, allowed)[0]), int(rank(ctl.table, grid, allowed)[0])
+    d_gap = float(ctl.table.distortion[e] - ctl.table.distortion[g])
+    same = abs(d_gap) <= TIE_ATOL
+    return {"distortion_gap": d_gap,
+            "energy_gap_rel": (float(exact.energy[e] / grid.energy[g] - 1) if same else 0.0),
+            "grid_feasible_solver_not": float(bool(grid.feasible[g]) and not exact.feasible[e])}
+
+
+def summarise(series: dict[str, np.ndarray], solve_ms: list[float], cpu_ms: list[float],
+              gaps: list[dict[str, float]], ctl: OnlineController) -> dict[str, Any]:
+    """Metrics of one run, plus the series of gateway 0 for the plot."""
+    ms, cpu = np.array(solve_ms), np.array(cpu_ms)
+    return {
+        "hit_rate": float(np.nanmean(series["hit"])),
+        "mean_energy_mj": float(np.nanmean(series["energy"])),
+        "mean_accuracy": float(np.nanmean(series["accuracy"])),
+        "mean_latency_ms": float(np.nanmean(series["latency"])),
+        "decisions": int(sum(s.seq for s in ctl.gateways.values())),
+        "solve_ms": {"mean": float(ms.mean()), "p99": float(np.percentile(ms, 99)),
+                     "max": float(ms.max()), "count": len(solve_ms),
+                     "cpu_mean": float(cpu.mean()), "cpu_p99": float(np.percentile(cpu, 99))},
+        "gap": {"max_distortion_gap": max((g["distortion_gap"] for g in gaps), default=0.0),
+                "max_energy_gap_rel": max((g["energy_gap_rel"] for g in gaps), default=0.0),
+                "grid_feasible_solver_not": int(sum(g["grid_feasible_solver_not"]
+                                                    for g in gaps)),
+                "samples": len(gaps)},
+        "series": {k: v[:, 0].tolist() for k, v in series.items()},
+        "hit_by_step": np.nanmean(series["hit"], axis=1).tolist(),
+    }
+
+
+def goals(per_policy: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The issue's goals for one trace."""
+    joint = per_policy["joint"]
+    base = {k: v for k, v in per_policy.items() if k != "joint"}
+    best_hit = max(v["hit_rate"] for v in base.values())
+    same = [v["mean_accuracy"] for v in base.values() if v["hit_rate"] >= joint["hit_rate"] - 1e-12]
+    return {
+        "joint_hit_rate_ge_best_baseline": joint["hit_rate"] >= best_hit - 1e-12,
+        "best_baseline_hit_rate": best_hit,
+        "joint_accuracy_within_1pt": (not same) or joint["mean_accuracy"] >= max(same) - 0.01,
+        "solve_under_1ms": all(v["solve_ms"]["cpu_p99"] < 1.0 for v in per_policy.values()),
+        "gap_zero": all(v["gap"]["max_distortion_gap"] <= TIE_ATOL
+                        and v["gap"]["max_energy_gap_rel"] <= 1e-9
+                        and v["gap"]["grid_feasible_solver_not"] == 0
+                        for v in per_policy.values()),
+    }
+
+
+def plot(trace: Trace, per_policy: dict[str, dict[str, Any]], deadline_ms: float,
+         path: Path) -> None:
+    """Decisions over time for gateway 0 (and the hit rate over all gateways)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(6, 1, figsize=(10, 13), sharex=True)
+    t = np.arange(trace.rates.shape[0])
+    ax[0].plot(t, trace.rates[:, 0] / 1e6, color="k")
+    ax[0].set_ylabel("gw0 rate\n@p_max [Mbit/s]")
+    ax[0].set_yscale("log")
+    if trace.name == "load":
+        ax0b = ax[0].twinx()
+        ax0b.plot(t, np.sum(~np.isnan(trace.rates), axis=1), color="tab:gray", ls=":")
+        ax0b.set_ylabel("gateways")
+    for name, res in per_policy.items():
+        s = res["series"]
+        ax[1].step(t, s["split"], where="post", label=name)
+        ax[2].step(t, s["ratio"], where="post", label=name)
+        ax[3].plot(t, s["latency"], label=name)
+        ax[4].plot(t, s["energy"], label=name)
+        ax[5].plot(t, res["hit_by_step"], label=name)
+    ax[3].axhline(deadline_ms, color="r", ls="--", lw=0.8)
+    for a, lab in zip(ax[1:], ("split s", "pruning ratio", "latency [ms]", "energy [mJ]",
+                               "deadline hits\n(all gateways)"), strict=True):
+        a.set_ylabel(lab)
+    ax[3].set_yscale("log")
+    ax[4].set_yscale("log")
+    ax[1].legend(loc="upper right", ncol=4, fontsize=8)
+    ax[-1].set_xlabel("time [s]")
+    fig.suptitle(f"coordinator, trace '{trace.name}' (deadline {deadline_ms:.2f} ms)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def main() -> int:
+    """Run every trace under every policy and write JSON + PNGs."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--bundle", type=Path, help="bundle dir (default: reference, else quick)")
+    ap.add_argument("--deadline-ms", type=float,
+                    help="deadline (default: 1.25 × the unpruned model on the device at f_max)")
+    ap.add_argument("--objective", default="accuracy", choices=("accuracy", "output_distortion"))
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, default=OUT)
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    bundle = args.bundle or next((b for b in BUNDLES if (b / "manifest.json").is_file()), None)
+    if bundle is None:
+        raise SystemExit("no bundle: build one with `edgetok build` or pass --bundle")
+    manifest = read_manifest(bundle)
+    table = OnlineController(config("joint", 1.0, args.objective), manifest).table
+    full = [o.c_head for o in table.options
+            if o.split == table.num_layers and o.pruning_ratio == table.ratio.min()]
+    deadline = args.deadline_ms or 1.25 * full[0] / F_MAX * 1e3
+    args.out.mkdir(parents=True, exist_ok=True)
+    result: dict[str, Any] = {"bundle": manifest.bundle_id, "bundle_dir": str(bundle),
+                              "deadline_ms": deadline, "objective": args.objective,
+                              "windows_per_s": WINDOWS_PER_S, "server_workers": SERVER_WORKERS,
+                              "traces": {}}
+    for trace in traces(args.seed):
+        per = {p: run_policy(trace, p, manifest, deadline, args.objective, args.seed)
+               for p in POLICY_NAMES}
+        plot(trace, per, deadline, args.out / f"coordinator_{trace.name}.png")
+        result["traces"][trace.name] = {"goals": goals(per), "policies": {
+            p: {k: v for k, v in r.items() if k not in ("series", "hit_by_step")}
+            for p, r in per.items()}}
+    (args.out / "coordinator.json").write_text(json.dumps(result, indent=2))
+    print(f"bundle {manifest.bundle_id}, deadline {deadline:.3f} ms, objective {args.objective}")
+    print("| trace | policy | hit rate | energy [mJ] | accuracy | decisions | solve mean/p99 "
+          "[ms] | gap D / E |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, tr in result["traces"].items():
+        for p, r in tr["policies"].items():
+            print(f"| {name} | {p} | {r['hit_rate']:.3f} | {r['mean_energy_mj']:.4f} | "
+                  f"{r['mean_accuracy']:.4f} | {r['decisions']} | {r['solve_ms']['mean']:.3f}/"
+                  f"{r['solve_ms']['p99']:.3f} ({r['solve_ms']['cpu_mean']:.3f}/"
+                  f"{r['solve_ms']['cpu_p99']:.3f} cpu) | {r['gap']['max_distortion_gap']:.2g} / "
+                  f"{r['gap']['max_energy_gap_rel']:.2g} |")
+        print(f"goals {name}: {tr['goals']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,192 @@
+"""The `edgetok` command line. Subcommands import their modules lazily (and never torch)."""
+
+from __future__ import annotations
+
+import argparse
+import faulthandler
+import logging
+import signal
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from edgetok import __version__
+from edgetok.models.bundle import BundleError
+from edgetok.settings import ConfigError
+
+EXAMPLES = """\
+examples:
+  edgetok demo                                  everything on this machine, live results
+  edgetok build --recipe configs/models/reference.toml --out bundles/reference
+  edgetok server --config /etc/edgetok/server.toml
+  edgetok gateway --config /etc/edgetok/gateway.toml --check-config
+  edgetok replay --port 1883 --topic sensors/imu --speed 10
+  edgetok plan --bundle bundles/reference --scenario configs/scenarios/wifi.toml --explain
+"""
+
+
+def _check(kind: str, path: Path) -> int:
+    """Validate a config (and its bundles) and print every problem; 0 if all is well."""
+    from edgetok.models.bundle import load_manifest
+
+    try:
+        if kind == "gateway":
+            from edgetok.gateway.config import load as load_gw
+
+            gcfg = load_gw(path)
+            manifest = load_manifest(gcfg.bundle.path)
+            manifest.variant(gcfg.decision.variant)
+            bundles = [gcfg.bundle.path]
+        else:
+            from edgetok.agent.config import load as load_srv
+
+            bundles = list(load_srv(path).bundles)
+            for b in bundles:
+                load_manifest(b)
+    except ConfigError as exc:
+        print(f"{exc.source}: invalid config", file=sys.stderr)
+        for p in exc.problems:
+            print(f"  {p}", file=sys.stderr)
+        return 2
+    except BundleError as exc:
+        print(f"{path}: bundle problem: {exc}", file=sys.stderr)
+        return 2
+    print(f"{path}: OK ({kind}; bundles: {', '.join(str(b) for b in bundles)})")
+    return 0
+
+
+def cmd_gateway(args: argparse.Namespace) -> int:
+    if args.check_config:
+        return _check("gateway", args.config)
+    from edgetok.gateway.daemon import main
+
+    return main(args.config)
+
+
+def cmd_server(args: argparse.Namespace) -> int:
+    if args.check_config:
+        return _check("server", args.config)
+    from edgetok.agent.server import main
+
+    return main(args.config)
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    try:
+        from edgetok.models.build.recipe import run
+    except ImportError as exc:
+        print(f"edgetok build needs the build extra (torch, onnx, aeon, safetensors): {exc}\n"
+              "install with: pip install torch==2.13.0 && pip install 'edgetok[build]'",
+              file=sys.stderr)
+        return 2
+    out = run(args.recipe, args.out, force=args.force, progress=not args.no_progress)
+    print(f"bundle written to {out}")
+    return 0
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from edgetok.replay import main
+
+    return main(args)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from edgetok.demo import main
+
+    return main(args)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from edgetok.agent.coordinator.plan import main
+
+    return main(args.rest)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser, with one subparser per command."""
+    p = argparse.ArgumentParser(
+        prog="edgetok", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="IoT sensor-to-token gateway agent: sensor streams arrive over MQTT, "
+        "become tokens, run through the head of a pruned transformer on the gateway and the "
+        "tail on an edge server, and come back as results over local HTTP and MQTT.",
+        epilog=EXAMPLES)
+    p.add_argument("--version", action="version", version=f"edgetok {__version__}")
+    p.add_argument("--log-level", default="INFO",
+                   choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log verbosity")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, fn: Callable[[argparse.Namespace], int], help_: str,
+            desc: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help_, description=desc,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+        sp.set_defaults(func=fn)
+        return sp
+
+    g = add("gateway", cmd_gateway, "run the device daemon",
+            "Run the gateway daemon: MQTT ingest, journal, windows, head inference, uplink, "
+            "results store and the local HTTP API. SIGTERM/SIGINT drain and exit 0.")
+    g.add_argument("--config", type=Path, required=True, help="gateway TOML config")
+    g.add_argument("--check-config", action="store_true",
+                   help="validate the config and bundle, print every problem, and exit")
+    s = add("server", cmd_server, "run the edge-server side",
+            "Run the edge server: take frames from the shared uplink subscription, run the "
+            "tail variant each frame names, and answer on the gateway's downlink.")
+    s.add_argument("--config", type=Path, required=True, help="server TOML config")
+    s.add_argument("--check-config", action="store_true",
+                   help="validate the config and bundles, print every problem, and exit")
+    b = add("build", cmd_build, "build a model bundle from a recipe",
+            "Train, prune, split and profile a model from a recipe; write a bundle directory "
+            "(manifest.json + ONNX files + report). Needs the build extra (torch).")
+    b.add_argument("--recipe", type=Path, required=True, help="recipe TOML, see configs/models")
+    b.add_argument("--out", type=Path, required=True, help="bundle directory to write")
+    b.add_argument("--force", action="store_true", help="rebuild even if a bundle exists")
+    b.add_argument("--no-progress", action="store_true", help="no progress bars")
+    r = add("replay", cmd_replay, "publish a real dataset to MQTT as sensors would",
+            "Replay a UCR/UEA dataset (default: BasicMotions test set, 6-axis IMU) as JSON "
+            "readings over MQTT at QoS 1, timestamped on the stream's sample grid.")
+    from edgetok.replay import add_arguments
+
+    add_arguments(r)
+    d = add("demo", cmd_demo, "run everything on this machine",
+            "Start a private mosquitto, an edge server and a gateway, replay BasicMotions, and "
+            "print a line per result. Ctrl-C (or --duration) stops it cleanly.")
+    d.add_argument("--duration", type=float, default=None, help="stop after SECONDS")
+    d.add_argument("--http-port", type=int, default=8080, help="gateway HTTP port")
+    d.add_argument("--mqtt-port", type=int, default=0, help="broker port (0: a free one)")
+    d.add_argument("--bundle", type=Path, default=None,
+                   help="bundle to run (default: bundles/reference, else bundles/quick)")
+    d.add_argument("--speed", type=float, default=10.0,
+                   help="replay speed-up over the 10 Hz sensor rate")
+    d.add_argument("--check-config", action="store_true",
+                   help="validate the demo's configs and bundle, then exit")
+    pl = add("plan", cmd_plan, "print the coordinator's decision for one scenario",
+             "Solve the pruning ratio / split / precision / CPU frequency / transmit power "
+             "problem for one scenario. Run `edgetok plan --help` for its options.")
+    pl.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for the planner")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["plan"]:  # the planner owns its flags, --help included
+        from edgetok.agent.coordinator.plan import main as plan_main
+
+        return plan_main(argv[1:])
+    args = build_parser().parse_args(argv)
+    # `kill -USR1 <pid>` prints every thread's stack: the first tool for a stuck daemon.
+    faulthandler.register(signal.SIGUSR1)
+    logging.basicConfig(level=args.log_level,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        print(f"{exc.source}: invalid config", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return 2
+    except BundleError as exc:
+        print(f"bundle problem: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,151 @@
+"""Control-plane wire schemas: gateway telemetry and the coordinator's retained decision.
+
+Shared by the gateway (publishes `edgetok/<gw>/telemetry`, applies `edgetok/<gw>/control`)
+and the edge server (the reverse). Both are JSON objects validated with pydantic; unknown
+keys are rejected so a typo on one side shows up as an error instead of a silent default.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from edgetok.frames import Precision
+
+CONTROL_VERSION = 1
+# Payloads are small JSON; a bound stops a hostile message from making us parse megabytes.
+MAX_CONTROL_BYTES = 256 * 1024
+
+PolicyName = Literal["joint", "device-only", "server-only", "fixed-split"]
+POLICY_NAMES: tuple[PolicyName, ...] = ("joint", "device-only", "server-only", "fixed-split")
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class ControlError(ValueError):
+    """A telemetry or control payload could not be decoded."""
+
+
+def variant_id(pruning_ratio: float, split: int) -> str:
+    """The bundle's variant id for a (pruning ratio, split) pair, e.g. 'r0.50-s3'."""
+    return f"r{pruning_ratio:.2f}-s{split}"
+
+
+class _Wire(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Telemetry(_Wire):
+    """What a gateway measured since its last report; every measurement is optional."""
+
+    version: int = Field(CONTROL_VERSION, description="Schema version of this payload.")
+    gateway: str = Field(min_length=1, description="Gateway id, as in the topic.")
+    ts: float = Field(description="Unix time the report was made (s).")
+    uplink_bps: float | None = Field(
+        None, gt=0, description="Measured uplink goodput of feature frames (bit/s); None when "
+        "nothing was sent in the interval.")
+    tx_power_w: float | None = Field(
+        None, ge=0, description="Transmit power in force while uplink_bps was measured (W).")
+    cpu_hz: float | None = Field(None, gt=0, description="Current CPU clock of the head (Hz).")
+    head_ms: dict[str, float] = Field(
+        default_factory=dict, description="Recent median head latency per variant id (ms), "
+        "measured at cpu_hz.")
+    queue_depth: int = Field(0, ge=0, description="Windows waiting for the head right now.")
+    windows_per_s: float | None = Field(
+        None, ge=0, description="Rate at which the gateway produces windows (1/s).")
+    windows_done: int | None = Field(
+        None, ge=0, description="Cumulative windows finished since the gateway started.")
+    energy_mj: float | None = Field(
+        None, ge=0, description="Estimated mean energy per window over the interval (mJ).")
+    latency_ms: float | None = Field(
+        None, ge=0, description="Measured mean end-to-end latency per window (ms).")
+    deadline_ms: float | None = Field(
+        None, gt=0, description="The gateway's window deadline, when it differs from the "
+        "coordinator's default (ms).")
+    cell: str | None = Field(
+        None, description="Radio cell / access point id; gateways on one cell share its "
+        "uplink bandwidth.")
+    applied_seq: int | None = Field(
+        None, ge=0, description="Sequence number of the decision the gateway is running.")
+    bundle: str | None = Field(None, description="Bundle id the gateway has loaded.")
+
+
+class Decision(_Wire):
+    """The coordinator's choice for one gateway, published retained on its control topic."""
+
+    version: int = Field(CONTROL_VERSION, description="Schema version of this payload.")
+    gateway: str = Field(min_length=1, description="Gateway id the decision is for.")
+    epoch: int = Field(ge=0, description="Coordinator start time (ms since the Unix epoch); a "
+                       "restarted coordinator has a larger epoch, so its seq may restart.")
+    seq: int = Field(ge=0, description="Sequence number within the epoch; larger is newer.")
+    ts: float = Field(description="Unix time the decision was made (s).")
+    bundle: str = Field(description="Bundle id the variant belongs to.")
+    variant: str = Field(description="Variant id, r{ratio:.2f}-s{split}.")
+    pruning_ratio: float = Field(ge=0.0, lt=1.0, description="Pruning ratio of the variant.")
+    split: int = Field(ge=0, description="Layers on the device: 0 = server only, L = device only.")
+    precision: Precision = Field(description="Feature precision on the uplink.")
+    cpu_hz: float = Field(gt=0, description="CPU clock for the head (Hz).")
+    tx_power_w: float = Field(
+        ge=0, description="Transmit power (W); 0 when nothing is transmitted (split = L): "
+        "leave the radio at its default.")
+    latency_ms: float = Field(ge=0, description="Predicted end-to-end latency per window (ms).")
+    energy_mj: float = Field(ge=0, description="Predicted device energy per window (mJ).")
+    distortion: float = Field(description="Predicted distortion (accuracy loss or output "
+                              "distortion, as configured).")
+    accuracy: float | None = Field(None, description="Profiled accuracy of the choice, if known.")
+    feasible: bool = Field(description="False when no option met the deadline and energy "
+                           "budget; this is then the option with the smallest overrun.")
+    policy: PolicyName = Field(description="Policy that made the decision.")
+    reason: str = Field("", description="Why it was (re)made: initial, estimates-moved, "
+                        "periodic, infeasible.")
+
+    def supersedes(self, other: Decision | None) -> bool:
+        """True if this decision is newer than `other` (by epoch, then seq)."""
+        return other is None or (self.epoch, self.seq) > (other.epoch, other.seq)
+
+
+def _encode(model: BaseModel) -> bytes:
+    return json.dumps(model.model_dump(mode="json"), separators=(",", ":")).encode()
+
+
+def _decode(data: bytes | str, model: type[M]) -> M:
+    raw = data.encode() if isinstance(data, str) else data
+    if len(raw) > MAX_CONTROL_BYTES:
+        raise ControlError(f"{model.__name__} payload of {len(raw)} bytes is over the "
+                           f"{MAX_CONTROL_BYTES}-byte limit")
+    try:
+        obj = json.loads(raw)
+    except ValueError as exc:
+        raise ControlError(f"{model.__name__} is not JSON: {exc}") from exc
+    if isinstance(obj, dict) and obj.get("version", CONTROL_VERSION) != CONTROL_VERSION:
+        raise ControlError(f"{model.__name__} version {obj.get('version')!r} is not supported "
+                           f"(want {CONTROL_VERSION})")
+    try:
+        return model.model_validate(obj)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '(top)'}: {e['msg']}"
+                             for e in exc.errors())
+        raise ControlError(f"bad {model.__name__}: {problems}") from exc
+
+
+def encode_telemetry(t: Telemetry) -> bytes:
+    """JSON bytes for the telemetry topic."""
+    return _encode(t)
+
+
+def decode_telemetry(data: bytes | str) -> Telemetry:
+    """Parse a telemetry payload; ControlError on anything malformed."""
+    return _decode(data, Telemetry)
+
+
+def encode_decision(d: Decision) -> bytes:
+    """JSON bytes for the retained control topic."""
+    return _encode(d)
+
+
+def decode_decision(data: bytes | str) -> Decision:
+    """Parse a control payload; ControlError on anything malformed."""
+    return _decode(data, Decision)

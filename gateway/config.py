@@ -1,0 +1,178 @@
+"""Gateway config: a tree of strict pydantic models read from TOML plus secrets from env."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from edgetok.tokenizers import TokenizerConfig
+from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
+
+from edgetok.frames import Precision
+from edgetok.settings import MqttSettings, Strict, load_toml, read_secret
+
+_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+def _resolve(v: Path, info: ValidationInfo) -> Path:
+    base = (info.context or {}).get("base_dir")
+    return v if v.is_absolute() or base is None else (Path(base) / v).resolve()
+
+
+class StreamConfig(Strict):
+    """One sensor stream: where its readings come from and how they become windows."""
+
+    name: str = Field(description="Stream name; used in result topics and the HTTP API.")
+    topics: list[str] = Field(min_length=1, description="MQTT topic filters to subscribe "
+                              "(QoS 1). Readings from several topics merge by timestamp.")
+    format: Literal["json"] = Field("json", description="Payload format. JSON objects with a "
+                                    "timestamp field and one field per channel; each field a "
+                                    "number or an array of equal length (a chunk of readings).")
+    timestamp_field: str = Field("ts", description="Field holding the reading time, in "
+                                 "seconds since the Unix epoch.")
+    channels: list[str] = Field(min_length=1, description="Channel names in model order; "
+                                "each is also the JSON field name unless mapped in `fields`.")
+    fields: dict[str, str] = Field(default_factory=dict,
+                                   description="Optional channel -> JSON field name mapping.")
+    rate_hz: float = Field(gt=0, le=100_000, description="Sample rate of the stream.")
+    window: int = Field(gt=0, le=1_000_000, description="Samples per window.")
+    hop: int | None = Field(None, gt=0, description="Samples between window starts "
+                            "(default: window, i.e. no overlap).")
+    deadline_ms: float = Field(1000.0, gt=0, description="Time from window close to result; "
+                               "past it the gateway falls back to the on-device variant.")
+    lateness_ms: float = Field(200.0, ge=0, description="How long after a window's end a late "
+                               "reading is still accepted before the window closes.")
+    idle_close_s: float = Field(2.0, gt=0, description="Close a window whose stream has been "
+                                "silent this long (the end of a burst or replay).")
+    tokenizer: TokenizerConfig | None = Field(None, description="Tokenizer; default: the one "
+                                              "the bundle was trained with.")
+    max_payload_bytes: int = Field(256 * 1024, gt=0, description="Larger payloads are "
+                                   "dead-lettered without being parsed.")
+    max_past_s: float = Field(7 * 86400.0, gt=0, description="Readings older than this are "
+                              "dead-lettered as stale.")
+    max_future_s: float = Field(60.0, gt=0, description="Readings further ahead of the gateway "
+                                "clock are dead-lettered (a sensor with a broken clock).")
+
+    @field_validator("name")
+    @classmethod
+    def _name_ok(cls, v: str) -> str:
+        if not _NAME.match(v):
+            raise ValueError("use 1-64 letters, digits, '_', '-' or '.'")
+        return v
+
+    @model_validator(mode="after")
+    def _fields_known(self) -> StreamConfig:
+        unknown = set(self.fields) - set(self.channels)
+        if unknown:
+            raise ValueError(f"`fields` maps unknown channels {sorted(unknown)}")
+        if self.hop is not None and self.hop > self.window:
+            raise ValueError("hop > window would skip readings between windows")
+        return self
+
+    @property
+    def hop_samples(self) -> int:
+        return self.hop or self.window
+
+    def field_of(self, channel: str) -> str:
+        return self.fields.get(channel, channel)
+
+
+class BundleSettings(Strict):
+    """Which model bundle the gateway runs, and how."""
+
+    path: Path = Field(description="Bundle directory (manifest.json + ONNX files).")
+    threads: int = Field(1, ge=0, le=64, description="ONNX Runtime intra-op threads (0 = all).")
+    max_sessions: int = Field(8, ge=2, description="Open ONNX sessions kept; others are "
+                              "evicted least-recently-used (bounds memory).")
+
+    _abs = field_validator("path")(_resolve)
+
+
+class DecisionSettings(Strict):
+    """The variant to run until the coordinator says otherwise."""
+
+    variant: str = Field("r0.00-s1", description="Initial variant id, r<ratio>-s<split>.")
+    precision: Precision = Field("fp16", description="Feature precision on the uplink.")
+    follow_coordinator: bool = Field(True, description="Apply decisions from the control topic.")
+
+
+class HttpSettings(Strict):
+    """Local HTTP API."""
+
+    host: str = Field("127.0.0.1", description="Bind address. Anything but loopback needs a "
+                      "bearer token.")
+    port: int = Field(8080, ge=0, le=65535, description="TCP port (0 picks a free one).")
+    token: SecretStr | None = Field(None, description="Bearer token. Prefer EDGETOK_API_TOKEN "
+                                    "or the systemd credential 'api_token'.")
+    tls_cert: Path | None = Field(None, description="TLS certificate (PEM) to serve HTTPS.")
+    tls_key: Path | None = Field(None, description="TLS private key (PEM).")
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> HttpSettings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together")
+        return self
+
+
+class JournalSettings(Strict):
+    """The durable journal of readings."""
+
+    max_rows: int = Field(500_000, gt=0, description="Readings held before ingest stops "
+                          "acknowledging (backpressure) instead of dropping anything.")
+    synchronous: Literal["FULL", "NORMAL"] = Field(
+        "NORMAL", description="SQLite synchronous mode under WAL. NORMAL survives a process "
+        "crash; FULL also survives power loss, at one fsync per commit.")
+
+
+class GatewayConfig(Strict):
+    """Everything the gateway daemon needs."""
+
+    id: str = Field(description="Gateway id, unique per broker; part of every topic.")
+    state_dir: Path = Field(Path("var/gateway"), description="Journal and results database "
+                            "directory (StateDirectory= under systemd).")
+    mqtt: MqttSettings = Field(default_factory=lambda: MqttSettings(),
+                               description="Broker connection.")
+    bundle: BundleSettings = Field(description="Model bundle.")
+    streams: list[StreamConfig] = Field(min_length=1, description="Sensor streams.")
+    decision: DecisionSettings = Field(default_factory=lambda: DecisionSettings(),
+                                       description="Initial decision.")
+    http: HttpSettings = Field(default_factory=lambda: HttpSettings(),
+                               description="HTTP API.")
+    journal: JournalSettings = Field(default_factory=lambda: JournalSettings(),
+                                     description="Journal.")
+    max_inflight_windows: int = Field(64, gt=0, description="Windows being inferred at once; "
+                                      "more wait in the journal.")
+    telemetry_interval_s: float = Field(2.0, gt=0, description="Telemetry publish period.")
+
+    _abs = field_validator("state_dir")(_resolve)
+
+    @field_validator("id")
+    @classmethod
+    def _id_ok(cls, v: str) -> str:
+        if not _NAME.match(v):
+            raise ValueError("use 1-64 letters, digits, '_', '-' or '.'")
+        return v
+
+    @model_validator(mode="after")
+    def _unique_streams(self) -> GatewayConfig:
+        names = [s.name for s in self.streams]
+        if len(set(names)) != len(names):
+            raise ValueError("stream names must be unique")
+        return self
+
+    def mqtt_password(self) -> str | None:
+        return read_secret("mqtt_password", "EDGETOK_MQTT_PASSWORD", self.mqtt.password)
+
+    def api_token(self) -> str | None:
+        return read_secret("api_token", "EDGETOK_API_TOKEN", self.http.token)
+
+
+def load(path: Path | str) -> GatewayConfig:
+    """Read a gateway config file; ConfigError lists every problem."""
+    return load_toml(path, GatewayConfig)
+
+
+def dump_example() -> dict[str, Any]:
+    """JSON schema of the config, for documentation."""
+    return GatewayConfig.model_json_schema()

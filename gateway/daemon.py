@@ -1,0 +1,315 @@
+"""The gateway daemon: one TaskGroup wiring MQTT, journal, windows, inference and HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import time
+from collections import deque
+from pathlib import Path
+
+from edgetok.gateway.config import GatewayConfig, StreamConfig
+from edgetok.gateway.decode import DecodeError, Reading, decode_json
+from edgetok.gateway.inference import Decision, Inferencer
+from edgetok.gateway.store import Store
+from edgetok.gateway.windows import ClosedWindow, WindowBuffer
+from edgetok.models.runtime import Runtime
+from edgetok.tokenizers import TokenizeError, Tokenizer, TokenizerConfig
+from paho.mqtt.client import topic_matches_sub
+from pydantic import TypeAdapter
+
+from edgetok import __version__
+from edgetok.aio import wait_event
+from edgetok.frames import FrameError, TailReply
+from edgetok.mqttlink import InMessage, MqttSession, Outgoing
+from edgetok.topics import Topics
+
+log = logging.getLogger(__name__)
+
+# Messages journaled per transaction: group commit amortises the fsync over a burst.
+INGEST_BATCH = 256
+# How often open windows are checked against the idle rule.
+CLOSE_TICK_S = 0.05
+# Grace for in-flight windows and unpublished results on shutdown, beyond the deadlines.
+DRAIN_GRACE_S = 5.0
+# Dead letters waiting for MQTT; the database keeps every one even when this overflows.
+DEADLETTER_OUTBOX = 1000
+
+
+class Gateway:
+    """State and tasks of one gateway process."""
+
+    def __init__(self, cfg: GatewayConfig) -> None:
+        self.cfg = cfg
+        self.topics = Topics(cfg.mqtt.prefix, cfg.id)
+        self.store = Store(cfg.state_dir / "edgetok.db", cfg.journal.synchronous)
+        self.runtime = Runtime(cfg.bundle.path, threads=cfg.bundle.threads,
+                               max_sessions=cfg.bundle.max_sessions,
+                               preload=[cfg.decision.variant])
+        self.manifest = self.runtime.manifest
+        self.manifest.variant(cfg.decision.variant)  # fail early on a wrong variant id
+        self.streams = {s.name: s for s in cfg.streams}
+        self.tokenizers = {s.name: self._tokenizer(s) for s in cfg.streams}
+        self.buffers = {s.name: WindowBuffer(s, self._closed_upto(s.name)) for s in cfg.streams}
+        self.inbox: asyncio.Queue[InMessage] = asyncio.Queue(maxsize=4 * INGEST_BATCH)
+        self.deadletters: deque[bytes] = deque(maxlen=DEADLETTER_OUTBOX)
+        self.inflight: dict[tuple[str, int], float] = {}
+        self.slots = asyncio.Semaphore(cfg.max_inflight_windows)
+        self.results_ready = asyncio.Event()
+        self.room = asyncio.Event()
+        self.no_inflight = asyncio.Event()
+        self.no_inflight.set()
+        self.stopping = asyncio.Event()
+        self.counters: dict[str, int] = {"messages": 0, "readings": 0, "windows": 0,
+                                         "results": 0, "deadletters": 0, "duplicates": 0}
+        self.started = time.time()
+        decision = Decision(cfg.decision.variant, cfg.decision.precision)
+        self.session = MqttSession(
+            cfg.mqtt, cfg.mqtt.client_id or f"edgetok-gw-{cfg.id}",
+            password=cfg.mqtt_password(),
+            subscriptions=[t for s in cfg.streams for t in s.topics] + [self.topics.downlink],
+            will=Outgoing(self.topics.status, self._status_payload("offline")),
+            on_connect=[Outgoing(self.topics.status, self._status_payload("online"))],
+            on_message=self._on_message)
+        self.inferencer = Inferencer(cfg.id, self.runtime, self.tokenizers,
+                                     self._publish_frame, decision)
+        self.tg: asyncio.TaskGroup | None = None
+        self.http_port = cfg.http.port
+
+    def _tokenizer(self, s: StreamConfig) -> Tokenizer:
+        conf = s.tokenizer or TypeAdapter(TokenizerConfig).validate_python(
+            self.manifest.input.tokenizer)
+        return conf.build()
+
+    def _closed_upto(self, stream: str) -> int | None:
+        row = self.store.db.execute("SELECT max(window) FROM results WHERE stream = ? AND "
+                                    "window NOT IN (SELECT window FROM windows WHERE "
+                                    "stream = ?)", (stream, stream)).fetchone()
+        return None if row[0] is None else int(row[0])
+
+    def _status_payload(self, state: str) -> bytes:
+        return json.dumps({"state": state, "gateway": self.cfg.id, "version": __version__,
+                           "bundle": self.manifest.bundle_id, "ts": time.time(),
+                           "streams": sorted(self.streams),
+                           "capabilities": ["split", "device-fallback", "int8", "fp16"]}
+                          ).encode()
+
+    # MQTT in ----------------------------------------------------------------------------
+    async def _on_message(self, msg: InMessage) -> None:
+        if msg.topic == self.topics.downlink:
+            self.session.ack(msg)
+            try:
+                self.inferencer.on_reply(TailReply.decode(msg.payload))
+            except FrameError as exc:
+                log.warning("bad downlink message: %s", exc)
+            return
+        await self.inbox.put(msg)
+
+    def _route(self, topic: str) -> StreamConfig | None:
+        for s in self.cfg.streams:
+            if any(topic_matches_sub(f, topic) for f in s.topics):
+                return s
+        return None
+
+    def _deadletter(self, topic: str, reason: str, detail: str, payload: bytes) -> None:
+        self.store.add_deadletter(topic, reason, detail, payload)
+        self.counters["deadletters"] += 1
+        self.deadletters.append(json.dumps(
+            {"topic": topic, "reason": reason, "detail": detail, "ts": time.time(),
+             "payload_head": payload[:64].hex()}).encode())
+        log.info("dead letter from %s: %s (%s)", topic, reason, detail)
+
+    async def _ingest(self) -> None:
+        """Journal bursts of messages in one transaction, ack them, then buffer them."""
+        while True:
+            batch = [await self.inbox.get()]
+            while len(batch) < INGEST_BATCH and not self.inbox.empty():
+                batch.append(self.inbox.get_nowait())
+            while self.store.journal_rows >= self.cfg.journal.max_rows:
+                log.warning("journal full (%d readings): not acknowledging until windows "
+                            "complete", self.store.journal_rows)
+                self.room.clear()
+                await self.room.wait()
+            accepted: list[tuple[str, list[Reading]]] = []
+            now = time.time()
+            with self.store.tx():
+                for msg in batch:
+                    self.counters["messages"] += 1
+                    stream = self._route(msg.topic)
+                    if stream is None:
+                        self._deadletter(msg.topic, "unknown_topic", "matches no stream",
+                                         msg.payload)
+                        continue
+                    try:
+                        readings = decode_json(msg.payload, stream, now)
+                    except DecodeError as exc:
+                        self._deadletter(msg.topic, exc.reason, exc.detail, msg.payload)
+                        continue
+                    buf = self.buffers[stream.name]
+                    fresh = [r for r in readings if buf.accepts(r.ts)]
+                    self.counters["duplicates"] += len(readings) - len(fresh)
+                    self.store.add_readings(stream.name, [(r.ts, r.values) for r in fresh])
+                    accepted.append((stream.name, fresh))
+            for msg in batch:  # only now is every message of the batch durable
+                self.session.ack(msg)
+            for name, readings in accepted:
+                buf = self.buffers[name]
+                for r in readings:
+                    buf.add(r.ts, r.values)
+                self.counters["readings"] += len(readings)
+            self._close_due()
+
+    # windows -----------------------------------------------------------------------------
+    def _close_due(self) -> None:
+        now = time.monotonic()
+        for buf in self.buffers.values():
+            for k in buf.due(now):
+                if len(self.inflight) >= self.cfg.max_inflight_windows:
+                    return  # the rest stay open (and journaled) until a slot frees
+                self._dispatch(buf.close(k, now))
+
+    def _dispatch(self, win: ClosedWindow) -> None:
+        if self.store.has_result(win.stream, win.seq):
+            self.counters["duplicates"] += 1
+            return
+        self.store.close_window(win.stream, win.seq)
+        self.inflight[(win.stream, win.seq)] = win.start_ts
+        self.no_inflight.clear()
+        self.counters["windows"] += 1
+        assert self.tg is not None
+        self.tg.create_task(self._process(win))
+
+    async def _closer(self) -> None:
+        while True:
+            await asyncio.sleep(CLOSE_TICK_S)
+            self._close_due()
+
+    async def _process(self, win: ClosedWindow) -> None:
+        """Infer one window and store its result; failures become dead letters, not crashes."""
+        stream = self.streams[win.stream]
+        try:
+            result = await self.inferencer.infer(win, stream.deadline_ms / 1000)
+        except Exception as exc:  # one bad window must never take the daemon down
+            reason, detail = ((exc.reason, exc.detail) if isinstance(exc, TokenizeError)
+                              else ("inference_error", f"{type(exc).__name__}: {exc}"))
+            if not isinstance(exc, TokenizeError):
+                log.exception("window %s/%d failed", win.stream, win.seq)
+            with self.store.tx():
+                self._deadletter(stream.topics[0], reason, f"window {win.seq}: {detail}", b"")
+                self.store.db.execute("DELETE FROM windows WHERE stream = ? AND window = ?",
+                                      (win.stream, win.seq))
+            self._retire(win)
+            return
+        with self.store.tx():
+            if self.store.add_result(result) is None:
+                self.counters["duplicates"] += 1
+            else:
+                self.counters["results"] += 1
+            self._retire(win)
+        self.results_ready.set()
+
+    def _retire(self, win: ClosedWindow) -> None:
+        """Forget an in-flight window and prune journal readings nobody needs."""
+        self.inflight.pop((win.stream, win.seq), None)
+        if not self.inflight:
+            self.no_inflight.set()
+        keep = self.buffers[win.stream].keep_from()
+        keep = min([keep] + [t for (s, _), t in self.inflight.items() if s == win.stream])
+        self.store.prune(win.stream, keep)
+        if self.store.journal_rows < self.cfg.journal.max_rows:
+            self.room.set()
+
+    # MQTT out ----------------------------------------------------------------------------
+    async def _publish_frame(self, frame: bytes, wait_s: float) -> bool:
+        return await self.session.publish(self.topics.uplink, frame, qos=1, wait_s=wait_s)
+
+    async def _publisher(self) -> None:
+        """Publish stored results in order, at least once, whenever the broker is there."""
+        while True:
+            await wait_event(self.results_ready, 1.0)
+            self.results_ready.clear()
+            while self.deadletters:
+                if not await self.session.publish(self.topics.deadletter,
+                                                  self.deadletters[0], wait_s=0.5):
+                    break
+                self.deadletters.popleft()
+            for res in self.store.unpublished(limit=200):
+                ok = await self.session.publish(self.topics.results(res.stream),
+                                                res.model_dump_json().encode(), wait_s=1.0)
+                if not ok:
+                    break
+                self.store.mark_published(res.id)
+
+    # recovery and lifecycle --------------------------------------------------------------
+    def recover(self) -> int:
+        """Rebuild open windows from the journal and re-run windows cut off by a crash."""
+        rerun = 0
+        for name, buf in self.buffers.items():
+            for ts, vals in self.store.all_readings(name):
+                buf.add(ts, vals)
+        now = time.monotonic()
+        for stream, seq in self.store.closed_windows():
+            buf = self.buffers.get(stream)
+            if buf is None or seq not in buf.open:
+                continue
+            self._dispatch(buf.close(seq, now))
+            rerun += 1
+        if rerun:
+            log.info("recovered %d window(s) interrupted by the last stop", rerun)
+        return rerun
+
+    @property
+    def ready(self) -> dict[str, bool]:
+        return {"broker_connected": self.session.connected.is_set(), "bundle_loaded": True}
+
+    async def run(self) -> None:
+        """Run until `stopping` is set, then drain and exit."""
+        from edgetok.gateway.http import serve
+
+        async with asyncio.TaskGroup() as tg:
+            self.tg = tg
+            mqtt_task = tg.create_task(self.session.run())
+            workers = [tg.create_task(c) for c in (self._ingest(), self._closer(),
+                                                  self._publisher())]
+            self.recover()
+            runner = await serve(self)
+            await self.stopping.wait()
+            log.info("stopping: draining %d in-flight window(s)", len(self.inflight))
+            workers[0].cancel()
+            workers[1].cancel()
+            limit = time.monotonic() + max(s.deadline_ms for s in self.cfg.streams) / 1000 \
+                + DRAIN_GRACE_S
+            await wait_event(self.no_inflight, max(limit - time.monotonic(), 0))
+            self.results_ready.set()
+            # The publisher marks rows in SQLite; polling it briefly is simpler than an event.
+            while self.store.unpublished(1) and time.monotonic() < limit \
+                    and self.session.connected.is_set():  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+            workers[2].cancel()
+            log.debug("stopping: HTTP")
+            await runner.cleanup()
+            log.debug("stopping: MQTT")
+            await self.session.close(Outgoing(self.topics.status,
+                                              self._status_payload("stopped")))
+            await mqtt_task
+        self.inferencer.close()
+        self.store.close()
+
+
+async def run_gateway(cfg: GatewayConfig) -> int:
+    """Run a gateway until SIGTERM or SIGINT; 0 after a graceful drain."""
+    gw = Gateway(cfg)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, gw.stopping.set)
+    await gw.run()
+    return 0
+
+
+def main(config: Path) -> int:
+    """Entry point for `edgetok gateway`."""
+    from edgetok.gateway.config import load
+
+    return asyncio.run(run_gateway(load(config)))

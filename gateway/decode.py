@@ -1,0 +1,86 @@
+"""Decode and validate one sensor payload into timestamped readings, or say exactly why not."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+
+from edgetok.gateway.config import StreamConfig
+
+# A chunked message may carry many readings; the cap keeps one message from flooding memory.
+MAX_READINGS_PER_MESSAGE = 10_000
+
+
+class DecodeError(ValueError):
+    """A payload was rejected; `reason` is a short stable code (metrics, dead letters)."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        self.reason = reason
+        self.detail = detail
+        super().__init__(f"{reason}: {detail}")
+
+
+@dataclass(frozen=True, slots=True)
+class Reading:
+    """One timestamp and the channels this message carries for it."""
+
+    ts: float
+    values: dict[str, float]
+
+
+def _number(v: object, where: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        raise DecodeError("bad_type", f"{where} is {type(v).__name__}, expected a number")
+    x = float(v)
+    if not math.isfinite(x):
+        raise DecodeError("non_finite", f"{where} is {x}")
+    return x
+
+
+def decode_json(payload: bytes, stream: StreamConfig, now: float) -> list[Reading]:
+    """Parse a JSON reading (scalars) or chunk (equal-length arrays) for `stream`."""
+    if len(payload) > stream.max_payload_bytes:
+        raise DecodeError("too_large", f"{len(payload)} bytes > limit "
+                          f"{stream.max_payload_bytes}")
+    try:
+        doc = json.loads(payload)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise DecodeError("bad_json", str(exc)[:200]) from exc
+    if not isinstance(doc, dict):
+        raise DecodeError("bad_type", f"payload is a JSON {type(doc).__name__}, expected object")
+    tsf = stream.timestamp_field
+    if tsf not in doc:
+        raise DecodeError("missing_field", f"no timestamp field {tsf!r}")
+    present = [c for c in stream.channels if stream.field_of(c) in doc]
+    if not present:
+        raise DecodeError("missing_field", f"none of the channels {stream.channels} present")
+    raw_ts = doc[tsf]
+    chunked = isinstance(raw_ts, list)
+    if chunked:
+        n = len(raw_ts)
+        if n == 0:
+            raise DecodeError("empty", "empty chunk")
+        if n > MAX_READINGS_PER_MESSAGE:
+            raise DecodeError("too_large", f"{n} readings > {MAX_READINGS_PER_MESSAGE}")
+        stamps = [_number(t, f"{tsf}[{i}]") for i, t in enumerate(raw_ts)]
+    else:
+        n, stamps = 1, [_number(raw_ts, tsf)]
+    columns: dict[str, list[float]] = {}
+    for c in present:
+        f = stream.field_of(c)
+        v = doc[f]
+        if chunked:
+            if not isinstance(v, list) or len(v) != n:
+                raise DecodeError("length_mismatch", f"{f!r} must be an array of {n} numbers")
+            columns[c] = [_number(x, f"{f}[{i}]") for i, x in enumerate(v)]
+        else:
+            columns[c] = [_number(v, f)]
+    lo, hi = min(stamps), max(stamps)
+    if lo < now - stream.max_past_s:
+        raise DecodeError("stale", f"timestamp {lo:.3f} is more than {stream.max_past_s:.0f}s "
+                          "in the past")
+    if hi > now + stream.max_future_s:
+        raise DecodeError("future", f"timestamp {hi:.3f} is more than "
+                          f"{stream.max_future_s:.0f}s ahead of the gateway clock")
+    return [Reading(stamps[i], {c: columns[c][i] for c in present}) for i in range(n)]

@@ -1,0 +1,195 @@
+"""Run one closed window through tokenizer, head, uplink and tail, or fall back on-device."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+from edgetok.gateway.models import Latency, Result, VariantRef, Where
+from edgetok.gateway.windows import ClosedWindow
+from edgetok.models.bundle import Variant
+from edgetok.models.runtime import Runtime
+from edgetok.tokenizers import Tokenizer
+
+from edgetok.aio import within
+from edgetok.frames import FrameHeader, Precision, TailReply, encode_frame
+
+log = logging.getLogger(__name__)
+
+# After the server misses a deadline, only every PROBE_INTERVAL_S do we try it again; the
+# other windows go straight to the device instead of each waiting out a full deadline.
+PROBE_INTERVAL_S = 2.0
+
+Publish = Callable[[bytes, float], Awaitable[bool]]
+
+
+@dataclass
+class Decision:
+    """The variant and precision in force, and who set them."""
+
+    variant: str
+    precision: Precision
+    seq: int = 0
+    source: str = "config"
+    extra: dict[str, object] = field(default_factory=dict)
+
+
+@dataclass
+class UplinkState:
+    """Whether the edge server is answering, and replies awaited by window."""
+
+    server_ok: bool = True
+    next_probe: float = 0.0
+    pending: dict[tuple[str, int], asyncio.Future[TailReply]] = field(default_factory=dict)
+    frames_sent: int = 0
+    bytes_sent: int = 0
+    replies_late: int = 0
+    fallbacks: int = 0
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Numerically stable softmax of a 1-D array."""
+    z = np.exp(logits - logits.max())
+    return np.asarray(z / z.sum())
+
+
+class Inferencer:
+    """Turns closed windows into results using the current decision."""
+
+    def __init__(self, gateway: str, runtime: Runtime, tokenizers: dict[str, Tokenizer],
+                 publish_frame: Publish, decision: Decision) -> None:
+        self.gateway = gateway
+        self.runtime = runtime
+        self.manifest = runtime.manifest
+        self.tokenizers = tokenizers
+        self.publish_frame = publish_frame
+        self.decision = decision
+        self.uplink = UplinkState()
+        # One ORT worker: heads run one at a time, as on a small device, and a session is
+        # never created concurrently.
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ort")
+        self.head_ms: dict[str, float] = {}
+
+    def on_reply(self, reply: TailReply) -> None:
+        """Resolve the window awaiting this downlink reply (late replies are counted)."""
+        fut = self.uplink.pending.pop((reply.stream, reply.window), None)
+        if fut is None or fut.done():
+            self.uplink.replies_late += 1
+            return
+        fut.set_result(reply)
+
+    async def _run(self, variant: str, part: str, x: np.ndarray) -> tuple[np.ndarray, float]:
+        loop = asyncio.get_running_loop()
+        t0 = time.perf_counter()
+        out = await loop.run_in_executor(self.executor, self.runtime.run, variant, part, x)
+        ms = (time.perf_counter() - t0) * 1000
+        self.head_ms[variant] = ms if variant not in self.head_ms else (
+            0.8 * self.head_ms[variant] + 0.2 * ms)
+        return out, ms
+
+    async def _device(self, variant: Variant, tokens: np.ndarray) -> tuple[np.ndarray, float]:
+        """Run the whole model of `variant` (split = L) on the device."""
+        x, ms = await self._run(variant.id, "head", tokens) if variant.head else (tokens, 0.0)
+        if variant.tail:
+            x, ms2 = await self._run(variant.id, "tail", x)
+            ms += ms2
+        return x, ms
+
+    async def infer(self, win: ClosedWindow, deadline_s: float) -> Result:
+        """The result of one window; never raises for a server or link failure."""
+        t_start = time.monotonic()
+        queue_ms = (t_start - win.closed_mono) * 1000
+        deadline_mono = win.closed_mono + deadline_s
+        tokens = self.tokenizers[win.stream].tokenize([win.data]).model_input()
+        dec = self.decision
+        variant = self.manifest.variant(dec.variant)
+        L = self.manifest.num_layers
+        head_ms = uplink_ms = tail_ms = 0.0
+        where: Where
+        logits: np.ndarray | None = None
+        if variant.split == L:
+            logits, head_ms = await self._device(variant, tokens)
+            where = "device"
+        else:
+            feats = tokens
+            if variant.head:
+                feats, head_ms = await self._run(variant.id, "head", tokens)
+            reply, uplink_ms = await self._remote(win, variant, dec.precision, feats,
+                                                  deadline_mono)
+            if reply is not None and reply.error is None:
+                logits = np.asarray(reply.logits, dtype=np.float32)[None, :]
+                tail_ms = reply.tail_ms
+                uplink_ms = max(uplink_ms - tail_ms, 0.0)
+                where = "server" if variant.split == 0 else "split"
+            else:
+                if reply is not None:
+                    log.warning("server refused window %s/%d: %s", win.stream, win.seq,
+                                reply.error)
+                self.uplink.fallbacks += 1
+                fallback = self.manifest.device_variant(variant.pruning_ratio)
+                logits, fb_ms = await self._device(fallback, tokens)
+                head_ms += fb_ms
+                variant = fallback
+                where = "device-fallback"
+        assert logits is not None
+        probs = softmax(np.asarray(logits, dtype=np.float64).reshape(-1))
+        labels = self.manifest.labels
+        total_ms = (time.monotonic() - win.closed_mono) * 1000
+        return Result(
+            gateway=self.gateway, stream=win.stream, window=win.seq, start_ts=win.start_ts,
+            end_ts=win.end_ts, label=labels[int(probs.argmax())],
+            scores={lab: round(float(p), 6) for lab, p in zip(labels, probs, strict=True)},
+            where=where,
+            variant=VariantRef(id=variant.id, pruning_ratio=variant.pruning_ratio,
+                               split=variant.split, precision=dec.precision),
+            latency_ms=Latency(queue=round(queue_ms, 3), head=round(head_ms, 3),
+                               uplink=round(uplink_ms, 3), tail=round(tail_ms, 3),
+                               total=round(total_ms, 3)),
+            created_ts=time.time())
+
+    async def _remote(self, win: ClosedWindow, variant: Variant, precision: Precision,
+                      feats: np.ndarray, deadline_mono: float) -> tuple[TailReply | None, float]:
+        """Send a frame and await its reply until the deadline; (None, waited) on failure."""
+        up = self.uplink
+        now = time.monotonic()
+        if not up.server_ok and now < up.next_probe:
+            return None, 0.0
+        up.next_probe = now + PROBE_INTERVAL_S
+        remaining = deadline_mono - now
+        if remaining <= 0:
+            return None, 0.0
+        header = FrameHeader(
+            gateway=self.gateway, bundle=self.manifest.bundle_id, variant=variant.id,
+            stream=win.stream, window=win.seq, start_ts=win.start_ts, end_ts=win.end_ts,
+            deadline_ts=time.time() + remaining, sent_ts=time.time(), precision=precision,
+            shape=tuple(feats.shape))
+        frame = encode_frame(header, feats)
+        key = (win.stream, win.seq)
+        fut: asyncio.Future[TailReply] = asyncio.get_running_loop().create_future()
+        up.pending[key] = fut
+        t0 = time.monotonic()
+        try:
+            if not await self.publish_frame(frame, remaining):
+                raise TimeoutError
+            up.frames_sent += 1
+            up.bytes_sent += len(frame)
+            reply = await within(fut, max(deadline_mono - time.monotonic(), 0.0))
+        except TimeoutError:
+            up.pending.pop(key, None)
+            if up.server_ok:
+                log.warning("no reply for %s/%d within its deadline; falling back on-device",
+                            win.stream, win.seq)
+            up.server_ok = False
+            return None, (time.monotonic() - t0) * 1000
+        if not up.server_ok:
+            log.info("edge server answers again; resuming split inference")
+        up.server_ok = True
+        return reply, (time.monotonic() - t0) * 1000
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)

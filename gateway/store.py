@@ -1,0 +1,161 @@
+"""The gateway's SQLite database (WAL): reading journal, window states, results, dead letters."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+from edgetok.gateway.models import Result
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS readings (
+    stream TEXT NOT NULL, ts REAL NOT NULL, vals TEXT NOT NULL,
+    PRIMARY KEY (stream, ts)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS windows (
+    stream TEXT NOT NULL, window INTEGER NOT NULL, closed_ts REAL NOT NULL,
+    PRIMARY KEY (stream, window)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS results (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, stream TEXT NOT NULL, window INTEGER NOT NULL,
+    end_ts REAL NOT NULL, body TEXT NOT NULL, published INTEGER NOT NULL DEFAULT 0,
+    UNIQUE (stream, window));
+CREATE INDEX IF NOT EXISTS results_unpublished ON results (published, id);
+CREATE TABLE IF NOT EXISTS deadletters (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL NOT NULL, topic TEXT NOT NULL,
+    reason TEXT NOT NULL, detail TEXT NOT NULL, payload_head BLOB NOT NULL);
+"""
+
+# Dead letters keep only the first bytes: enough to diagnose, never a copy of a huge payload.
+PAYLOAD_HEAD_BYTES = 128
+
+
+class Store:
+    """One connection, used from the event loop thread only."""
+
+    def __init__(self, path: Path, synchronous: str = "NORMAL") -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self.db = sqlite3.connect(path, isolation_level=None)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute(f"PRAGMA synchronous={synchronous}")
+        self.db.executescript(SCHEMA)
+        self._journal_rows = self.db.execute("SELECT count(*) FROM readings").fetchone()[0]
+
+    def close(self) -> None:
+        self.db.close()
+
+    @contextmanager
+    def tx(self) -> Iterator[sqlite3.Connection]:
+        """One atomic, durable transaction."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.db
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    # journal -----------------------------------------------------------------------------
+    def add_readings(self, stream: str, rows: Sequence[tuple[float, dict[str, float]]]) -> None:
+        """Journal readings; a reading at an existing timestamp merges its channels in."""
+        self.db.executemany(
+            "INSERT INTO readings (stream, ts, vals) VALUES (?, ?, ?) "
+            "ON CONFLICT (stream, ts) DO UPDATE SET vals = json_patch(vals, excluded.vals)",
+            [(stream, ts, json.dumps(vals)) for ts, vals in rows])
+        self._journal_rows += len(rows)  # upper bound; refreshed on prune
+
+    def close_window(self, stream: str, window: int) -> None:
+        """Record that a window was handed to inference (so a crash re-runs it)."""
+        self.db.execute("INSERT OR IGNORE INTO windows VALUES (?, ?, ?)",
+                        (stream, window, time.time()))
+
+    def readings(self, stream: str, start: float, end: float) -> list[tuple[float, dict]]:
+        """Journaled readings of a stream in [start, end)."""
+        cur = self.db.execute("SELECT ts, vals FROM readings WHERE stream = ? AND ts >= ? "
+                              "AND ts < ? ORDER BY ts", (stream, start, end))
+        return [(ts, json.loads(v)) for ts, v in cur]
+
+    def all_readings(self, stream: str) -> list[tuple[float, dict]]:
+        """Every journaled reading of a stream, for crash recovery."""
+        cur = self.db.execute("SELECT ts, vals FROM readings WHERE stream = ? ORDER BY ts",
+                              (stream,))
+        return [(ts, json.loads(v)) for ts, v in cur]
+
+    def closed_windows(self) -> list[tuple[str, int]]:
+        """Windows handed to inference that have no result yet."""
+        return list(self.db.execute("SELECT stream, window FROM windows ORDER BY closed_ts"))
+
+    def prune(self, stream: str, before_ts: float) -> None:
+        """Forget readings no open window needs any more."""
+        cur = self.db.execute("DELETE FROM readings WHERE stream = ? AND ts < ?",
+                              (stream, before_ts))
+        if cur.rowcount:
+            self._journal_rows = self.db.execute("SELECT count(*) FROM readings").fetchone()[0]
+
+    @property
+    def journal_rows(self) -> int:
+        return int(self._journal_rows)
+
+    # results -----------------------------------------------------------------------------
+    def has_result(self, stream: str, window: int) -> bool:
+        return self.db.execute("SELECT 1 FROM results WHERE stream = ? AND window = ?",
+                               (stream, window)).fetchone() is not None
+
+    def add_result(self, result: Result) -> int | None:
+        """Store a result and retire its window; None if the window already has one."""
+        cur = self.db.execute(
+            "INSERT OR IGNORE INTO results (stream, window, end_ts, body) VALUES (?, ?, ?, ?)",
+            (result.stream, result.window, result.end_ts, result.model_dump_json()))
+        self.db.execute("DELETE FROM windows WHERE stream = ? AND window = ?",
+                        (result.stream, result.window))
+        return cur.lastrowid if cur.rowcount else None
+
+    def _rows(self, cur: sqlite3.Cursor) -> list[Result]:
+        return [Result.model_validate_json(body).model_copy(update={"id": rid})
+                for rid, body in cur]
+
+    def results(self, stream: str | None = None, since: float | None = None,
+                since_id: int = 0, limit: int = 100) -> list[Result]:
+        """Results oldest first, filtered by stream, end time and id."""
+        q = "SELECT id, body FROM results WHERE id > ?"
+        args: list[object] = [since_id]
+        if stream is not None:
+            q += " AND stream = ?"
+            args.append(stream)
+        if since is not None:
+            q += " AND end_ts >= ?"
+            args.append(since)
+        q += " ORDER BY id LIMIT ?"
+        args.append(limit)
+        return self._rows(self.db.execute(q, args))
+
+    def latest(self) -> list[Result]:
+        """The newest result of every stream."""
+        return self._rows(self.db.execute(
+            "SELECT id, body FROM results WHERE id IN (SELECT max(id) FROM results "
+            "GROUP BY stream) ORDER BY stream"))
+
+    def result_counts(self) -> dict[str, tuple[int, float | None]]:
+        """Per stream: number of results and the newest end time."""
+        return {s: (n, t) for s, n, t in self.db.execute(
+            "SELECT stream, count(*), max(end_ts) FROM results GROUP BY stream")}
+
+    def unpublished(self, limit: int = 100) -> list[Result]:
+        """Results not yet confirmed published on MQTT, oldest first."""
+        return self._rows(self.db.execute(
+            "SELECT id, body FROM results WHERE published = 0 ORDER BY id LIMIT ?", (limit,)))
+
+    def mark_published(self, result_id: int) -> None:
+        self.db.execute("UPDATE results SET published = 1 WHERE id = ?", (result_id,))
+
+    # dead letters ------------------------------------------------------------------------
+    def add_deadletter(self, topic: str, reason: str, detail: str, payload: bytes) -> None:
+        self.db.execute("INSERT INTO deadletters (ts, topic, reason, detail, payload_head) "
+                        "VALUES (?, ?, ?, ?, ?)",
+                        (time.time(), topic, reason, detail, payload[:PAYLOAD_HEAD_BYTES]))
+
+    def deadletter_counts(self) -> dict[str, int]:
+        return dict(self.db.execute("SELECT reason, count(*) FROM deadletters GROUP BY reason"))

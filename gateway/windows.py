@@ -1,0 +1,103 @@
+"""Group a stream's readings into windows on a grid fixed by timestamps, and close them."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+from edgetok.gateway.config import StreamConfig
+from edgetok.tokenizers import SeriesWindow, align
+
+
+@dataclass(frozen=True, slots=True)
+class ClosedWindow:
+    """A window ready for inference."""
+
+    stream: str
+    seq: int
+    start_ts: float
+    end_ts: float
+    data: SeriesWindow
+    closed_mono: float
+
+
+class WindowBuffer:
+    """Readings of one stream. Window k spans samples [k*hop, k*hop + window) since the epoch.
+
+    Fixing the grid by timestamps (not by arrival) makes a window's identity (stream, k)
+    the same after a crash, a redelivery or a restart, which is what deduplication keys on.
+    """
+
+    def __init__(self, cfg: StreamConfig, closed_upto: int | None = None) -> None:
+        self.cfg = cfg
+        self.readings: dict[float, dict[str, float]] = {}
+        self.open: set[int] = set()
+        self.closed_upto = closed_upto if closed_upto is not None else -(1 << 62)
+        self.watermark = -math.inf
+        self.last_arrival = time.monotonic()
+        self.duplicates = 0
+
+    def _windows_of(self, ts: float) -> range:
+        n = round(ts * self.cfg.rate_hz)
+        hop, win = self.cfg.hop_samples, self.cfg.window
+        return range(max(math.ceil((n - win + 1) / hop), self.closed_upto + 1), n // hop + 1)
+
+    def bounds(self, k: int) -> tuple[float, float]:
+        """Start and end time of window k."""
+        start = k * self.cfg.hop_samples / self.cfg.rate_hz
+        return start, start + self.cfg.window / self.cfg.rate_hz
+
+    def accepts(self, ts: float) -> bool:
+        """Whether a reading at ts still belongs to some open-able window."""
+        return len(self._windows_of(ts)) > 0
+
+    def add(self, ts: float, values: dict[str, float]) -> bool:
+        """Buffer a reading; False if every window it belongs to has already closed."""
+        ks = self._windows_of(ts)
+        if not ks:
+            self.duplicates += 1
+            return False
+        old = self.readings.get(ts)
+        if old is not None:
+            if all(old.get(c) == v for c, v in values.items()):
+                self.duplicates += 1
+            old.update(values)
+        else:
+            self.readings[ts] = dict(values)
+        self.open.update(ks)
+        self.watermark = max(self.watermark, ts)
+        self.last_arrival = time.monotonic()
+        return True
+
+    def due(self, now_mono: float) -> list[int]:
+        """Open windows that should close now: passed by the watermark, or the stream idles."""
+        idle = now_mono - self.last_arrival >= self.cfg.idle_close_s
+        late = self.cfg.lateness_ms / 1000.0
+        return sorted(k for k in self.open if idle or self.watermark >= self.bounds(k)[1] + late)
+
+    def close(self, k: int, now_mono: float) -> ClosedWindow:
+        """Cut window k out of the buffer and align it onto the sample grid."""
+        self.open.discard(k)
+        self.closed_upto = max(self.closed_upto, k)
+        start, end = self.bounds(k)
+        stamps = [t for t in self.readings if start - 0.5 / self.cfg.rate_hz <= t < end]
+        chans = self.cfg.channels
+        vals = np.array([[self.readings[t].get(c, np.nan) for c in chans] for t in stamps],
+                        dtype=np.float64).reshape(len(stamps), len(chans))
+        values, grid = align(np.array(stamps, dtype=np.float64), vals, start=start,
+                             rate_hz=self.cfg.rate_hz, length=self.cfg.window)
+        self._forget_before(min((self.bounds(j)[0] for j in self.open), default=end))
+        return ClosedWindow(self.cfg.name, k, start, end, SeriesWindow(values, grid), now_mono)
+
+    def _forget_before(self, ts: float) -> None:
+        limit = ts - 0.5 / self.cfg.rate_hz
+        for t in [t for t in self.readings if t < limit]:
+            del self.readings[t]
+
+    def keep_from(self) -> float:
+        """Earliest timestamp any open or future window may still need."""
+        if self.open:
+            return min(self.bounds(k)[0] for k in self.open) - 0.5 / self.cfg.rate_hz
+        return self.bounds(self.closed_upto + 1)[0] - 0.5 / self.cfg.rate_hz

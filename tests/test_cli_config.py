@@ -1,0 +1,129 @@
+"""CLI front door: --version, --help, config errors with locations, torch-free runtime."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from edgetok.gateway.config import GatewayConfig
+
+from edgetok import __version__
+from edgetok.settings import ConfigError, load_toml, read_secret
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "edgetok", *args], capture_output=True,
+                          text=True, timeout=120, env=env, cwd=ROOT)
+
+
+def test_version_and_help() -> None:
+    out = run_cli("--version")
+    assert out.returncode == 0 and __version__ in out.stdout
+    for cmd in ("gateway", "server", "build", "replay", "demo"):
+        h = run_cli(cmd, "--help")
+        assert h.returncode == 0, h.stderr
+        assert "usage: edgetok " + cmd in h.stdout
+    assert "--check-config" in run_cli("gateway", "--help").stdout
+
+
+BAD = textwrap.dedent("""
+    id = "gw 1"
+    colour = "blue"
+    [mqtt]
+    port = 70000
+    [bundle]
+    path = "nowhere"
+    [[streams]]
+    name = "imu"
+    topics = ["a/b"]
+    channels = ["x"]
+    rate_hz = -1
+    window = 10
+""")
+
+
+def test_bad_config_lists_every_problem_with_its_location(tmp_path: Path) -> None:
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text(BAD)
+    with pytest.raises(ConfigError) as info:
+        load_toml(cfg, GatewayConfig)
+    problems = info.value.problems
+    locs = {p.split(":")[0] for p in problems}
+    assert {"id", "colour", "mqtt.port", "streams.0.rate_hz"} <= locs, problems
+    out = run_cli("gateway", "--config", str(cfg), "--check-config")
+    assert out.returncode == 2
+    for loc in ("colour: unknown key", "mqtt.port", "streams.0.rate_hz"):
+        assert loc in out.stderr
+
+
+def test_toml_syntax_error_and_missing_file_are_clear(tmp_path: Path) -> None:
+    cfg = tmp_path / "broken.toml"
+    cfg.write_text("id = \n")
+    out = run_cli("gateway", "--config", str(cfg), "--check-config")
+    assert out.returncode == 2 and "TOML syntax" in out.stderr
+    out = run_cli("server", "--config", str(tmp_path / "nope.toml"), "--check-config")
+    assert out.returncode == 2 and "file not found" in out.stderr
+
+
+def test_missing_bundle_is_a_clear_error(tmp_path: Path) -> None:
+    cfg = tmp_path / "gw.toml"
+    cfg.write_text(textwrap.dedent("""
+        id = "gw1"
+        [bundle]
+        path = "no-bundle-here"
+        [[streams]]
+        name = "imu"
+        topics = ["a/b"]
+        channels = ["x"]
+        rate_hz = 10
+        window = 10
+    """))
+    out = run_cli("gateway", "--config", str(cfg), "--check-config")
+    assert out.returncode == 2 and "no manifest" in out.stderr
+
+
+def test_secret_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pydantic import SecretStr
+
+    inline = SecretStr("from-file")
+    monkeypatch.delenv("EDGETOK_MQTT_PASSWORD", raising=False)
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+    assert read_secret("mqtt_password", "EDGETOK_MQTT_PASSWORD", inline) == "from-file"
+    monkeypatch.setenv("EDGETOK_MQTT_PASSWORD", "from-env")
+    assert read_secret("mqtt_password", "EDGETOK_MQTT_PASSWORD", inline) == "from-env"
+    (tmp_path / "mqtt_password").write_text("from-credential\n")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path))
+    assert read_secret("mqtt_password", "EDGETOK_MQTT_PASSWORD", inline) == "from-credential"
+
+
+def test_runtime_imports_without_torch() -> None:
+    """Gateway and server runtime import in a Python where `import torch` fails."""
+    code = textwrap.dedent("""
+        import sys
+        class Block:
+            def find_spec(self, name, path=None, target=None):
+                if name == "torch" or name.startswith("torch."):
+                    raise ImportError("torch is blocked in this test")
+                return None
+        sys.meta_path.insert(0, Block())
+        import edgetok.cli, edgetok.gateway.daemon, edgetok.gateway.http
+        import edgetok.agent.server, edgetok.models.runtime, edgetok.tokenizers
+        import edgetok.replay, edgetok.demo
+        try:
+            import torch
+        except ImportError:
+            pass
+        else:
+            raise SystemExit("torch imported despite the block")
+        assert not any(m == "torch" or m.startswith("torch.") for m in sys.modules)
+        print("ok")
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"

@@ -1,0 +1,207 @@
+"""The online controller driven by telemetry simulated from the system model."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import pytest
+from edgetok.agent.coordinator.model import gain_from_rate, rate_bps
+from edgetok.agent.coordinator.online import ControllerConfig, OnlineController
+from edgetok.agent.coordinator.synthetic import synthetic_manifest
+from pydantic import ValidationError
+
+from edgetok.control import Decision, Telemetry
+
+B = 20e6
+N0 = 3.98e-20
+P_MAX = 0.1
+MANIFEST = synthetic_manifest(num_layers=4, ratios=(0.0, 0.25, 0.5), layer_ms=8.0)
+
+
+def gain(rate: float) -> float:
+    """Gain at which full power carries `rate` bit/s over the whole band."""
+    return gain_from_rate(rate, P_MAX, B, N0)
+
+
+def config(**kw: Any) -> ControllerConfig:
+    """A Wi-Fi-like controller config; keyword arguments override top-level keys."""
+    raw: dict[str, Any] = {
+        "link": {"bandwidth_hz": B, "gain": gain(20e6), "noise_w_per_hz": N0, "p_max_w": P_MAX},
+        "device": {"f_min_hz": 0.6e9, "f_max_hz": 1.5e9, "kappa": 2e-28},
+        "server": {"slowdown": 1.0, "queue_ms": 2.0},
+        "budget": {"deadline_ms": 60.0, "privacy_min_split": 1},
+    }
+    raw.update(kw)
+    return ControllerConfig.model_validate(raw)
+
+
+class Sim:
+    """Gateways whose telemetry follows the true channel, scale and the current decision."""
+
+    def __init__(self, ctl: OnlineController, noise: float = 0.0, seed: int = 0) -> None:
+        self.ctl = ctl
+        self.rng = np.random.default_rng(seed)
+        self.noise = noise
+        self.done: dict[str, int] = {}
+
+    def report(self, gw: str, now: float, true_gain: float, scale: float = 1.0,
+               bandwidth: float = B, **extra: Any) -> None:
+        d = self.ctl.current(gw)
+        p = d.tx_power_w if d and d.tx_power_w > 0 else P_MAX
+        r = B * 0 + bandwidth * math.log2(1 + p * true_gain / (N0 * bandwidth))
+        jitter = math.exp(self.noise * float(self.rng.standard_normal()))
+        cpu = d.cpu_hz if d else 1.5e9
+        head = {}
+        if d is not None and d.split > 0:
+            o = next(o for o in self.ctl.table.options if o.variant == d.variant)
+            head[d.variant] = o.c_head * scale / cpu * 1000.0
+        self.done[gw] = self.done.get(gw, 0) + 1
+        self.ctl.observe(Telemetry(gateway=gw, ts=now, uplink_bps=r * jitter, tx_power_w=p,
+                                   cpu_hz=cpu, head_ms=head, windows_done=self.done[gw],
+                                   energy_mj=d.energy_mj if d else None, **extra), now)
+
+    def run(self, gw: str, steps: range, true_gain: float, **kw: Any) -> list[Decision]:
+        out = []
+        for t in steps:
+            self.report(gw, float(t), true_gain, **kw)
+            d = self.ctl.decide(gw, float(t))
+            if d is not None:
+                out.append(d)
+        return out
+
+
+def test_first_decision_is_feasible_numbered_and_valid_for_the_bundle() -> None:
+    ctl = OnlineController(config(), MANIFEST, epoch_ms=42)
+    Sim(ctl).report("gw1", 0.0, gain(20e6))
+    d = ctl.decide("gw1", 0.0)
+    assert d is not None
+    assert (d.epoch, d.seq, d.policy, d.reason) == (42, 1, "joint", "initial")
+    assert d.feasible and d.split >= 1
+    assert MANIFEST.variant(d.variant).split == d.split
+    assert ctl.decide("gw1", 0.5) is None  # nothing moved, not yet periodic
+
+
+def test_link_drop_moves_the_decision_toward_fewer_bytes() -> None:
+    ctl = OnlineController(config(), MANIFEST)
+    sim = Sim(ctl)
+    sim.run("gw1", range(0, 10), gain(20e6))
+    before = ctl.current("gw1")
+    sim.run("gw1", range(10, 25), gain(0.3e6))
+    after = ctl.current("gw1")
+    assert before is not None and after is not None
+    sent = {d: ctl.table.options[ctl.table.index(d.variant, d.precision)].s_bytes
+            for d in (before, after)}
+    assert sent[after] < sent[before]
+    assert after.seq > before.seq
+    assert after.feasible
+
+
+def test_noise_does_not_make_it_flap() -> None:
+    ctl = OnlineController(config(), MANIFEST)
+    decisions = Sim(ctl, noise=0.15, seed=3).run("gw1", range(200), gain(5e6))
+    variants = [(d.variant, d.precision) for d in decisions]
+    swaps = sum(a != b for a, b in zip(variants, variants[1:], strict=False))
+    assert swaps <= 2
+
+
+def test_compute_speed_is_estimated_from_head_latency() -> None:
+    ctl = OnlineController(config(), MANIFEST)
+    Sim(ctl).run("gw1", range(30), gain(20e6), scale=2.0)
+    env, _ = ctl.environment("gw1", 30.0)
+    assert env.compute_scale == pytest.approx(2.0, rel=1e-6)
+
+
+def test_energy_queue_holds_the_long_term_average() -> None:
+    budget = 10.0
+    # Everything on the device (floor 4): the unpruned model costs ~18 mJ, ρ=0.25 ~8 mJ.
+    free = OnlineController(config(budget={"deadline_ms": 100.0, "privacy_min_split": 4}),
+                            MANIFEST)
+    capped = OnlineController(config(budget={"deadline_ms": 100.0, "privacy_min_split": 4},
+                                     average_energy_mj=budget), MANIFEST)
+    means = {}
+    for name, ctl in (("free", free), ("capped", capped)):
+        sim = Sim(ctl)
+        energy, distortion = [], []
+        for t in range(400):
+            sim.report("gw1", float(t), gain(1e6))
+            ctl.decide("gw1", float(t))
+            d = ctl.current("gw1")
+            assert d is not None
+            energy.append(d.energy_mj)
+            distortion.append(d.distortion)
+        means[name] = (float(np.mean(energy[100:])), float(np.mean(distortion[100:])))
+    assert means["free"][0] > budget * 1.5
+    assert means["capped"][0] <= budget * 1.05
+    # It spends the budget on accuracy rather than always taking the cheapest variant.
+    assert means["capped"][1] < ctl.table.distortion[ctl.table.index("r0.25-s4", "fp32")]
+
+
+def test_gateways_on_one_cell_share_its_bandwidth() -> None:
+    ctl = OnlineController(config(), MANIFEST)
+    sim = Sim(ctl)
+    for gw in ("a", "b", "c"):
+        sim.run(gw, range(0, 3), gain(20e6), cell="ap1" if gw != "c" else "ap2")
+    assert all(ctl.current(g).split < 4 for g in "abc")  # type: ignore[union-attr]
+    assert ctl.environment("a", 3.0)[0].bandwidth_hz == pytest.approx(B / 2)
+    assert ctl.environment("c", 3.0)[0].bandwidth_hz == pytest.approx(B)
+    alone = OnlineController(config(bandwidth_sharing="none"), MANIFEST)
+    sim = Sim(alone)
+    for gw in ("a", "b"):
+        sim.run(gw, range(0, 3), gain(20e6), cell="ap1")
+    assert alone.environment("a", 3.0)[0].bandwidth_hz == pytest.approx(B)
+
+
+def test_server_queueing_grows_with_load() -> None:
+    ctl = OnlineController(config(budget={"deadline_ms": 200.0}, server_workers=1), MANIFEST)
+    sim = Sim(ctl)
+    sim.run("g0", range(3), gain(20e6), windows_per_s=5.0)
+    one = float(ctl.environment("g0", 3.0)[1].max())
+    for i in range(1, 30):
+        sim.run(f"g{i}", range(3), gain(20e6), windows_per_s=5.0)
+    many = float(ctl.environment("g0", 3.0)[1].max())
+    assert many > one
+    ctl.observe_server(queue_ms=500.0)
+    assert float(ctl.environment("g0", 3.0)[1].min()) >= 0.5 * (1 - ctl.config.ewma_alpha) - 1e-9
+
+
+def test_stale_gain_relaxes_to_nominal() -> None:
+    ctl = OnlineController(config(stale_after_s=10.0), MANIFEST)
+    Sim(ctl).run("gw1", range(5), gain(0.2e6))
+    low = ctl.environment("gw1", 5.0)[0].gain
+    assert low < gain(1e6)
+    # No more uplink measurements: after 2 × stale_after_s the nominal gain is back.
+    ctl.observe(Telemetry(gateway="gw1", ts=40.0), 40.0)
+    assert ctl.environment("gw1", 40.0)[0].gain == pytest.approx(ctl.config.link.gain)
+
+
+def test_fixed_split_keeps_its_variant() -> None:
+    ctl = OnlineController(config(policy="fixed-split"), MANIFEST)
+    sim = Sim(ctl)
+    decisions = sim.run("gw1", range(10), gain(20e6)) + sim.run("gw1", range(10, 20), gain(1e6))
+    assert len({d.variant for d in decisions}) == 1
+
+
+def test_device_only_never_transmits() -> None:
+    ctl = OnlineController(config(policy="device-only",
+                                  budget={"deadline_ms": 100.0}), MANIFEST)
+    for d in Sim(ctl).run("gw1", range(10), gain(20e6)):
+        assert d.split == 4 and d.tx_power_w == 0.0
+
+
+def test_config_rejects_unknown_keys_and_bad_values() -> None:
+    with pytest.raises(ValidationError, match="extra"):
+        config(colour="blue")
+    with pytest.raises(ValidationError, match="ewma_alpha"):
+        config(ewma_alpha=0.0)
+    with pytest.raises(ValidationError, match="f_max_hz"):
+        config(device={"f_min_hz": 2e9, "f_max_hz": 1e9, "kappa": 1e-28})
+    assert all(f.description for f in ControllerConfig.model_fields.values())
+
+
+def test_rate_model_agrees_with_the_simulated_measurement() -> None:
+    ctl = OnlineController(config(gain_backoff_sigma=0.0), MANIFEST)
+    Sim(ctl).run("gw1", range(5), gain(3e6))
+    env, _ = ctl.environment("gw1", 5.0)
+    assert float(rate_bps(P_MAX, env)) == pytest.approx(3e6, rel=1e-6)
