@@ -10,13 +10,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from aiohttp import web
-from edgetok.agent.config import ServerConfig
-from edgetok.models.bundle import BundleError
-from edgetok.models.runtime import Runtime
 
 from edgetok import __version__
+from edgetok.agent.config import ServerConfig
+from edgetok.agent.http import serve_http
 from edgetok.frames import FrameError, TailReply, decode_frame
+from edgetok.models.bundle import BundleError
+from edgetok.models.runtime import Runtime
 from edgetok.mqttlink import InMessage, MqttSession
 from edgetok.topics import Topics, uplink_share_filter
 
@@ -100,12 +100,22 @@ class TailServer:
                 self.counters["errors"] += 1
                 log.exception("tail worker failed on a frame from %s", msg.topic)
 
+    def status(self) -> dict[str, object]:
+        """What /v1/status reports."""
+        return {
+            "server": self.cfg.id, "version": __version__, "group": self.cfg.group,
+            "uptime_s": round(time.time() - self.started), "bundles": sorted(self.runtimes),
+            "mqtt": {"connected": self.session.connected.is_set(),
+                     "connects": self.session.connects},
+            "counters": self.counters, "busy_s": round(self.busy_s, 3),
+            "queue_depth": self.queue.qsize()}
+
     async def run(self) -> None:
         """Serve until `stopping` is set."""
         async with asyncio.TaskGroup() as tg:
             mqtt_task = tg.create_task(self.session.run())
             workers = [tg.create_task(self._worker()) for _ in range(self.cfg.workers)]
-            runner = await self._serve_http()
+            runner = await serve_http(self)
             await self.stopping.wait()
             for w in workers:
                 w.cancel()
@@ -113,37 +123,6 @@ class TailServer:
             await self.session.close()
             await mqtt_task
         self.executor.shutdown(wait=False, cancel_futures=True)
-
-    async def _serve_http(self) -> web.AppRunner:
-        app = web.Application()
-
-        async def healthz(_: web.Request) -> web.Response:
-            return web.json_response({"status": "alive"})
-
-        async def readyz(_: web.Request) -> web.Response:
-            ok = self.session.connected.is_set()
-            return web.json_response({"ready": ok, "failing": [] if ok else
-                                      ["broker_connected"]}, status=200 if ok else 503)
-
-        async def status(_: web.Request) -> web.Response:
-            return web.json_response({
-                "server": self.cfg.id, "version": __version__, "group": self.cfg.group,
-                "uptime_s": round(time.time() - self.started), "bundles": sorted(self.runtimes),
-                "mqtt": {"connected": self.session.connected.is_set(),
-                         "connects": self.session.connects},
-                "counters": self.counters, "busy_s": round(self.busy_s, 3),
-                "queue_depth": self.queue.qsize()})
-
-        app.router.add_get("/healthz", healthz)
-        app.router.add_get("/readyz", readyz)
-        app.router.add_get("/v1/status", status)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, self.cfg.http.host, self.cfg.http.port)
-        await site.start()
-        sockets = getattr(site._server, "sockets", None) or []
-        self.http_port = sockets[0].getsockname()[1] if sockets else self.cfg.http.port
-        return runner
 
 
 def _with_error(reply: TailReply, error: str) -> TailReply:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import ssl
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -27,6 +28,8 @@ log = logging.getLogger(__name__)
 # after journaling, this is the bound on messages held in memory between socket and journal.
 RECEIVE_MAXIMUM = 256
 PUBLISH_TIMEOUT_S = 10.0
+# paho leaves Nagle on; with delayed ACKs that costs ~40 ms per small frame or reply.
+NODELAY = ((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),)
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,7 +112,8 @@ class MqttSession:
             password=self._password, protocol=aiomqtt.ProtocolVersion.V5, will=will,
             keepalive=s.keepalive_s, tls_context=tls_context(s),
             clean_start=not persistent,
-            properties=self._connect_properties(), timeout=PUBLISH_TIMEOUT_S)
+            properties=self._connect_properties(), timeout=PUBLISH_TIMEOUT_S,
+            socket_options=NODELAY)
         if self._manual_ack:
             # aiomqtt exposes no switch for this; paho's client is its documented engine.
             client._client.manual_ack_set(True)

@@ -104,8 +104,10 @@ async def publish_plan(plan: ReplayPlan, *, host: str, port: int, topic: str,
 
     sent = 0
     interval = chunk / plan.rate_hz / speed
+    from edgetok.mqttlink import NODELAY
+
     async with aiomqtt.Client(host, port, username=username, password=password,
-                              timeout=30) as client:
+                              timeout=30, socket_options=NODELAY) as client:
         t_next = time.monotonic()
         for j in range(len(plan.x)):
             for body in payloads(plan, j, channels, chunk):

@@ -6,11 +6,12 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from edgetok.tokenizers import TokenizerConfig
 from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 
 from edgetok.frames import Precision
+from edgetok.gateway.actuators import ActuatorSettings
 from edgetok.settings import MqttSettings, Strict, load_toml, read_secret
+from edgetok.tokenizers import TokenizerConfig
 
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
@@ -141,6 +142,8 @@ class GatewayConfig(Strict):
                                description="HTTP API.")
     journal: JournalSettings = Field(default_factory=lambda: JournalSettings(),
                                      description="Journal.")
+    actuators: ActuatorSettings = Field(default_factory=lambda: ActuatorSettings(),
+                                        description="CPU clock and transmit power actuators.")
     max_inflight_windows: int = Field(64, gt=0, description="Windows being inferred at once; "
                                       "more wait in the journal.")
     telemetry_interval_s: float = Field(2.0, gt=0, description="Telemetry publish period.")

@@ -10,20 +10,23 @@ import time
 from collections import deque
 from pathlib import Path
 
-from edgetok.gateway.config import GatewayConfig, StreamConfig
-from edgetok.gateway.decode import DecodeError, Reading, decode_json
-from edgetok.gateway.inference import Decision, Inferencer
-from edgetok.gateway.store import Store
-from edgetok.gateway.windows import ClosedWindow, WindowBuffer
-from edgetok.models.runtime import Runtime
-from edgetok.tokenizers import TokenizeError, Tokenizer, TokenizerConfig
 from paho.mqtt.client import topic_matches_sub
 from pydantic import TypeAdapter
 
 from edgetok import __version__
 from edgetok.aio import wait_event
 from edgetok.frames import FrameError, TailReply
+from edgetok.gateway.actuators import Actuators
+from edgetok.gateway.config import GatewayConfig, StreamConfig
+from edgetok.gateway.controlplane import ControlPlane
+from edgetok.gateway.decode import DecodeError, Reading, decode_json
+from edgetok.gateway.inference import Decision, Inferencer
+from edgetok.gateway.metrics import GatewayMetrics
+from edgetok.gateway.store import Store
+from edgetok.gateway.windows import ClosedWindow, WindowBuffer
+from edgetok.models.runtime import Runtime
 from edgetok.mqttlink import InMessage, MqttSession, Outgoing
+from edgetok.tokenizers import TokenizeError, Tokenizer, TokenizerConfig
 from edgetok.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -69,12 +72,15 @@ class Gateway:
         self.session = MqttSession(
             cfg.mqtt, cfg.mqtt.client_id or f"edgetok-gw-{cfg.id}",
             password=cfg.mqtt_password(),
-            subscriptions=[t for s in cfg.streams for t in s.topics] + [self.topics.downlink],
+            subscriptions=[t for s in cfg.streams for t in s.topics] + [self.topics.downlink]
+            + ([self.topics.control] if cfg.decision.follow_coordinator else []),
             will=Outgoing(self.topics.status, self._status_payload("offline")),
             on_connect=[Outgoing(self.topics.status, self._status_payload("online"))],
             on_message=self._on_message)
         self.inferencer = Inferencer(cfg.id, self.runtime, self.tokenizers,
                                      self._publish_frame, decision)
+        self.control = ControlPlane(self, Actuators(cfg.actuators))
+        self.metrics = GatewayMetrics(self)
         self.tg: asyncio.TaskGroup | None = None
         self.http_port = cfg.http.port
 
@@ -105,6 +111,10 @@ class Gateway:
             except FrameError as exc:
                 log.warning("bad downlink message: %s", exc)
             return
+        if msg.topic == self.topics.control:
+            self.session.ack(msg)
+            await self.control.on_control(msg.payload)
+            return
         await self.inbox.put(msg)
 
     def _route(self, topic: str) -> StreamConfig | None:
@@ -116,6 +126,7 @@ class Gateway:
     def _deadletter(self, topic: str, reason: str, detail: str, payload: bytes) -> None:
         self.store.add_deadletter(topic, reason, detail, payload)
         self.counters["deadletters"] += 1
+        self.metrics.on_deadletter(reason)
         self.deadletters.append(json.dumps(
             {"topic": topic, "reason": reason, "detail": detail, "ts": time.time(),
              "payload_head": payload[:64].hex()}).encode())
@@ -207,6 +218,8 @@ class Gateway:
                 self.counters["duplicates"] += 1
             else:
                 self.counters["results"] += 1
+                self.control.on_result(result)
+                self.metrics.on_result(result)
             self._retire(win)
         self.results_ready.set()
 
@@ -272,7 +285,7 @@ class Gateway:
             self.tg = tg
             mqtt_task = tg.create_task(self.session.run())
             workers = [tg.create_task(c) for c in (self._ingest(), self._closer(),
-                                                  self._publisher())]
+                                                  self._publisher(), self.control.run())]
             self.recover()
             runner = await serve(self)
             await self.stopping.wait()
@@ -288,6 +301,7 @@ class Gateway:
                     and self.session.connected.is_set():  # noqa: ASYNC110
                 await asyncio.sleep(0.05)
             workers[2].cancel()
+            workers[3].cancel()
             log.debug("stopping: HTTP")
             await runner.cleanup()
             log.debug("stopping: MQTT")

@@ -10,9 +10,9 @@ import time
 from typing import TYPE_CHECKING
 
 from aiohttp import web
-from edgetok.gateway.models import ResultsPage, StreamInfo, StreamsPage
 
 from edgetok import __version__
+from edgetok.gateway.models import ResultsPage, StreamInfo, StreamsPage
 
 if TYPE_CHECKING:
     from edgetok.gateway.daemon import Gateway
@@ -115,6 +115,7 @@ def status_doc(gw: Gateway) -> dict[str, object]:
                  "last_error": gw.session.last_error},
         "journal": {"rows": gw.store.journal_rows, "max_rows": gw.cfg.journal.max_rows,
                     "inflight_windows": len(gw.inflight)},
+        "control": gw.control.status(),
         "counters": dict(gw.counters),
         "deadletters": gw.store.deadletter_counts(),
         "head_ms": {k: round(v, 3) for k, v in gw.inferencer.head_ms.items()},

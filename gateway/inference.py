@@ -10,14 +10,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from edgetok.aio import within
+from edgetok.frames import FrameHeader, Precision, TailReply, encode_frame
 from edgetok.gateway.models import Latency, Result, VariantRef, Where
 from edgetok.gateway.windows import ClosedWindow
 from edgetok.models.bundle import Variant
 from edgetok.models.runtime import Runtime
 from edgetok.tokenizers import Tokenizer
-
-from edgetok.aio import within
-from edgetok.frames import FrameHeader, Precision, TailReply, encode_frame
 
 log = logging.getLogger(__name__)
 

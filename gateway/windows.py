@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
+
 from edgetok.gateway.config import StreamConfig
 from edgetok.tokenizers import SeriesWindow, align
 

@@ -13,6 +13,7 @@ ACTION=install
 WITH_ACTUATORS=0
 PURGE=0
 RELOAD=auto
+UNITS_ONLY=0
 UNITS=(edgetok-gateway.service edgetok-server.service)
 DROPIN=edgetok-gateway.service.d/actuators.conf
 # The unit files name this venv in ExecStart=; another --prefix rewrites that line.
@@ -42,6 +43,7 @@ Options:
   --src DIR           the edgetok source tree to install (default: $SRC)
   --with-actuators    also install the actuators drop-in: CAP_NET_ADMIN for tc/iw, writable
                       cpufreq knobs, a delegated cgroup for the CPU quota (see the drop-in)
+  --units-only        leave the venv alone; (re)install configs, units and drop-in only
   --no-reload         do not run 'systemctl daemon-reload'
   --uninstall         stop and disable the services, remove the units, drop-in and venv;
                       keeps /etc/edgetok and the state in /var/lib/edgetok
@@ -67,6 +69,7 @@ while [ $# -gt 0 ]; do
         --src) SRC=${2:?--src needs a directory}; shift 2 ;;
         --src=*) SRC=${1#*=}; shift ;;
         --with-actuators) WITH_ACTUATORS=1; shift ;;
+        --units-only) UNITS_ONLY=1; shift ;;
         --no-reload) RELOAD=no; shift ;;
         --uninstall) ACTION=uninstall; shift ;;
         --purge) PURGE=1; shift ;;
@@ -171,7 +174,11 @@ create_user() {
 }
 
 do_install() {
-    install_venv
+    if [ "$UNITS_ONLY" = 0 ]; then
+        install_venv
+    elif [ ! -x "$R$VENV/bin/edgetok" ]; then
+        say "warning: --units-only, but $VENV/bin/edgetok does not exist yet"
+    fi
     install -d -m 0755 "$R$CONF_DIR"
     install -d -m 0700 "$R$CONF_DIR/credentials"
     install_config gateway.toml gateway

@@ -118,9 +118,10 @@ def wait_results(gw: Proc, n: int, timeout: float = 60) -> list[dict[str, Any]]:
 
 def offline_predictions(bundle: Path, plan: ReplayPlan, variant: str | None = None) -> np.ndarray:
     """Logits of the unsplit model (split = L) on the plan's windows, run in-process."""
+    from pydantic import TypeAdapter
+
     from edgetok.models.runtime import Runtime
     from edgetok.tokenizers import TokenizerConfig
-    from pydantic import TypeAdapter
 
     rt = Runtime(bundle)
     m = rt.manifest

@@ -8,9 +8,9 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from edgetok.gateway.config import GatewayConfig
 
 from edgetok import __version__
+from edgetok.gateway.config import GatewayConfig
 from edgetok.settings import ConfigError, load_toml, read_secret
 
 ROOT = Path(__file__).resolve().parent.parent

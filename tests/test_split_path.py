@@ -10,12 +10,12 @@ import aiomqtt
 import numpy as np
 import pytest
 from conftest import Broker
-from edgetok.models.runtime import Runtime
-from edgetok.tokenizers import TokenizerConfig
 from harness import basicmotions_plan, server_config, spawn
 from pydantic import TypeAdapter
 
 from edgetok.frames import FrameHeader, TailReply, encode_frame
+from edgetok.models.runtime import Runtime
+from edgetok.tokenizers import TokenizerConfig
 
 pytestmark = pytest.mark.slow
 

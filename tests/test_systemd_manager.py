@@ -203,14 +203,24 @@ class Manager:
 
     def systemctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         """Run `systemctl --user` against this manager; with `check`, failures carry stderr."""
-        proc = subprocess.run(["systemctl", "--user", *args], env=self.env, text=True,
-                              capture_output=True, timeout=WAIT_S)
+        proc = subprocess.run(
+            ["systemctl", "--user", *args],
+            env=self.env,
+            text=True,
+            capture_output=True,
+            timeout=WAIT_S,
+        )
         if check and proc.returncode != 0:
-            status = subprocess.run(["systemctl", "--user", "status", "--no-pager", "--full",
-                                     UNIT], env=self.env, text=True, capture_output=True,
-                                    timeout=WAIT_S).stdout
-            raise AssertionError(f"systemctl --user {' '.join(args)}: rc={proc.returncode}\n"
-                                 f"{proc.stderr}\n{status}")
+            status = subprocess.run(
+                ["systemctl", "--user", "status", "--no-pager", "--full", UNIT],
+                env=self.env,
+                text=True,
+                capture_output=True,
+                timeout=WAIT_S,
+            ).stdout
+            raise AssertionError(
+                f"systemctl --user {' '.join(args)}: rc={proc.returncode}\n{proc.stderr}\n{status}"
+            )
         return proc
 
     def show(self, unit: str, *props: str) -> dict[str, str]:
@@ -242,13 +252,22 @@ def manager() -> Iterator[Manager]:
     runtime = Path(tempfile.mkdtemp(prefix="etk-sd-", dir=RUNTIME_PARENT))
     runtime.chmod(0o711)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DBUS_", "XDG_"))}
-    env.update(XDG_RUNTIME_DIR=str(runtime), XDG_STATE_HOME=str(runtime / "state"),
-               XDG_CONFIG_HOME=str(runtime / "config"), XDG_CACHE_HOME=str(runtime / "cache"),
-               PYTHON=sys.executable, SYSTEMD=str(SYSTEMD))
+    env.update(
+        XDG_RUNTIME_DIR=str(runtime),
+        XDG_STATE_HOME=str(runtime / "state"),
+        XDG_CONFIG_HOME=str(runtime / "config"),
+        XDG_CACHE_HOME=str(runtime / "cache"),
+        PYTHON=sys.executable,
+        SYSTEMD=str(SYSTEMD),
+    )
     (runtime / "boot.sh").write_text(BOOT)
     log = (runtime / "manager.log").open("wb")
-    proc = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sh",
-                             str(runtime / "boot.sh")], env=env, stdout=log, stderr=log)
+    proc = subprocess.Popen(
+        ["unshare", "--mount", "--propagation", "slave", "sh", str(runtime / "boot.sh")],
+        env=env,
+        stdout=log,
+        stderr=log,
+    )
     mgr = Manager(proc, runtime, env)
     deadline = time.monotonic() + WAIT_S
     # show-environment answers only once the manager serves its private socket.
@@ -258,9 +277,12 @@ def manager() -> Iterator[Manager]:
             proc.wait()
             log.close()
             shutil.rmtree(runtime, ignore_errors=True)
-            pytest.skip("a private systemd --user manager did not come up: "
-                        + (runtime / "manager.log").read_text(errors="replace")[-500:]
-                        if (runtime / "manager.log").exists() else "no log")
+            pytest.skip(
+                "a private systemd --user manager did not come up: "
+                + (runtime / "manager.log").read_text(errors="replace")[-500:]
+                if (runtime / "manager.log").exists()
+                else "no log"
+            )
         time.sleep(0.1)
     # PID 1's notify socket is world-writable, so services under any User= can send READY=1;
     # a user manager's is not (its services normally share its UID). Match PID 1.
@@ -304,8 +326,7 @@ class Installed:
         log = self.workdir / "probe.log"
         if not log.exists():
             return []
-        return [json.loads(line) for line in log.read_text().splitlines()
-                if line.startswith("{")]
+        return [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
 
     def output(self) -> str:
         """The probe's raw stdout and stderr, for failure messages."""
@@ -364,23 +385,28 @@ def install(manager: Manager) -> Iterator[Callable[..., Installed]]:
         shutil.rmtree(d, ignore_errors=True)
 
 
-def test_ready_only_after_broker_connects(install: Callable[..., Installed],
-                                          mosquitto: Broker) -> None:
+def test_ready_only_after_broker_connects(
+    install: Callable[..., Installed], mosquitto: Broker
+) -> None:
     """With the broker down the unit stays 'activating'; READY=1 follows the broker's start."""
     mosquitto.stop()
     unit = install(f"serve {mosquitto.port}")
     unit.mgr.systemctl("start", "--no-block", UNIT)
     # The probe is up, has loaded its model and keeps failing to reach the broker.
-    unit.wait("the probe to try the broker", lambda: any(
-        e["event"] == "connecting" for e in unit.events()))
+    unit.wait(
+        "the probe to try the broker",
+        lambda: any(e["event"] == "connecting" for e in unit.events()),
+    )
     time.sleep(1.0)  # several reconnect attempts, all refused
     assert unit.mgr.show(UNIT, "ActiveState")["ActiveState"] == "activating"
     assert not any(e["event"] == "ready_sent" for e in unit.events())
 
     broker_up = time.monotonic()
     mosquitto.start()
-    unit.wait("the unit to become active", lambda: unit.mgr.show(
-        UNIT, "ActiveState")["ActiveState"] == "active")
+    unit.wait(
+        "the unit to become active",
+        lambda: unit.mgr.show(UNIT, "ActiveState")["ActiveState"] == "active",
+    )
     props = unit.mgr.show(UNIT, "ActiveEnterTimestampMonotonic", "StatusText", "MainPID")
     events = {e["event"]: e for e in unit.events()}
     active_at = int(props["ActiveEnterTimestampMonotonic"]) / 1e6
@@ -395,7 +421,8 @@ def test_ready_only_after_broker_connects(install: Callable[..., Installed],
 
 
 def test_sandbox_runs_onnxruntime_and_confines_the_daemon(
-        install: Callable[..., Installed], mosquitto: Broker) -> None:
+    install: Callable[..., Installed], mosquitto: Broker
+) -> None:
     """The unit's hardening (DynamicUser, seccomp, MDWE, read-only OS) leaves ORT working."""
     unit = install(f"serve {mosquitto.port}")
     unit.mgr.systemctl("start", UNIT)  # returns once READY=1 arrived
@@ -408,6 +435,8 @@ def test_sandbox_runs_onnxruntime_and_confines_the_daemon(
     assert facts["netlink"] == "EAFNOSUPPORT"  # RestrictAddressFamilies=
     assert facts["wx_memory"] == "EPERM"  # MemoryDenyWriteExecute=
     assert facts["watchdog_s"] == pytest.approx(30.0)  # the unit's WatchdogSec=
+    # Environment=ORT_DISABLE_TELEMETRY=1: ORT did not even try to persist a telemetry device id.
+    assert "telemetry" not in unit.output().lower()
     # The credential files do not exist on this host: the SetCredential= fallback kept the
     # start from failing, and the daemon still gets a credentials directory.
     assert facts["credentials"]
@@ -415,7 +444,8 @@ def test_sandbox_runs_onnxruntime_and_confines_the_daemon(
 
 
 def test_stalled_pipeline_is_killed_by_the_watchdog_and_restarted(
-        install: Callable[..., Installed], mosquitto: Broker) -> None:
+    install: Callable[..., Installed], mosquitto: Broker
+) -> None:
     """Healthy pings keep the unit alive; a stall stops them and systemd restarts the unit."""
     unit = install(f"serve {mosquitto.port}", [f"WatchdogSec={TEST_WATCHDOG_S}", "RestartSec=1"])
     unit.mgr.systemctl("start", UNIT)
@@ -426,11 +456,12 @@ def test_stalled_pipeline_is_killed_by_the_watchdog_and_restarted(
     assert props == {"NRestarts": "0", "MainPID": str(first_pid), "ActiveState": "active"}
 
     (unit.workdir / "stall").write_text("")
-    unit.wait("a watchdog restart", lambda: int(unit.mgr.show(
-        UNIT, "NRestarts")["NRestarts"]) >= 1)
+    unit.wait("a watchdog restart", lambda: int(unit.mgr.show(UNIT, "NRestarts")["NRestarts"]) >= 1)
     (unit.workdir / "stall").unlink()
-    unit.wait("the restarted unit to be ready", lambda: unit.mgr.show(
-        UNIT, "ActiveState")["ActiveState"] == "active")
+    unit.wait(
+        "the restarted unit to be ready",
+        lambda: unit.mgr.show(UNIT, "ActiveState")["ActiveState"] == "active",
+    )
     starts = [e["pid"] for e in unit.events() if e["event"] == "start"]
     assert starts[0] == first_pid and len(starts) >= 2 and starts[-1] != first_pid
     # The stalled instance never reached its shutdown path: it was killed, not stopped.
@@ -450,15 +481,24 @@ def netns() -> Iterator[str]:
 
 def _qdisc(netns: str) -> str:
     """The root qdisc of lo inside `netns`."""
-    return subprocess.run(["ip", "netns", "exec", netns, "tc", "qdisc", "show", "dev", "lo"],
-                          capture_output=True, text=True, check=True).stdout
+    return subprocess.run(
+        ["ip", "netns", "exec", netns, "tc", "qdisc", "show", "dev", "lo"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
 
 
 @pytest.mark.parametrize("actuators", [False, True], ids=["base-unit", "with-actuators"])
 def test_actuators_dropin_is_what_lets_tc_shape_the_link(
-        install: Callable[..., Installed], netns: str, actuators: bool) -> None:
+    install: Callable[..., Installed], netns: str, actuators: bool
+) -> None:
     """Without the drop-in tc is refused; with it the unprivileged service user can shape."""
-    unit = install("tc", [f"NetworkNamespacePath=/run/netns/{netns}"], actuators=actuators)
+    # PrivateUsers=no in both cases: from inside a user namespace the service could not join a
+    # network namespace owned by the host's. What then refuses tc in the base unit is its empty
+    # CapabilityBoundingSet= and the lack of AF_NETLINK in RestrictAddressFamilies=.
+    netns_lines = [f"NetworkNamespacePath=/run/netns/{netns}", "PrivateUsers=no"]
+    unit = install("tc", netns_lines, actuators=actuators)
     unit.mgr.systemctl("start", UNIT)
     unit.wait("the tc attempt", lambda: any(e["event"] == "tc" for e in unit.events()))
     result = next(e for e in unit.events() if e["event"] == "tc")

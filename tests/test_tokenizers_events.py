@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from edgetok.tokenizers import (
     MISSING_ID,
     NUM_SPECIAL,
@@ -20,8 +23,6 @@ from edgetok.tokenizers import (
 )
 from edgetok.tokenizers.location import BASE32, geohash_codes
 from edgetok.tokenizers.text import UNKNOWN_ID
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 # --- bytes -------------------------------------------------------------------------------
 

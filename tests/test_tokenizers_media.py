@@ -8,8 +8,10 @@ import zlib
 
 import numpy as np
 import pytest
-from edgetok.tokenizers import ImageConfig, LogMelConfig, Modality, Payload, TokenizeError
 from PIL import Image
+
+from edgetok.tokenizers import ImageConfig, LogMelConfig, Modality, Payload, TokenizeError
+from edgetok.tokenizers.mel import apply_filters, mel_filterbank, sparse_filters
 
 RNG = np.random.default_rng(11)
 SR = 16000
@@ -68,6 +70,17 @@ def test_int16_pcm_and_filterbank_match_librosa() -> None:
     np.testing.assert_allclose(batch.vectors[0, :cfg.frames], ref, atol=LOGMEL_TOL_DB, rtol=0)
     fb = librosa.filters.mel(sr=SR, n_fft=cfg.n_fft, n_mels=cfg.n_mels)
     np.testing.assert_allclose(cfg.build().filters.T, fb, rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize(("n_fft", "n_mels", "fmin", "fmax"),
+                         [(400, 64, 0.0, 8000.0), (64, 128, 0.0, 8000.0),
+                          (2048, 40, 300.0, 3400.0), (256, 1, 0.0, 4000.0)])
+def test_grouped_filterbank_equals_dense_product(n_fft: int, n_mels: int, fmin: float,
+                                                 fmax: float) -> None:
+    dense = mel_filterbank(SR, n_fft, n_mels, fmin, fmax).astype(np.float32)
+    power = RNG.random((3, 7, n_fft // 2 + 1)).astype(np.float32)
+    got = apply_filters(power, sparse_filters(dense), n_mels)
+    np.testing.assert_allclose(got, power @ dense, rtol=1e-5, atol=1e-9)
 
 
 def test_logmel_peak_band_follows_the_tone() -> None:

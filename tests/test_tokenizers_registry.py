@@ -2,24 +2,31 @@
 
 from __future__ import annotations
 
+import io
 import re
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
-import edgetok.tokenizers as tk
 import numpy as np
 import pytest
+from PIL import Image
+from pydantic import BaseModel, TypeAdapter, ValidationError
+
+import edgetok.tokenizers as tk
 from edgetok.tokenizers import (
     KNOWN,
     REASONS,
     ByteConfig,
     CategoricalConfig,
     LabelWindow,
+    LocationWindow,
     LogMelConfig,
     Modality,
     PatchConfig,
+    Payload,
+    SeriesWindow,
     TokenBatch,
     TokenizerConfig,
     build,
@@ -27,7 +34,6 @@ from edgetok.tokenizers import (
     parse,
 )
 from edgetok.tokenizers.registry import CONFIG_CLASSES
-from pydantic import BaseModel, TypeAdapter, ValidationError
 
 PKG = Path(tk.__file__).resolve().parent
 # The least each tokenizer needs besides `type`.
@@ -59,6 +65,34 @@ def test_every_key_parses_builds_and_follows_the_config_rules(key: str) -> None:
         parse({**data, "no_such_option": 1})
     with pytest.raises(ValidationError):
         cfg.type = "other"
+
+
+def _sample(kind: str) -> Any:
+    """One valid window of each kind the gateway feeds."""
+    t = np.arange(32.0)
+    return {"series": SeriesWindow(np.sin(np.stack([t, 2 * t])), t),
+            "labels": LabelWindow(("on", None), np.zeros(2)),
+            "location": LocationWindow(np.array([1.0]), np.array([2.0]), np.zeros(1))}[kind]
+
+
+def _png() -> bytes:
+    """A small valid PNG."""
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+PAYLOADS = {"logmel": b"\x00\x10" * 4000, "image": _png(), "bytes": b'{"on": 1}'}
+
+
+@pytest.mark.parametrize("key", KNOWN)
+def test_every_tokenizer_takes_its_declared_window_kind(key: str) -> None:
+    cfg = parse({"type": key, **REQUIRED.get(key, {})})
+    kind = type(cfg).window_kind
+    window = Payload(PAYLOADS[key], 1.0) if kind == "payload" else _sample(kind)
+    batch = build(cfg).tokenize([window, window])
+    assert batch.batch_size == 2 and batch.mask.any(axis=1).all()
+    assert batch.model_input().shape[:2] == batch.mask.shape
 
 
 def test_known_keys_are_unique_and_complete() -> None:

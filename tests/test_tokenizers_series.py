@@ -7,6 +7,10 @@ import math
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
 from edgetok.tokenizers import (
     MISSING_ID,
     NUM_SPECIAL,
@@ -19,9 +23,6 @@ from edgetok.tokenizers import (
     align,
 )
 from edgetok.tokenizers.normal import gaussian_breakpoints, norm_ppf
-from hypothesis import given, settings
-from hypothesis import strategies as st
-from hypothesis.extra import numpy as hnp
 
 RNG = np.random.default_rng(7)
 

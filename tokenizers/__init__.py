@@ -15,6 +15,7 @@ from edgetok.tokenizers.base import (
     TokenBatch,
     TokenizeError,
     Tokenizer,
+    WindowKind,
     concat,
 )
 from edgetok.tokenizers.image import ImageConfig
@@ -29,4 +30,5 @@ __all__ = ["KNOWN", "MISSING_ID", "NUM_SPECIAL", "PAD_ID", "REASONS", "ByteConfi
            "CategoricalConfig", "ImageConfig", "LabelWindow", "LocationConfig",
            "LocationWindow", "LogMelConfig", "Modality", "PatchConfig", "Payload",
            "QuantizeConfig", "SAXConfig", "SeriesWindow", "TokenBatch", "TokenizeError",
-           "Tokenizer", "TokenizerConfig", "align", "build", "concat", "geohash", "parse"]
+           "Tokenizer", "TokenizerConfig", "WindowKind", "align", "build", "concat", "geohash",
+           "parse"]

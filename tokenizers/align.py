@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+
 from edgetok.tokenizers.base import TokenizeError
 from edgetok.tokenizers.series import MAX_SERIES_SAMPLES
 

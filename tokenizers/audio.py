@@ -6,6 +6,8 @@ from collections.abc import Sequence
 from typing import ClassVar, Literal
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
 from edgetok.tokenizers.base import Modality, Payload, TokenBatch, TokenizeError, WindowKind
 from edgetok.tokenizers.mel import (
     apply_filters,
@@ -16,7 +18,6 @@ from edgetok.tokenizers.mel import (
     power_spectrum,
     sparse_filters,
 )
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 # Floor on mel power before the log (librosa's default amin): -100 dB for digital silence
 # instead of -inf.
@@ -151,7 +152,7 @@ class LogMelTokenizer:
         step = max(1, STFT_BLOCK_FRAMES // max(f, 1))
         for i in range(0, b, step):
             mel[i:i + step] = apply_filters(power_spectrum(frames[i:i + step], self.window),
-                                            self.bank)
+                                            self.bank, cfg.n_mels)
         np.maximum(mel, np.float32(AMIN), out=mel)
         db = np.log10(mel, out=mel)
         db *= np.float32(10.0)

@@ -7,9 +7,10 @@ from collections.abc import Sequence
 from typing import ClassVar, Literal
 
 import numpy as np
-from edgetok.tokenizers.base import Modality, Payload, TokenBatch, TokenizeError, WindowKind
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from edgetok.tokenizers.base import Modality, Payload, TokenBatch, TokenizeError, WindowKind
 
 # ImageNet channel statistics (torchvision's documented values): the usual normalisation of
 # pretrained ViT backbones.

@@ -6,6 +6,8 @@ from collections.abc import Sequence
 from typing import ClassVar, Literal
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
 from edgetok.tokenizers.base import (
     MISSING_ID,
     NUM_SPECIAL,
@@ -16,7 +18,6 @@ from edgetok.tokenizers.base import (
     TokenizeError,
     WindowKind,
 )
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 # The geohash base-32 alphabet (digits and lower-case letters without a, i, l, o).
 BASE32 = "0123456789bcdefghjkmnpqrstuvwxyz"

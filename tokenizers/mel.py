@@ -75,41 +75,50 @@ def power_spectrum(frames: np.ndarray, window: np.ndarray) -> np.ndarray:
 
 
 @dataclass(frozen=True, slots=True)
-class SparseFilters:
-    """A filterbank kept as its non-zero run per filter, applied without BLAS.
+class FilterGroup:
+    """Filters whose non-zero bin runs are disjoint and ascending: one reduceat applies all."""
 
-    A dense (bins x mels) matmul hands the work to multithreaded BLAS, whose spinning
-    worker threads compete with the FFT for the gateway's few cores; every triangle covers
-    only a few bins, so a gather, multiply and segment sum does the same work on one core.
+    weights: np.ndarray  # (bins,) float32: each bin's weight in the group's filter over it
+    starts: np.ndarray  # (n,) first non-zero bin of each filter, ascending
+    mels: np.ndarray  # (n,) which output band each filter fills
+
+
+def sparse_filters(dense: np.ndarray) -> tuple[FilterGroup, ...]:
+    """Split a (bins, mels) filterbank into groups of non-overlapping filters.
+
+    A dense matmul hands the work to multithreaded BLAS, whose spinning worker threads fight
+    the FFT for a gateway's few cores. Mel triangles only overlap their neighbours, so two
+    groups (even and odd bands) cover the bank, and each group is one multiply and one
+    segment sum on a single core. Filters with no non-zero bin are left out (output 0).
     """
-
-    cols: np.ndarray  # (nnz,) frequency bin of each non-zero weight, filter by filter
-    weights: np.ndarray  # (nnz,) float32
-    starts: np.ndarray  # (mels,) offset of each filter's run in cols
-    empty: np.ndarray  # (mels,) filters with no non-zero weight (reduceat cannot say so)
-
-
-def sparse_filters(dense: np.ndarray) -> SparseFilters:
-    """Compress a (bins, mels) filterbank into per-filter runs of non-zero weights."""
-    cols, weights, starts = [], [], []
+    runs = []
     for m in range(dense.shape[1]):
         nz = np.flatnonzero(dense[:, m])
-        starts.append(len(cols))
-        cols.extend(nz.tolist())
-        weights.extend(dense[nz, m].tolist())
-    empty = np.array([len(np.flatnonzero(dense[:, m])) == 0 for m in range(dense.shape[1])])
-    if not cols:  # degenerate bank: keep reduceat's indices valid
-        cols, weights = [0], [0.0]
-    last = len(cols) - 1
-    return SparseFilters(np.array(cols, np.int64), np.array(weights, np.float32),
-                         np.minimum(np.array(starts, np.int64), last), empty)
+        if nz.size:
+            runs.append((int(nz[0]), int(nz[-1]) + 1, m))
+    runs.sort()
+    groups: list[list[tuple[int, int, int]]] = []
+    for run in runs:
+        for g in groups:
+            if g[-1][1] <= run[0]:
+                g.append(run)
+                break
+        else:
+            groups.append([run])
+    out = []
+    for g in groups:
+        w = np.zeros(dense.shape[0], np.float32)
+        for lo, hi, m in g:
+            w[lo:hi] = dense[lo:hi, m]
+        out.append(FilterGroup(w, np.array([r[0] for r in g], np.int64),
+                               np.array([r[2] for r in g], np.int64)))
+    return tuple(out)
 
 
-def apply_filters(power: np.ndarray, bank: SparseFilters) -> np.ndarray:
-    """Mel energies (..., mels) of power spectra (..., bins)."""
-    prod = power[..., bank.cols]
-    prod *= bank.weights
-    out = np.add.reduceat(prod, bank.starts, axis=-1)
-    if bank.empty.any():
-        out[..., bank.empty] = 0.0
+def apply_filters(power: np.ndarray, bank: tuple[FilterGroup, ...], n_mels: int) -> np.ndarray:
+    """Mel energies (..., n_mels) of power spectra (..., bins)."""
+    out = np.zeros((*power.shape[:-1], n_mels), np.float32)
+    for g in bank:
+        # Bins between two runs carry weight 0, so each segment sums exactly one filter.
+        out[..., g.mels] = np.add.reduceat(power * g.weights, g.starts, axis=-1)
     return out

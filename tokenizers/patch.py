@@ -6,9 +6,10 @@ from collections.abc import Sequence
 from typing import ClassVar, Literal
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
 from edgetok.tokenizers.base import Modality, SeriesWindow, TokenBatch, TokenizeError, WindowKind
 from edgetok.tokenizers.series import check_series, stack_windows
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 # Keeps flat channels (a sensor at rest) from dividing by ~0 and exploding.
 NORM_EPS = 1e-5

@@ -6,6 +6,8 @@ from collections.abc import Sequence
 from typing import ClassVar, Literal
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
 from edgetok.tokenizers.base import (
     MISSING_ID,
     NUM_SPECIAL,
@@ -15,7 +17,6 @@ from edgetok.tokenizers.base import (
     WindowKind,
 )
 from edgetok.tokenizers.series import check_series, stack_windows
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 # Below this mean |x| the context is treated as all-zero and left unscaled (scale 1), as
 # Chronos does; otherwise a flat sensor at 0 would divide by ~0 and saturate every bin.

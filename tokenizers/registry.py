@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Annotated, Any
 
+from pydantic import Field, TypeAdapter
+
 from edgetok.tokenizers.audio import LogMelConfig
 from edgetok.tokenizers.base import Tokenizer
 from edgetok.tokenizers.image import ImageConfig
@@ -13,7 +15,6 @@ from edgetok.tokenizers.patch import PatchConfig
 from edgetok.tokenizers.quantize import QuantizeConfig
 from edgetok.tokenizers.sax import SAXConfig
 from edgetok.tokenizers.text import ByteConfig, CategoricalConfig
-from pydantic import Field, TypeAdapter
 
 # Every tokenizer config class. Add new ones here and to the union below.
 CONFIG_CLASSES = (PatchConfig, QuantizeConfig, SAXConfig, LogMelConfig, ImageConfig, ByteConfig,

@@ -7,6 +7,8 @@ from functools import lru_cache
 from typing import ClassVar, Literal
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
 from edgetok.tokenizers.base import (
     MISSING_ID,
     NUM_SPECIAL,
@@ -18,7 +20,6 @@ from edgetok.tokenizers.base import (
 )
 from edgetok.tokenizers.normal import gaussian_breakpoints
 from edgetok.tokenizers.series import check_series, stack_windows
-from pydantic import BaseModel, ConfigDict, Field
 
 # A channel whose standard deviation is below this is flat: it is centred but not scaled,
 # the same threshold aeon uses, so noise on a constant signal does not become symbols.

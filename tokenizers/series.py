@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from typing import Literal
 
 import numpy as np
+
 from edgetok.tokenizers.base import SeriesWindow, TokenizeError
 
 NanPolicy = Literal["mask", "reject"]

@@ -6,6 +6,8 @@ from collections.abc import Sequence
 from typing import ClassVar, Literal
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
 from edgetok.tokenizers.base import (
     MISSING_ID,
     NUM_SPECIAL,
@@ -17,7 +19,6 @@ from edgetok.tokenizers.base import (
     TokenizeError,
     WindowKind,
 )
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 # Categorical ids: PAD, MISSING, then UNKNOWN for states outside the declared vocabulary.
 UNKNOWN_ID = NUM_SPECIAL

@@ -34,8 +34,9 @@ log = logging.getLogger(__name__)
 
 # Above this utilisation the M/M/1 wait explodes; we cap it there and call the server full.
 MAX_UTILISATION = 0.95
-# Smallest sample count before a variance estimate is trusted for the gain back-off.
-MIN_GAIN_SAMPLES = 3
+# Passes of step() that re-solve gateways whose cell-mates started or stopped transmitting;
+# more passes settle a crowded cell within one round at the cost of more solves.
+MAX_SHARE_PASSES = 3
 
 
 class ControllerConfig(Strict):
@@ -67,6 +68,9 @@ class ControllerConfig(Strict):
     latency_margin: float = Field(
         0.1, ge=0, lt=1, description="Fraction of the deadline held back when planning, for "
         "estimation error: fewer missed deadlines, a little more energy.")
+    gain_prior_sigma_db: float = Field(
+        6.0, ge=0, description="Uncertainty of the gain (dB) before a gateway has reported "
+        "any throughput: a newcomer is planned this conservatively at first.")
     gain_backoff_sigma: float = Field(
         2.0, ge=0, description="Plan against the gain this many standard deviations (of the "
         "smoothed log-gain) below its mean: robustness to fading, at some efficiency.")
@@ -105,14 +109,15 @@ class Ewma:
     count: int = 0
 
     def update(self, x: float, alpha_down: float | None = None) -> None:
-        """Fold in a sample; `alpha_down`, if given, is the weight of a sample below the mean."""
+        """Fold in a sample; `alpha_down`, if given, weighs a sample below the mean in the mean
+        (the variance always uses `alpha`, so a quick step down does not erase it)."""
         if self.count == 0:
-            self.mean, self.var = x, 0.0
+            self.mean = x
         else:
             d = x - self.mean
             a = alpha_down if alpha_down is not None and d < 0 else self.alpha
             self.mean += a * d
-            self.var = (1 - a) * (self.var + a * d * d)
+            self.var = (1 - self.alpha) * (self.var + self.alpha * d * d)
         self.count += 1
 
     def value(self, default: float) -> float:
@@ -138,6 +143,7 @@ class GatewayState:
     decision: Decision | None = None
     seq: int = 0
     solved_ts: float = -math.inf
+    solve_s: float = 0.0
     planned: tuple[float, ...] = field(default_factory=tuple)
     last_seen: float = -math.inf
 
@@ -161,6 +167,8 @@ class OnlineController:
         self.server_queue = Ewma(config.ewma_alpha)
         self.gateways: dict[str, GatewayState] = {}
         self._head_cycles = {o.variant: o.c_head for o in self.table.options if o.c_head > 0}
+        self.solves = 0
+        self.solve_seconds = 0.0  # wall time inside decide() when it solved: for metrics
 
     def _environment(self, gain: float, bandwidth: float, scale: float, wait_s: float,
                      deadline_s: float) -> Environment:
@@ -177,7 +185,8 @@ class OnlineController:
         st = self.gateways.get(gateway)
         if st is None:
             a = self.config.ewma_alpha
-            st = self.gateways[gateway] = GatewayState(Ewma(a), Ewma(a), Ewma(a))
+            prior = (self.config.gain_prior_sigma_db * math.log(10) / 10) ** 2
+            st = self.gateways[gateway] = GatewayState(Ewma(a, var=prior), Ewma(a), Ewma(a))
         return st
 
     def _cell(self, gateway: str) -> str:
@@ -250,11 +259,8 @@ class OnlineController:
 
     def _gain(self, st: GatewayState, now: float) -> float:
         nominal = math.log(self.config.link.gain)
-        if st.log_gain.count == 0:
-            return self.config.link.gain
-        mean = st.log_gain.mean
-        if st.log_gain.count >= MIN_GAIN_SAMPLES:
-            mean -= self.config.gain_backoff_sigma * math.sqrt(st.log_gain.var)
+        mean = st.log_gain.value(nominal)
+        mean -= self.config.gain_backoff_sigma * math.sqrt(st.log_gain.var)
         age = now - st.last_gain_ts - self.config.stale_after_s
         if age > 0:
             w = min(age / self.config.stale_after_s, 1.0)
@@ -317,6 +323,7 @@ class OnlineController:
 
     def decide(self, gateway: str, now: float, force: bool = False) -> Decision | None:
         """Re-solve for one gateway if due; a new Decision when it changed, else None."""
+        started = time.perf_counter()
         st = self._state(gateway)
         env, queue = self.environment(gateway, now)
         reason = self._due(st, env, queue, now) or ("forced" if force else "")
@@ -331,6 +338,9 @@ class OnlineController:
                 and sol.energy[cur] <= sol.energy[best] * (1 + self.config.switch_energy_frac)):
             best = cur  # not worth a variant swap
         st.solved_ts = now
+        st.solve_s = time.perf_counter() - started
+        self.solves += 1
+        self.solve_seconds += st.solve_s
         st.planned = (env.gain, env.compute_scale, float(queue.max()) + 1e-6,
                       env.bandwidth_hz, env.deadline_s, st.energy_queue_mj + 1.0)
         # Feasible against the real deadline: the margin is for planning only.
@@ -363,13 +373,27 @@ class OnlineController:
                 or abs(p - d.tx_power_w) > tol * max(d.tx_power_w, 1e-3 * self.config.link.p_max_w))
 
     def step(self, now: float) -> list[Decision]:
-        """Re-solve every gateway that is due; the decisions that changed."""
-        out = []
-        for gw in list(self.gateways):
-            d = self.decide(gw, now)
-            if d is not None:
-                out.append(d)
-        return out
+        """Re-solve every gateway that is due; the decisions that changed (latest per gateway).
+
+        A gateway that starts or stops transmitting changes its cell-mates' bandwidth share,
+        so their plans are re-checked in the same round instead of a round late.
+        """
+        out: dict[str, Decision] = {}
+        todo, force = list(self.gateways), False
+        for _ in range(MAX_SHARE_PASSES):
+            changed: set[str] = set()
+            for gw in todo:
+                before = self._transmitting(gw)
+                d = self.decide(gw, now, force=force)
+                if d is not None:
+                    out[gw] = d
+                    if self._transmitting(gw) != before:
+                        changed.add(self._cell(gw))
+            if not changed or self.config.bandwidth_sharing == "none":
+                break
+            todo = [g for g in self.gateways if self._cell(g) in changed]
+            force = True
+        return list(out.values())
 
     def current(self, gateway: str) -> Decision | None:
         """The gateway's latest decision, if any."""

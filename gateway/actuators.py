@@ -1,0 +1,142 @@
+"""Actuators for the coordinator's CPU frequency and transmit power, real or emulated.
+
+Real: cpufreq sysfs (scaling_max_freq, or scaling_setspeed under the userspace governor) and
+`iw dev IF set txpower fixed`. Where those are missing (containers, wired test hosts) the
+emulated mode scales head compute with a cgroup v2 CPU quota and turns transmit power into an
+uplink rate with `tc` tbf, through the same rate model the coordinator uses.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+
+from edgetok.settings import Strict
+
+log = logging.getLogger(__name__)
+
+CPUFREQ = Path("/sys/devices/system/cpu")
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+# cpu.max period: 100 ms is the kernel default and keeps quota rounding under 1%.
+CPU_PERIOD_US = 100_000
+
+Mode = Literal["auto", "real", "emulated", "off"]
+
+
+class ActuatorSettings(Strict):
+    """How decisions on CPU clock and transmit power reach the hardware."""
+
+    cpu_mode: Mode = Field("auto", description="auto: real cpufreq if writable, else an "
+                           "emulated cgroup quota if `cgroup` is set, else off.")
+    cgroup: Path | None = Field(None, description="cgroup v2 directory whose cpu.max the "
+                                "emulated mode writes (the gateway must run inside it).")
+    nominal_hz: float = Field(2.0e9, gt=0, description="Clock the emulated quota treats as "
+                              "one full core.")
+    tx_mode: Mode = Field("auto", description="auto: iw on a wireless `interface`, else tc tbf "
+                          "on `interface` if set, else off.")
+    interface: str | None = Field(None, description="Uplink network interface.")
+    bandwidth_hz: float = Field(20e6, gt=0, description="Emulated channel bandwidth B (Hz).")
+    gain: float = Field(1e-7, gt=0, description="Emulated channel gain g.")
+    noise_w_per_hz: float = Field(4e-21, gt=0, description="Emulated noise density N0.")
+
+
+def rate_bps(p_w: float, s: ActuatorSettings) -> float:
+    """Shannon rate r(p) = B log2(1 + p g / (N0 B)) of the emulated channel."""
+    return s.bandwidth_hz * math.log2(1 + p_w * s.gain / (s.noise_w_per_hz * s.bandwidth_hz))
+
+
+def _writable(p: Path) -> bool:
+    return p.is_file() and os.access(p, os.W_OK)
+
+
+class Actuators:
+    """Applies (cpu_hz, tx_power_w) and reports which mode each actuator is in."""
+
+    def __init__(self, s: ActuatorSettings) -> None:
+        self.s = s
+        self.cpu_hz: float | None = None
+        self.tx_power_w: float | None = None
+        self.errors: list[str] = []
+        self.cpu_mode = self._pick_cpu()
+        self.tx_mode = self._pick_tx()
+
+    def _cpu_files(self) -> list[Path]:
+        return sorted(CPUFREQ.glob("cpu[0-9]*/cpufreq/scaling_max_freq"))
+
+    def _pick_cpu(self) -> str:
+        want = self.s.cpu_mode
+        real_ok = bool(self._cpu_files()) and all(_writable(f) for f in self._cpu_files())
+        emu_ok = self.s.cgroup is not None and _writable(self.s.cgroup / "cpu.max")
+        if want in ("auto", "real") and real_ok:
+            return "real"
+        if want in ("auto", "emulated") and emu_ok:
+            return "emulated"
+        if want not in ("auto", "off"):
+            self.errors.append(f"cpu actuator mode {want!r} is not possible here")
+        return "off"
+
+    def _pick_tx(self) -> str:
+        want, iface = self.s.tx_mode, self.s.interface
+        if iface is None or want == "off":
+            return "off"
+        wireless = Path(f"/sys/class/net/{iface}/wireless").exists() and shutil.which("iw")
+        if want in ("auto", "real") and wireless:
+            return "real"
+        if want in ("auto", "emulated") and shutil.which("tc") and \
+                Path(f"/sys/class/net/{iface}").exists():
+            return "emulated"
+        self.errors.append(f"tx actuator mode {want!r} is not possible on {iface}")
+        return "off"
+
+    def apply(self, cpu_hz: float, tx_power_w: float) -> None:
+        """Best effort: failures are recorded and reported, never raised."""
+        if cpu_hz != self.cpu_hz:
+            self._set_cpu(cpu_hz)
+        if tx_power_w > 0 and tx_power_w != self.tx_power_w:
+            self._set_tx(tx_power_w)
+
+    def _set_cpu(self, hz: float) -> None:
+        try:
+            if self.cpu_mode == "real":
+                for f in self._cpu_files():
+                    f.write_text(str(int(hz / 1000)))  # sysfs takes kHz
+            elif self.cpu_mode == "emulated" and self.s.cgroup is not None:
+                share = min(max(hz / self.s.nominal_hz, 0.01), 64.0)
+                (self.s.cgroup / "cpu.max").write_text(
+                    f"{int(share * CPU_PERIOD_US)} {CPU_PERIOD_US}")
+            self.cpu_hz = hz
+        except OSError as exc:
+            self.errors.append(f"cpu: {exc}")
+            log.warning("cannot set CPU clock: %s", exc)
+
+    def _set_tx(self, p_w: float) -> None:
+        iface = self.s.interface
+        if iface is None or self.tx_mode == "off":
+            self.tx_power_w = p_w
+            return
+        if self.tx_mode == "real":
+            mbm = round(10 * math.log10(p_w * 1000) * 100)
+            cmd = ["iw", "dev", iface, "set", "txpower", "fixed", str(mbm)]
+        else:
+            kbit = max(int(rate_bps(p_w, self.s) / 1000), 8)
+            cmd = ["tc", "qdisc", "replace", "dev", iface, "root", "tbf", "rate",
+                   f"{kbit}kbit", "burst", "32kbit", "latency", "400ms"]
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=5)
+        if out.returncode != 0:
+            self.errors.append(f"tx: {' '.join(cmd)}: {out.stderr.strip()}")
+            log.warning("cannot set transmit power: %s", out.stderr.strip())
+            return
+        self.tx_power_w = p_w
+
+    def status(self) -> dict[str, object]:
+        return {"cpu": {"mode": self.cpu_mode, "hz": self.cpu_hz},
+                "tx": {"mode": self.tx_mode, "power_w": self.tx_power_w,
+                       "interface": self.s.interface},
+                "errors": self.errors[-5:]}

@@ -1,0 +1,118 @@
+"""Gateway side of the control plane: apply the coordinator's decisions, report telemetry."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import statistics
+import time
+from collections import deque
+from typing import TYPE_CHECKING
+
+from edgetok.control import ControlError, Decision, Telemetry, decode_decision, encode_telemetry
+from edgetok.gateway.actuators import Actuators
+from edgetok.gateway.inference import Decision as Running
+from edgetok.models.bundle import BundleError
+
+if TYPE_CHECKING:
+    from edgetok.gateway.daemon import Gateway
+    from edgetok.gateway.models import Result
+
+log = logging.getLogger(__name__)
+
+# Results kept for telemetry statistics: enough for a stable median at a few windows/s.
+RECENT = 256
+
+
+class ControlPlane:
+    """Decisions in, telemetry out, and what was predicted versus measured."""
+
+    def __init__(self, gw: Gateway, actuators: Actuators) -> None:
+        self.gw = gw
+        self.actuators = actuators
+        self.last: Decision | None = None
+        self.rejected = 0
+        self.recent: deque[Result] = deque(maxlen=RECENT)
+        self._bytes_mark = 0
+        self._uplink_s = 0.0
+        self._done_mark = 0
+        self._t_mark = time.monotonic()
+
+    def on_result(self, r: Result) -> None:
+        self.recent.append(r)
+        if r.where in ("split", "server"):
+            self._uplink_s += r.latency_ms.uplink / 1000
+
+    async def on_control(self, payload: bytes) -> None:
+        """Validate and apply a decision between windows; bad ones are logged and counted."""
+        gw = self.gw
+        try:
+            d = decode_decision(payload)
+            if d.gateway != gw.cfg.id:
+                raise ControlError(f"decision is for gateway {d.gateway!r}")
+            if d.bundle != gw.manifest.bundle_id:
+                raise ControlError(f"decision names bundle {d.bundle}, loaded is "
+                                   f"{gw.manifest.bundle_id}")
+            gw.manifest.variant(d.variant)
+        except (ControlError, BundleError) as exc:
+            self.rejected += 1
+            log.warning("ignoring control message: %s", exc)
+            return
+        if not d.supersedes(self.last):
+            return
+        # Warm the sessions first, so the swap itself costs the next window nothing.
+        loop = asyncio.get_running_loop()
+        v = gw.manifest.variant(d.variant)
+        parts = ["head"] if v.head else []
+        if v.split == gw.manifest.num_layers and v.tail:
+            parts.append("tail")  # on-device variants run their own tail
+        for part in parts:
+            await loop.run_in_executor(gw.inferencer.executor, gw.runtime.session,
+                                       d.variant, part)
+        self.actuators.apply(d.cpu_hz, d.tx_power_w)
+        self.last = d
+        gw.inferencer.decision = Running(
+            d.variant, d.precision, seq=d.seq, source=f"coordinator:{d.policy}",
+            extra={"predicted_latency_ms": d.latency_ms, "predicted_energy_mj": d.energy_mj,
+                   "feasible": d.feasible, "cpu_hz": d.cpu_hz, "tx_power_w": d.tx_power_w})
+        log.info("decision #%d: %s %s (cpu %.2f GHz, tx %.3f W, predicted %.1f ms)", d.seq,
+                 d.variant, d.precision, d.cpu_hz / 1e9, d.tx_power_w, d.latency_ms)
+
+    def measured(self) -> dict[str, float | None]:
+        """Mean measured latency over recent results, for predicted-versus-measured."""
+        if not self.recent:
+            return {"latency_ms": None}
+        return {"latency_ms": round(statistics.fmean(r.latency_ms.total for r in self.recent),
+                                    3)}
+
+    def telemetry(self) -> Telemetry:
+        """One telemetry report covering the time since the previous one."""
+        gw = self.gw
+        up = gw.inferencer.uplink
+        now = time.monotonic()
+        sent = up.bytes_sent - self._bytes_mark
+        bps = sent * 8 / self._uplink_s if sent and self._uplink_s > 0 else None
+        done = gw.counters["results"]
+        rate = (done - self._done_mark) / max(now - self._t_mark, 1e-3)
+        self._bytes_mark, self._uplink_s = up.bytes_sent, 0.0
+        self._done_mark, self._t_mark = done, now
+        return Telemetry(
+            gateway=gw.cfg.id, ts=time.time(), uplink_bps=bps,
+            tx_power_w=self.actuators.tx_power_w, cpu_hz=self.actuators.cpu_hz,
+            head_ms={k: round(v, 3) for k, v in gw.inferencer.head_ms.items()},
+            queue_depth=len(gw.inflight), windows_per_s=round(rate, 4), windows_done=done,
+            latency_ms=self.measured()["latency_ms"],
+            deadline_ms=min(s.deadline_ms for s in gw.cfg.streams),
+            applied_seq=self.last.seq if self.last else None, bundle=gw.manifest.bundle_id)
+
+    async def run(self) -> None:
+        """Publish telemetry every interval (QoS 0: a lost report is superseded anyway)."""
+        while True:
+            await asyncio.sleep(self.gw.cfg.telemetry_interval_s)
+            await self.gw.session.publish(self.gw.topics.telemetry,
+                                          encode_telemetry(self.telemetry()), qos=0, wait_s=0)
+
+    def status(self) -> dict[str, object]:
+        d = self.last
+        return {"decision": d.model_dump() if d else None, "rejected": self.rejected,
+                "measured": self.measured(), "actuators": self.actuators.status()}
