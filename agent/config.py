@@ -7,6 +7,7 @@ from typing import Any
 
 from pydantic import Field, field_validator
 
+from edgetok.agent.coordinator.online import ControllerConfig
 from edgetok.settings import MqttSettings, Strict, load_toml, read_secret
 
 
@@ -37,8 +38,9 @@ class ServerConfig(Strict):
     max_sessions: int = Field(32, ge=1, description="Open ONNX sessions kept per bundle.")
     http: ServerHttp = Field(default_factory=lambda: ServerHttp(),
                              description="HTTP API.")
-    coordinator: dict[str, Any] | None = Field(
-        None, description="Coordinator settings; omit to run the tail service alone.")
+    coordinator: ControllerConfig | None = Field(
+        None, description="Coordinator settings; omit to run the tail service alone. Enable it "
+        "on exactly one server per broker: every coordinator publishes decisions.")
 
     _abs = field_validator("bundles")(_resolve)
 

@@ -13,18 +13,22 @@ import numpy as np
 
 from edgetok import __version__
 from edgetok.agent.config import ServerConfig
+from edgetok.agent.coordinator.online import OnlineController
 from edgetok.agent.http import serve_http
+from edgetok.control import ControlError, decode_telemetry, encode_decision
 from edgetok.frames import FrameError, TailReply, decode_frame
 from edgetok.models.bundle import BundleError
 from edgetok.models.runtime import Runtime
 from edgetok.mqttlink import InMessage, MqttSession
-from edgetok.topics import Topics, uplink_share_filter
+from edgetok.topics import Topics, telemetry_filter, uplink_share_filter
 
 log = logging.getLogger(__name__)
 
 # Frames queued for the tail workers; when full, the MQTT pump waits, so the broker holds
 # the backlog instead of this process.
 QUEUE_DEPTH = 256
+# How often the coordinator checks whether any gateway's decision is due.
+COORDINATOR_TICK_S = 0.5
 
 
 class TailServer:
@@ -36,18 +40,51 @@ class TailServer:
         for path in cfg.bundles:
             rt = Runtime(path, threads=cfg.threads, max_sessions=cfg.max_sessions)
             self.runtimes[rt.manifest.bundle_id] = rt
-        self.queue: asyncio.Queue[InMessage] = asyncio.Queue(maxsize=QUEUE_DEPTH)
+        self.queue: asyncio.Queue[tuple[InMessage, float]] = asyncio.Queue(maxsize=QUEUE_DEPTH)
         self.executor = ThreadPoolExecutor(max_workers=cfg.workers, thread_name_prefix="tail")
         self.stopping = asyncio.Event()
         self.counters = {"frames": 0, "replies": 0, "expired": 0, "errors": 0}
         self.busy_s = 0.0
         self.started = time.time()
+        self.controller: OnlineController | None = None
+        subs = [uplink_share_filter(cfg.mqtt.prefix, cfg.group)]
+        if cfg.coordinator is not None:
+            manifest = next(iter(self.runtimes.values())).manifest
+            self.controller = OnlineController(cfg.coordinator, manifest)
+            self.coordinated_bundle = manifest.bundle_id
+            subs.append(telemetry_filter(cfg.mqtt.prefix))
+        self.telemetry_rejected = 0
         self.session = MqttSession(
             cfg.mqtt, cfg.mqtt.client_id or f"edgetok-srv-{cfg.id}",
-            password=cfg.mqtt_password(),
-            subscriptions=[uplink_share_filter(cfg.mqtt.prefix, cfg.group)],
-            manual_ack=False, on_message=self.queue.put)
+            password=cfg.mqtt_password(), subscriptions=subs, manual_ack=False,
+            on_message=self._route)
         self.http_port = cfg.http.port
+        self.queue_wait_ms: float | None = None
+        self.decisions = 0
+
+    async def _route(self, msg: InMessage) -> None:
+        if self.controller is not None and msg.topic.endswith("/telemetry"):
+            try:
+                self.controller.observe(decode_telemetry(msg.payload), time.time())
+            except ControlError as exc:
+                self.telemetry_rejected += 1
+                log.warning("ignoring telemetry on %s: %s", msg.topic, exc)
+            return
+        await self.queue.put((msg, time.monotonic()))
+
+    async def _coordinate(self) -> None:
+        """Re-solve every gateway that is due and publish changed decisions, retained."""
+        assert self.controller is not None
+        while True:
+            await asyncio.sleep(COORDINATOR_TICK_S)
+            if self.queue_wait_ms is not None:
+                self.controller.observe_server(self.queue_wait_ms)
+            for d in self.controller.step(time.time()):
+                topic = Topics(self.cfg.mqtt.prefix, d.gateway).control
+                d = d.model_copy(update={"bundle": self.coordinated_bundle})
+                if await self.session.publish(topic, encode_decision(d), qos=1, retain=True,
+                                              wait_s=1.0):
+                    self.decisions += 1
 
     def _tail(self, rt: Runtime, variant: str, feats: np.ndarray) -> tuple[np.ndarray, float]:
         t0 = time.perf_counter()
@@ -93,7 +130,10 @@ class TailServer:
 
     async def _worker(self) -> None:
         while True:
-            msg = await self.queue.get()
+            msg, t_in = await self.queue.get()
+            wait = (time.monotonic() - t_in) * 1000
+            self.queue_wait_ms = wait if self.queue_wait_ms is None else (
+                0.8 * self.queue_wait_ms + 0.2 * wait)
             try:
                 await self._handle(msg)
             except Exception:  # a bad frame must not kill the worker
@@ -108,13 +148,20 @@ class TailServer:
             "mqtt": {"connected": self.session.connected.is_set(),
                      "connects": self.session.connects},
             "counters": self.counters, "busy_s": round(self.busy_s, 3),
-            "queue_depth": self.queue.qsize()}
+            "queue_depth": self.queue.qsize(),
+            "queue_wait_ms": None if self.queue_wait_ms is None else round(self.queue_wait_ms, 3),
+            "coordinator": None if self.controller is None else {
+                "policy": self.controller.config.policy, "decisions": self.decisions,
+                "telemetry_rejected": self.telemetry_rejected,
+                **self.controller.snapshot(time.time())}}
 
     async def run(self) -> None:
         """Serve until `stopping` is set."""
         async with asyncio.TaskGroup() as tg:
             mqtt_task = tg.create_task(self.session.run())
             workers = [tg.create_task(self._worker()) for _ in range(self.cfg.workers)]
+            if self.controller is not None:
+                workers.append(tg.create_task(self._coordinate()))
             runner = await serve_http(self)
             await self.stopping.wait()
             for w in workers:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from edgetok.agent.coordinator.model import (
     Environment,
     OptionTable,
@@ -30,9 +31,8 @@ from edgetok.agent.coordinator.model import (
 )
 from edgetok.agent.coordinator.online import MAX_UTILISATION, ControllerConfig, OnlineController
 from edgetok.agent.coordinator.solver import TIE_ATOL, grid_options, rank, solve_options
-from edgetok.models.bundle import Manifest, read_manifest
-
 from edgetok.control import POLICY_NAMES, Telemetry
+from edgetok.models.bundle import Manifest, read_manifest
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "bench" / "out"
@@ -242,7 +242,8 @@ def goals(per_policy: dict[str, dict[str, Any]]) -> dict[str, Any]:
         "joint_hit_rate_ge_best_baseline": joint["hit_rate"] >= best_hit - 1e-12,
         "best_baseline_hit_rate": best_hit,
         "joint_accuracy_within_1pt": (not same) or joint["mean_accuracy"] >= max(same) - 0.01,
-        "solve_under_1ms": all(v["solve_ms"]["cpu_mean_per_round"] < 1.0 for v in per_policy.values()),
+        "solve_under_1ms": all(v["solve_ms"]["cpu_mean_per_round"] < 1.0
+                               for v in per_policy.values()),
         "gap_zero": all(v["gap"]["max_distortion_gap"] <= TIE_ATOL
                         and v["gap"]["max_energy_gap_rel"] <= 1e-9
                         and v["gap"]["grid_feasible_solver_not"] == 0
@@ -313,7 +314,7 @@ def main() -> int:
                               "windows_per_s": WINDOWS_PER_S, "server_workers": SERVER_WORKERS,
                               "traces": {}}
     for trace in traces(args.seed):
-        per = {p: run_policy(trace, p, manifest, deadline, args.objective, args.seed)
+        per: dict[str, dict[str, Any]] = {p: run_policy(trace, p, manifest, deadline, args.objective, args.seed)
                for p in POLICY_NAMES}
         plot(trace, per, deadline, args.out / f"coordinator_{trace.name}.png")
         result["traces"][trace.name] = {"goals": goals(per), "policies": {
@@ -328,7 +329,8 @@ def main() -> int:
         for p, r in tr["policies"].items():
             print(f"| {name} | {p} | {r['hit_rate']:.3f} | {r['mean_energy_mj']:.4f} | "
                   f"{r['mean_accuracy']:.4f} | {r['decisions']} | {r['solve_ms']['mean']:.3f}/"
-                  f"{r['solve_ms']['p99']:.3f} ({r['solve_ms']['cpu_mean_per_round']:.3f} cpu) | {r['gap']['max_distortion_gap']:.2g} / "
+                  f"{r['solve_ms']['p99']:.3f} ({r['solve_ms']['cpu_mean_per_round']:.3f} cpu) | "
+                  f"{r['gap']['max_distortion_gap']:.2g} / "
                   f"{r['gap']['max_energy_gap_rel']:.2g} |")
         print(f"goals {name}: {tr['goals']}")
     return 0

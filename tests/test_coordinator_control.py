@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from edgetok.agent.coordinator.synthetic import synthetic_manifest
 
+from edgetok.agent.coordinator.synthetic import synthetic_manifest
 from edgetok.control import (
     ControlError,
     Decision,

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Any
 
 import numpy as np
 import pytest
+from pydantic import ValidationError
+
 from edgetok.agent.coordinator.model import gain_from_rate, rate_bps
 from edgetok.agent.coordinator.online import ControllerConfig, OnlineController
 from edgetok.agent.coordinator.synthetic import synthetic_manifest
-from pydantic import ValidationError
-
 from edgetok.control import Decision, Telemetry
 
 B = 20e6
@@ -102,7 +103,7 @@ def test_noise_does_not_make_it_flap() -> None:
     ctl = OnlineController(config(), MANIFEST)
     decisions = Sim(ctl, noise=0.15, seed=3).run("gw1", range(200), gain(5e6))
     variants = [(d.variant, d.precision) for d in decisions]
-    swaps = sum(a != b for a, b in zip(variants, variants[1:], strict=False))
+    swaps = sum(a != b for a, b in itertools.pairwise(variants))
     assert swaps <= 2
 
 

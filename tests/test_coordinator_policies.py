@@ -6,13 +6,13 @@ import math
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from edgetok.agent.coordinator.model import Environment, gain_from_rate, options_from_manifest
 from edgetok.agent.coordinator.policies import PolicyError, make_policy
 from edgetok.agent.coordinator.solver import TIE_ATOL, rank, solve_options
 from edgetok.agent.coordinator.synthetic import synthetic_manifest
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
 from edgetok.control import POLICY_NAMES
 
 TABLE = options_from_manifest(synthetic_manifest(num_layers=4, ratios=(0.0, 0.25, 0.5),

@@ -6,6 +6,9 @@ import math
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
 from edgetok.agent.coordinator.model import (
     Environment,
     ModelError,
@@ -26,8 +29,6 @@ from edgetok.agent.coordinator.solver import (
     solve_options,
 )
 from edgetok.agent.coordinator.synthetic import synthetic_manifest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 GRID = 120
 RTOL = 1e-9

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+
 from edgetok.agent.coordinator.model import options_from_manifest
 from edgetok.agent.coordinator.plan import EXIT_INFEASIBLE, EXIT_OK, EXIT_USAGE, main
 from edgetok.agent.coordinator.synthetic import synthetic_manifest

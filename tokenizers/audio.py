@@ -146,9 +146,17 @@ class LogMelTokenizer:
     def log_mel(self, y: np.ndarray) -> np.ndarray:
         """dB mel spectrogram (B, frames, n_mels) of float32 signals (B, samples)."""
         cfg = self.config
-        frames = frame_signal(np.asarray(y, np.float32), cfg.n_fft, cfg.hop_length, cfg.center)
+        y = np.asarray(y, np.float32)
+        if cfg.center:
+            y = np.pad(y, ((0, 0), (cfg.n_fft // 2, cfg.n_fft // 2)))
+        return self._log_mel_padded(y)
+
+    def _log_mel_padded(self, y: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """log_mel of signals that already carry their centre padding (if any), into out."""
+        cfg = self.config
+        frames = frame_signal(y, cfg.n_fft, cfg.hop_length, center=False)
         b, f = frames.shape[:2]
-        mel = np.empty((b, f, cfg.n_mels), np.float32)
+        mel = np.empty((b, f, cfg.n_mels), np.float32) if out is None else out
         step = max(1, STFT_BLOCK_FRAMES // max(f, 1))
         for i in range(0, b, step):
             mel[i:i + step] = apply_filters(power_spectrum(frames[i:i + step], self.window),
@@ -158,7 +166,7 @@ class LogMelTokenizer:
         db *= np.float32(10.0)
         if cfg.top_db is not None:
             floor = db.max(axis=(1, 2), keepdims=True) - np.float32(cfg.top_db)
-            db = np.maximum(db, floor)
+            np.maximum(db, floor, out=db)
         return db
 
     def tokenize(self, windows: Sequence[Payload | bytes]) -> TokenBatch:
@@ -167,7 +175,9 @@ class LogMelTokenizer:
         if not windows:
             raise TokenizeError("empty", "no clips to tokenize")
         b = len(windows)
-        y = np.zeros((b, cfg.clip_samples), np.float32)
+        # Decode straight into the centre-padded buffer: no second copy for the padding.
+        lead = cfg.n_fft // 2 if cfg.center else 0
+        y = np.zeros((b, cfg.clip_samples + 2 * lead), np.float32)
         lengths = np.empty(b, np.int64)
         stamps = np.empty(b, np.float64)
         bad: np.ndarray | None = None
@@ -183,8 +193,13 @@ class LogMelTokenizer:
                     bad = np.zeros((b, cfg.clip_samples), bool)
                 bad[i, :mono.size] = ~finite
                 mono = np.where(finite, mono, np.float32(0.0))
-            y[i, :mono.size] = np.clip(mono, -FLOAT_PCM_LIMIT, FLOAT_PCM_LIMIT)
-        db = self.log_mel(y)
+            if cfg.sample_format == "float32":
+                mono = np.clip(mono, -FLOAT_PCM_LIMIT, FLOAT_PCM_LIMIT)
+            y[i, lead:lead + mono.size] = mono
+        n = cfg.num_tokens()
+        # Frames go straight into the token buffer; the tail past the last frame stays 0.
+        grid = np.zeros((b, n * cfg.patch_frames, cfg.n_mels), np.float32)
+        db = self._log_mel_padded(y, out=grid[:, :cfg.frames])
         starts = np.arange(cfg.frames) * cfg.hop_length - (cfg.n_fft // 2 if cfg.center else 0)
         # A frame is real data while its centre is within the clip (the last centred frame
         # of a full clip sits on the end, half of it padding, as in librosa).
@@ -195,23 +210,26 @@ class LogMelTokenizer:
         if not valid.any(axis=1).all():
             raise TokenizeError("empty", "a clip has no usable frame",
                                 int(np.flatnonzero(~valid.any(axis=1))[0]))
+        all_valid = bool(valid.all())
+        if not all_valid:
+            db[~valid] = 0.0  # statistics over real frames only; padding stays exactly 0
         aux: dict[str, np.ndarray] = {}
         if cfg.normalize:
-            w = valid[..., None].astype(np.float32)
-            cnt = valid.sum(axis=1).astype(np.float32) * cfg.n_mels  # values per clip
-            loc = (db * w).sum(axis=(1, 2)) / cnt
-            dev = (db - loc[:, None, None]) * w
-            scale = np.sqrt((dev * dev).sum(axis=(1, 2)) / cnt + NORM_EPS)
-            db = (db - loc[:, None, None]) / scale[:, None, None]
+            # In place, no (B, F, M) temporaries: centre, re-zero the padding, then the
+            # sum of squares of centred values (no cancellation even in float32).
+            cnt = valid.sum(axis=1) * float(cfg.n_mels)
+            loc = db.sum(axis=(1, 2), dtype=np.float64) / cnt
+            db -= loc.astype(np.float32)[:, None, None]
+            if not all_valid:
+                db[~valid] = 0.0
+            var = np.einsum("bfm,bfm->b", db, db).astype(np.float64) / cnt
+            scale = np.sqrt(var + NORM_EPS)
+            db *= (1.0 / scale).astype(np.float32)[:, None, None]
             aux = {"loc": loc.astype(np.float32), "scale": scale.astype(np.float32)}
-        db = np.where(valid[..., None], db, np.float32(0.0))
-        n = cfg.num_tokens()
-        pad = n * cfg.patch_frames - cfg.frames
-        if pad:
-            db = np.concatenate([db, np.zeros((b, pad, cfg.n_mels), np.float32)], axis=1)
-            valid = np.concatenate([valid, np.zeros((b, pad), bool)], axis=1)
-        vectors = db.reshape(b, n, cfg.patch_frames * cfg.n_mels).astype(np.float32, copy=False)
-        mask = valid.reshape(b, n, cfg.patch_frames).any(axis=2)
+        frames_ok = np.zeros((b, n * cfg.patch_frames), bool)
+        frames_ok[:, :cfg.frames] = valid
+        vectors = grid.reshape(b, n, cfg.patch_frames * cfg.n_mels)
+        mask = frames_ok.reshape(b, n, cfg.patch_frames).any(axis=2)
         ts = stamps[:, None] + self.frame_offsets[::cfg.patch_frames][None, :n]
         modality = np.full(mask.shape, Modality.AUDIO, np.int16)
-        return TokenBatch(modality, ts, mask, vectors=np.ascontiguousarray(vectors), aux=aux)
+        return TokenBatch(modality, ts, mask, vectors=vectors, aux=aux)

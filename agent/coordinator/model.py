@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
-from edgetok.models.bundle import Manifest, Variant
 
 from edgetok.control import variant_id
 from edgetok.frames import PRECISIONS, Precision
+from edgetok.models.bundle import Manifest, Variant
 
 log = logging.getLogger(__name__)
 

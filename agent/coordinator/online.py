@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
+from pydantic import Field
+
 from edgetok.agent.coordinator.model import (
     Environment,
     Objective,
@@ -24,10 +26,8 @@ from edgetok.agent.coordinator.model import (
 from edgetok.agent.coordinator.policies import make_policy
 from edgetok.agent.coordinator.scenario import BudgetTable, DeviceTable, LinkTable, ServerTable
 from edgetok.agent.coordinator.solver import FEAS_RTOL, Solution, rank, solve_options
-from edgetok.models.bundle import Manifest
-from pydantic import Field
-
 from edgetok.control import Decision, PolicyName, Telemetry
+from edgetok.models.bundle import Manifest
 from edgetok.settings import Strict
 
 log = logging.getLogger(__name__)

@@ -10,13 +10,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from edgetok.agent.coordinator.model import ModelError, OptionTable, options_from_manifest
 from edgetok.agent.coordinator.policies import PolicyError, make_policy
 from edgetok.agent.coordinator.scenario import Scenario, load_scenario
 from edgetok.agent.coordinator.solver import Choice, Solution, choice, rank, solve_options
-from edgetok.models.bundle import MANIFEST, BundleError, Manifest, load_manifest, read_manifest
-
 from edgetok.control import POLICY_NAMES
+from edgetok.models.bundle import MANIFEST, BundleError, Manifest, load_manifest, read_manifest
 from edgetok.settings import ConfigError
 
 log = logging.getLogger(__name__)

@@ -11,9 +11,9 @@ import logging
 from dataclasses import dataclass, field
 
 import numpy as np
+
 from edgetok.agent.coordinator.model import Environment, OptionTable, evaluate
 from edgetok.agent.coordinator.solver import privacy_mask
-
 from edgetok.control import POLICY_NAMES, PolicyName
 
 log = logging.getLogger(__name__)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from edgetok.agent.coordinator.model import Environment, Objective
 from pydantic import Field, model_validator
 
+from edgetok.agent.coordinator.model import Environment, Objective
 from edgetok.settings import Strict, load_toml
 
 

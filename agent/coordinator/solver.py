@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
+
 from edgetok.agent.coordinator.model import (
     Environment,
     Option,

@@ -10,9 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from edgetok.models.bundle import InputSpec, Manifest, Profile, Variant
-
 from edgetok.control import variant_id
+from edgetok.models.bundle import InputSpec, Manifest, Profile, Variant
 
 BYTES = {"fp32": 4, "fp16": 2, "int8": 1}
 
