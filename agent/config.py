@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 
 from edgetok.agent.coordinator.online import ControllerConfig
 from edgetok.settings import MqttSettings, Strict, load_toml, read_secret
@@ -21,6 +21,9 @@ class ServerHttp(Strict):
 
     host: str = Field("127.0.0.1", description="Bind address.")
     port: int = Field(8090, ge=0, le=65535, description="TCP port (0 picks a free one).")
+    token: SecretStr | None = Field(None, description="Bearer token; required to bind beyond "
+                                    "loopback. Prefer EDGETOK_API_TOKEN or the systemd "
+                                    "credential 'api_token'.")
 
 
 class ServerConfig(Strict):
@@ -46,6 +49,9 @@ class ServerConfig(Strict):
 
     def mqtt_password(self) -> str | None:
         return read_secret("mqtt_password", "EDGETOK_MQTT_PASSWORD", self.mqtt.password)
+
+    def api_token(self) -> str | None:
+        return read_secret("api_token", "EDGETOK_API_TOKEN", self.http.token)
 
 
 def load(path: Path | str) -> ServerConfig:

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from edgetok.agent.coordinator.config import ControllerConfig
 from edgetok.agent.coordinator.model import (
     Environment,
     OptionTable,
@@ -29,7 +30,7 @@ from edgetok.agent.coordinator.model import (
     gain_from_rate,
     rate_bps,
 )
-from edgetok.agent.coordinator.online import MAX_UTILISATION, ControllerConfig, OnlineController
+from edgetok.agent.coordinator.online import MAX_UTILISATION, OnlineController
 from edgetok.agent.coordinator.solver import TIE_ATOL, grid_options, rank, solve_options
 from edgetok.control import POLICY_NAMES, Telemetry
 from edgetok.models.bundle import Manifest, read_manifest
@@ -268,10 +269,11 @@ def plot(trace: Trace, per_policy: dict[str, dict[str, Any]], deadline_ms: float
         ax0b = ax[0].twinx()
         ax0b.plot(t, np.sum(~np.isnan(trace.rates), axis=1), color="tab:gray", ls=":")
         ax0b.set_ylabel("gateways")
-    for name, res in per_policy.items():
+    for k, (name, res) in enumerate(per_policy.items()):
         s = res["series"]
-        ax[1].step(t, s["split"], where="post", label=name)
-        ax[2].step(t, s["ratio"], where="post", label=name)
+        # Small offsets keep policies that choose the same value visible.
+        ax[1].step(t, np.array(s["split"]) + 0.08 * k, where="post", label=name)
+        ax[2].step(t, np.array(s["ratio"]) + 0.01 * k, where="post", label=name)
         ax[3].plot(t, s["latency"], label=name)
         ax[4].plot(t, s["energy"], label=name)
         ax[5].plot(t, res["hit_by_step"], label=name)
@@ -314,8 +316,9 @@ def main() -> int:
                               "windows_per_s": WINDOWS_PER_S, "server_workers": SERVER_WORKERS,
                               "traces": {}}
     for trace in traces(args.seed):
-        per: dict[str, dict[str, Any]] = {p: run_policy(trace, p, manifest, deadline, args.objective, args.seed)
-               for p in POLICY_NAMES}
+        per: dict[str, dict[str, Any]] = {
+            p: run_policy(trace, p, manifest, deadline, args.objective, args.seed)
+            for p in POLICY_NAMES}
         plot(trace, per, deadline, args.out / f"coordinator_{trace.name}.png")
         result["traces"][trace.name] = {"goals": goals(per), "policies": {
             p: {k: v for k, v in r.items() if k not in ("series", "hit_by_step")}

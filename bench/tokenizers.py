@@ -227,7 +227,8 @@ def run(budget: float) -> dict[str, Any]:
                         "cpu": platform.processor() or platform.machine(),
                         "batch": BATCH, "budget_s": budget,
                         # Other work on the box inflates p99: keep the context with the numbers.
-                        "loadavg_1m": os.getloadavg()[0], "cores": os.cpu_count()},
+                        "loadavg_1m": os.getloadavg()[0], "cores": os.cpu_count(),
+                        "nice": os.nice(0)},
             "tokenizers": rows, "references": [asdict(r) for r in refs.values()]}
 
 

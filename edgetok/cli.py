@@ -157,6 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bundle to run (default: bundles/reference, else bundles/quick)")
     d.add_argument("--speed", type=float, default=10.0,
                    help="replay speed-up over the 10 Hz sensor rate")
+    d.add_argument("--no-build-reference", dest="build_reference", action="store_false",
+                   help="when only the quick bundle exists, do not build the reference "
+                   "bundle in the background (and switch to it when ready)")
     d.add_argument("--check-config", action="store_true",
                    help="validate the demo's configs and bundle, then exit")
     pl = add("plan", cmd_plan, "print the coordinator's decision for one scenario",

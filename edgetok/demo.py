@@ -120,21 +120,62 @@ def summary(http_port: int, elapsed: float) -> str:
     return "\n".join(lines)
 
 
+def start_reference_build(work: Path) -> subprocess.Popen[bytes]:
+    """Build the reference bundle in the background, at low priority, logging to a file."""
+    log = work / "reference-build.log"
+    print(f"building the reference bundle in the background (log: {log}); the demo switches "
+          "to it when it is ready", flush=True)
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            ["nice", "-n", "10", sys.executable, "-m", "edgetok", "build", "--no-progress",
+             "--recipe", str(ROOT / "configs/models/reference.toml"), "--out",
+             str(BUNDLES / "reference")], stdout=out, stderr=subprocess.STDOUT)
+
+
+class Daemons:
+    """The demo's server and gateway processes, restartable on another bundle."""
+
+    def __init__(self, work: Path, mqtt_port: int, http_port: int) -> None:
+        self.work, self.mqtt_port, self.http_port = work, mqtt_port, http_port
+        self.server: subprocess.Popen[bytes] | None = None
+        self.gateway: subprocess.Popen[bytes] | None = None
+
+    def start(self, bundle: Path) -> None:
+        gcfg, scfg = write_configs(self.work, bundle, self.mqtt_port, self.http_port)
+        self.server = start_edgetok("server", scfg, self.work / "server.log")
+        self.gateway = start_edgetok("gateway", gcfg, self.work / "gateway.log")
+        wait_ready(f"http://127.0.0.1:{self.http_port}/readyz", self.gateway)
+
+    def stop(self) -> list[int | None]:
+        return [stop(self.gateway), stop(self.server)]
+
+
+async def switch_when_built(build: subprocess.Popen[bytes], daemons: Daemons) -> None:
+    """Restart server and gateway on the reference bundle once its build succeeds."""
+    code = await asyncio.to_thread(build.wait)
+    if code != 0:
+        print(f"reference build failed (exit {code}); staying on the quick bundle", flush=True)
+        return
+    print("reference bundle ready: switching server and gateway to it", flush=True)
+    await asyncio.to_thread(daemons.stop)
+    await asyncio.to_thread(daemons.start, BUNDLES / "reference")
+
+
 async def run_demo(args: argparse.Namespace, work: Path) -> int:
-    bundle, _ = pick_bundle(args.bundle)
+    bundle, is_reference = pick_bundle(args.bundle)
     mqtt_port = args.mqtt_port or free_port()
-    gcfg, scfg = write_configs(work, bundle, mqtt_port, args.http_port)
     if args.check_config:
+        gcfg, scfg = write_configs(work, bundle, mqtt_port, args.http_port)
         from edgetok.cli import _check
 
         return _check("gateway", gcfg) or _check("server", scfg)
     broker = start_mosquitto(work / "broker", mqtt_port)
-    server = start_edgetok("server", scfg, work / "server.log")
-    gateway = start_edgetok("gateway", gcfg, work / "gateway.log")
+    daemons = Daemons(work, mqtt_port, args.http_port)
+    build = None
     started = time.monotonic()
     count = [0]
     try:
-        wait_ready(f"http://127.0.0.1:{args.http_port}/readyz", gateway)
+        daemons.start(bundle)
         print(f"bundle {bundle}\nbroker 127.0.0.1:{mqtt_port}  logs in {work}\n"
               f"results: http://127.0.0.1:{args.http_port}/v1/results   "
               f"status: http://127.0.0.1:{args.http_port}/v1/status\n"
@@ -143,6 +184,9 @@ async def run_demo(args: argparse.Namespace, work: Path) -> int:
         async with asyncio.TaskGroup() as tg:
             tasks = [tg.create_task(watch_results(mqtt_port, "gw-1", count)),
                      tg.create_task(replay_forever(mqtt_port, args.speed))]
+            if not is_reference and args.bundle is None and args.build_reference:
+                build = start_reference_build(work)
+                tasks.append(tg.create_task(switch_when_built(build, daemons)))
             try:
                 await asyncio.sleep(args.duration if args.duration else 10**9)
             finally:
@@ -151,7 +195,8 @@ async def run_demo(args: argparse.Namespace, work: Path) -> int:
                 for t in tasks:
                     t.cancel()
     finally:
-        codes = [stop(gateway), stop(server)]
+        codes = daemons.stop()
+        stop(build)
         stop(broker)
     return 0 if all(c in (0, None) for c in codes) else 1
 

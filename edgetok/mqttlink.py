@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 # The broker may send at most this many unacknowledged QoS 1 messages. Because we ack only
 # after journaling, this is the bound on messages held in memory between socket and journal.
 RECEIVE_MAXIMUM = 256
+# Longest wait for a PUBACK when the caller gives no limit. A lost connection ends the wait
+# at once (see publish), so this only bounds a broker that is connected but not answering.
 PUBLISH_TIMEOUT_S = 10.0
 # paho leaves Nagle on; with delayed ACKs that costs ~40 ms per small frame or reply.
 NODELAY = ((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),)
@@ -86,6 +88,8 @@ class MqttSession:
         self._client: aiomqtt.Client | None = None
         self.generation = 0
         self.connected = asyncio.Event()
+        # Set when the current connection ends; publishes waiting on it give up at once.
+        self._gone = asyncio.Event()
         self._closing = asyncio.Event()
         self._closed = asyncio.Event()
         self._final: Outgoing | None = None
@@ -140,6 +144,15 @@ class MqttSession:
         self._closed.set()
 
     async def _one_connection(self) -> None:
+        """One connection's lifetime; its end releases publishes still waiting on it."""
+        gone = self._gone = asyncio.Event()
+        try:
+            await self._connected_session()
+        finally:
+            gone.set()
+
+    async def _connected_session(self) -> None:
+        """Subscribe, announce, and pump messages until the connection ends or we close."""
         async with self._make_client() as client:
             self._client = client
             self.generation += 1
@@ -173,8 +186,14 @@ class MqttSession:
             msg = InMessage(topic=m.topic.value, payload=bytes(m.payload)
                             if not isinstance(m.payload, bytes) else m.payload,
                             qos=m.qos, retain=m.retain, mid=m.mid, generation=generation)
-            if self._on_message is not None:
+            if self._on_message is None:
+                continue
+            try:
                 await self._on_message(msg)
+            except Exception:  # one bad message must not end the connection
+                log.exception("handler failed on a message from %s; acknowledged and dropped",
+                              msg.topic)
+                self.ack(msg)
 
     def ack(self, msg: InMessage) -> None:
         """Acknowledge a QoS 1 message; a no-op if its connection is gone (it will be resent)."""
@@ -185,16 +204,37 @@ class MqttSession:
             client._client.ack(msg.mid, msg.qos)
 
     async def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False,
-                      wait_s: float | None = None) -> bool:
-        """Publish once connected; False if not connected within `wait_s` or the send failed."""
+                      wait_s: float | None = None, ack_s: float | None = None) -> bool:
+        """Publish once connected; True once the broker has it (PUBACK for QoS 1).
+
+        False if no connection came within `wait_s`, no PUBACK within `ack_s` (default
+        PUBLISH_TIMEOUT_S), or the connection ended first. aiomqtt leaves a publish waiting
+        for its PUBACK after the connection is gone; we stop waiting at once, so a caller can
+        retry on the next connection instead of stalling for the whole timeout.
+        """
         if not await wait_event(self.connected, wait_s):
             return False
-        client = self._client
-        if client is None:
+        client, gone = self._client, self._gone
+        if client is None or gone.is_set():
             return False
+        send = asyncio.ensure_future(client.publish(
+            topic, payload, qos=qos, retain=retain,
+            timeout=PUBLISH_TIMEOUT_S if ack_s is None else max(ack_s, 0.0)))
+        lost = asyncio.ensure_future(gone.wait())
         try:
-            await client.publish(topic, payload, qos=qos, retain=retain)
-        except aiomqtt.MqttError as exc:
+            await asyncio.wait({send, lost}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            lost.cancel()
+            if not send.done():
+                send.cancel()
+            await asyncio.gather(send, lost, return_exceptions=True)
+        if send.cancelled():
+            log.debug("publish to %s abandoned: connection lost", topic)
+            return False
+        exc = send.exception()
+        if exc is not None:
+            if not isinstance(exc, aiomqtt.MqttError):
+                raise exc
             log.debug("publish to %s failed: %s", topic, exc)
             return False
         return True

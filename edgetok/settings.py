@@ -68,8 +68,9 @@ def read_secret(name: str, env_var: str, inline: SecretStr | None) -> str | None
     cred_dir = os.environ.get(CREDENTIALS_ENV)
     if cred_dir:
         path = Path(cred_dir) / name
-        if path.is_file():
-            return path.read_text().strip()
+        text = path.read_text().strip() if path.is_file() else ""
+        if text:  # an empty credential (systemd's SetCredential= fallback) means "unset"
+            return text
     if env_var in os.environ:
         return os.environ[env_var]
     return inline.get_secret_value() if inline is not None else None

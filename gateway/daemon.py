@@ -20,6 +20,7 @@ from edgetok.gateway.actuators import Actuators
 from edgetok.gateway.config import GatewayConfig, StreamConfig
 from edgetok.gateway.controlplane import ControlPlane
 from edgetok.gateway.decode import DecodeError, Reading, decode_json
+from edgetok.gateway.health import Health
 from edgetok.gateway.inference import Decision, Inferencer
 from edgetok.gateway.metrics import GatewayMetrics
 from edgetok.gateway.store import Store
@@ -81,6 +82,7 @@ class Gateway:
                                      self._publish_frame, decision)
         self.control = ControlPlane(self, Actuators(cfg.actuators))
         self.metrics = GatewayMetrics(self)
+        self.health = Health(self)
         self.tg: asyncio.TaskGroup | None = None
         self.http_port = cfg.http.port
 
@@ -288,7 +290,9 @@ class Gateway:
                                                   self._publisher(), self.control.run())]
             self.recover()
             runner = await serve(self)
+            health = tg.create_task(self.health.run())  # READY=1, STATUS=, WATCHDOG=1
             await self.stopping.wait()
+            self.health.stopping()
             log.info("stopping: draining %d in-flight window(s)", len(self.inflight))
             workers[0].cancel()
             workers[1].cancel()
@@ -302,6 +306,7 @@ class Gateway:
                 await asyncio.sleep(0.05)
             workers[2].cancel()
             workers[3].cancel()
+            health.cancel()
             log.debug("stopping: HTTP")
             await runner.cleanup()
             log.debug("stopping: MQTT")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from dataclasses import dataclass
@@ -10,6 +11,10 @@ from edgetok.gateway.config import StreamConfig
 
 # A chunked message may carry many readings; the cap keeps one message from flooding memory.
 MAX_READINGS_PER_MESSAGE = 10_000
+# A chunk whose median sample spacing is off the stream's period by more than this fraction
+# comes from a sensor at another rate. Looser accepts clock drift and jitter; tighter
+# catches smaller rate mistakes (e.g. 10 Hz against 12 Hz is 17 % off).
+RATE_TOLERANCE = 0.15
 
 
 class DecodeError(ValueError):
@@ -32,7 +37,10 @@ class Reading:
 def _number(v: object, where: str) -> float:
     if isinstance(v, bool) or not isinstance(v, int | float):
         raise DecodeError("bad_type", f"{where} is {type(v).__name__}, expected a number")
-    x = float(v)
+    try:
+        x = float(v)
+    except OverflowError:  # an integer beyond float range, e.g. 10**400
+        raise DecodeError("non_finite", f"{where} is out of float range") from None
     if not math.isfinite(x):
         raise DecodeError("non_finite", f"{where} is {x}")
     return x
@@ -45,8 +53,10 @@ def decode_json(payload: bytes, stream: StreamConfig, now: float) -> list[Readin
                           f"{stream.max_payload_bytes}")
     try:
         doc = json.loads(payload)
-    except (UnicodeDecodeError, ValueError) as exc:
+    except (UnicodeDecodeError, ValueError) as exc:  # ValueError covers JSONDecodeError
         raise DecodeError("bad_json", str(exc)[:200]) from exc
+    except RecursionError:  # [[[[...]]]] nested deeper than the parser's stack
+        raise DecodeError("bad_json", "nested too deeply") from None
     if not isinstance(doc, dict):
         raise DecodeError("bad_type", f"payload is a JSON {type(doc).__name__}, expected object")
     tsf = stream.timestamp_field
@@ -76,6 +86,8 @@ def decode_json(payload: bytes, stream: StreamConfig, now: float) -> list[Readin
             columns[c] = [_number(x, f"{f}[{i}]") for i, x in enumerate(v)]
         else:
             columns[c] = [_number(v, f)]
+    if n > 1:
+        _check_rate(stamps, stream)
     lo, hi = min(stamps), max(stamps)
     if lo < now - stream.max_past_s:
         raise DecodeError("stale", f"timestamp {lo:.3f} is more than {stream.max_past_s:.0f}s "
@@ -84,3 +96,15 @@ def decode_json(payload: bytes, stream: StreamConfig, now: float) -> list[Readin
         raise DecodeError("future", f"timestamp {hi:.3f} is more than "
                           f"{stream.max_future_s:.0f}s ahead of the gateway clock")
     return [Reading(stamps[i], {c: columns[c][i] for c in present}) for i in range(n)]
+
+
+def _check_rate(stamps: list[float], stream: StreamConfig) -> None:
+    """Reject a chunk sampled at another rate than the stream's (duplicates do not count)."""
+    ordered = sorted(set(stamps))
+    gaps = sorted(b - a for a, b in itertools.pairwise(ordered))
+    if not gaps:
+        return
+    spacing = gaps[len(gaps) // 2]
+    if abs(spacing * stream.rate_hz - 1.0) > RATE_TOLERANCE:
+        raise DecodeError("bad_rate", f"samples {spacing:.6g}s apart; stream {stream.name!r} "
+                          f"expects {1 / stream.rate_hz:.6g}s ({stream.rate_hz:g} Hz)")

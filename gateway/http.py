@@ -1,48 +1,94 @@
-"""Local HTTP API of the gateway (aiohttp): results, streams, status and health."""
+"""Local HTTP API of the gateway (aiohttp): results, live stream, status, health, metrics."""
 
 from __future__ import annotations
 
-import hmac
-import ipaddress
+import asyncio
 import logging
-import ssl
+import math
 import time
-from typing import TYPE_CHECKING
+from importlib import resources
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
 from edgetok import __version__
-from edgetok.gateway.models import ResultsPage, StreamInfo, StreamsPage
+from edgetok.aio import wait_event
+from edgetok.gateway import api_spec
+from edgetok.gateway.models import (
+    Alive,
+    BundleInfo,
+    DecisionInfo,
+    JournalInfo,
+    MqttInfo,
+    Readiness,
+    ResultsPage,
+    Status,
+    StreamInfo,
+    StreamsPage,
+    UplinkInfo,
+)
+from edgetok.web import (
+    BindRefused,
+    bearer_auth,
+    check_bind,
+    http_error,
+    is_loopback,
+    json_errors,
+    metrics_response,
+    model_response,
+    start,
+    tls_context,
+)
 
 if TYPE_CHECKING:
     from edgetok.gateway.daemon import Gateway
 
+__all__ = ["BindRefused", "build_app", "is_loopback", "serve", "status_doc"]
+
 log = logging.getLogger(__name__)
 
-MAX_LIMIT = 10_000
+MAX_LIMIT = api_spec.MAX_LIMIT
+MAX_ID = api_spec.MAX_ID
+# Results read from SQLite per SSE batch: bounds the time one client holds the loop while it
+# catches up from an old Last-Event-ID; it then continues in further batches.
+SSE_BATCH = 200
+# A comment line this often keeps proxies from closing an idle stream and lets us notice a
+# client that went away.
+SSE_KEEPALIVE_S = 15.0
+# What EventSource waits before reconnecting after the stream ends (e.g. a gateway restart).
+SSE_RETRY_MS = 2000
+
 GATEWAY_KEY = web.AppKey("gateway", object)
+FEED_KEY = web.AppKey("feed", object)
+SPEC_KEY = web.AppKey("spec", dict)
+PAGE_KEY = web.AppKey("page", str)
 
 
-class BindRefused(RuntimeError):
-    """The API would be exposed beyond loopback without a bearer token."""
+class Feed:
+    """Wakes SSE handlers when a result is stored, and ends them on shutdown."""
 
+    def __init__(self) -> None:
+        self._event = asyncio.Event()
+        self.closed = False
 
-def is_loopback(host: str) -> bool:
-    """True for loopback addresses and 'localhost'."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    def notify(self, _result: object = None) -> None:
+        """Wake everyone waiting; later waiters wait for the next result."""
+        self._event.set()
+        self._event = asyncio.Event()
+
+    def close(self) -> None:
+        """End every stream (the server is shutting down)."""
+        self.closed = True
+        self.notify()
+
+    async def wait(self, limit_s: float) -> bool:
+        """True if a result (or the shutdown) came within `limit_s`."""
+        return await wait_event(self._event, limit_s)
 
 
 def _gw(request: web.Request) -> Gateway:
-    return request.app[GATEWAY_KEY]
-
-
-def _bad(msg: str) -> web.HTTPBadRequest:
-    return web.HTTPBadRequest(text=f'{{"error": "{msg}"}}', content_type="application/json")
+    gw: Gateway = request.app[GATEWAY_KEY]
+    return gw
 
 
 def _int(request: web.Request, name: str, default: int, lo: int, hi: int) -> int:
@@ -52,36 +98,85 @@ def _int(request: web.Request, name: str, default: int, lo: int, hi: int) -> int
     try:
         v = int(raw)
     except ValueError:
-        raise _bad(f"{name} must be an integer") from None
+        raise http_error(web.HTTPBadRequest, f"{name} must be an integer") from None
     if not lo <= v <= hi:
-        raise _bad(f"{name} must be between {lo} and {hi}")
+        raise http_error(web.HTTPBadRequest, f"{name} must be between {lo} and {hi}")
     return v
+
+
+def _stream(request: web.Request) -> str | None:
+    stream = request.query.get("stream")
+    if stream is not None and stream not in _gw(request).streams:
+        raise http_error(web.HTTPNotFound, f"unknown stream {stream!r}")
+    return stream
 
 
 async def results(request: web.Request) -> web.Response:
     """GET /v1/results?stream=&since=&since_id=&limit="""
     gw = _gw(request)
-    stream = request.query.get("stream")
-    if stream is not None and stream not in gw.streams:
-        raise web.HTTPNotFound(text=f'{{"error": "unknown stream {stream!r}"}}',
-                               content_type="application/json")
+    stream = _stream(request)
     since = None
     if "since" in request.query:
         try:
             since = float(request.query["since"])
         except ValueError:
-            raise _bad("since must be a Unix timestamp in seconds") from None
+            since = math.nan
+        if not math.isfinite(since):
+            raise http_error(web.HTTPBadRequest, "since must be a Unix timestamp in seconds")
     limit = _int(request, "limit", 100, 1, MAX_LIMIT)
-    since_id = _int(request, "since_id", 0, 0, 2**62)
+    since_id = _int(request, "since_id", 0, 0, MAX_ID)
     rows = gw.store.results(stream, since, since_id, limit)
-    page = ResultsPage(results=rows, next_since_id=rows[-1].id if len(rows) == limit else None)
-    return web.json_response(text=page.model_dump_json())
+    return model_response(ResultsPage(
+        results=rows, next_since_id=rows[-1].id if len(rows) == limit else None))
 
 
 async def latest(request: web.Request) -> web.Response:
     """GET /v1/results/latest: the newest result of every stream."""
-    return web.json_response(text=ResultsPage(results=_gw(request).store.latest())
-                             .model_dump_json())
+    return model_response(ResultsPage(results=_gw(request).store.latest()))
+
+
+async def stream_results(request: web.Request) -> web.StreamResponse:
+    """GET /v1/results/stream: Server-Sent Events, one per stored result, id = result id.
+
+    A reconnecting client sends Last-Event-ID and gets every result after it from the store,
+    so nothing stored while it was away is missed. Without one, the stream starts at `since_id`
+    or else with the next new result.
+    """
+    gw = _gw(request)
+    feed: Feed = request.app[FEED_KEY]  # type: ignore[assignment]
+    stream = _stream(request)
+    resume = request.headers.get("Last-Event-ID", "").strip()
+    if resume:
+        try:
+            last = int(resume)
+        except ValueError:
+            raise http_error(web.HTTPBadRequest, "Last-Event-ID must be a result id") from None
+        if not 0 <= last <= MAX_ID:
+            raise http_error(web.HTTPBadRequest, f"Last-Event-ID must be in 0..{MAX_ID}")
+    else:
+        newest = gw.store.db.execute("SELECT coalesce(max(id), 0) FROM results").fetchone()[0]
+        last = _int(request, "since_id", int(newest), 0, MAX_ID)
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                       "Cache-Control": "no-cache",
+                                       "X-Accel-Buffering": "no"})
+    await resp.prepare(request)
+    try:
+        await resp.write(f"retry: {SSE_RETRY_MS}\n\n".encode())
+        while not feed.closed:
+            rows = gw.store.results(stream, None, last, SSE_BATCH)
+            for r in rows:
+                await resp.write(f"id: {r.id}\nevent: result\ndata: {r.model_dump_json()}"
+                                 "\n\n".encode())
+                last = r.id
+            if len(rows) == SSE_BATCH:
+                continue
+            if not await feed.wait(SSE_KEEPALIVE_S):
+                await resp.write(b": keepalive\n\n")
+    except (ConnectionResetError, asyncio.CancelledError) as exc:
+        log.debug("SSE client left: %s", type(exc).__name__)
+        if isinstance(exc, asyncio.CancelledError):
+            raise
+    return resp
 
 
 async def streams(request: web.Request) -> web.Response:
@@ -93,74 +188,99 @@ async def streams(request: web.Request) -> web.Response:
         hop=s.hop_samples, deadline_ms=s.deadline_ms, open_windows=len(gw.buffers[s.name].open),
         results=counts.get(s.name, (0, None))[0], last_result_ts=counts.get(s.name, (0, None))[1])
         for s in gw.cfg.streams])
-    return web.json_response(text=page.model_dump_json())
+    return model_response(page)
 
 
-def status_doc(gw: Gateway) -> dict[str, object]:
-    """Everything an operator wants at a glance."""
+def _decision(gw: Gateway) -> DecisionInfo:
     dec = gw.inferencer.decision
+    v = gw.manifest.variant(dec.variant)
+    known = {k: dec.extra[k] for k in ("predicted_latency_ms", "predicted_energy_mj",
+                                       "feasible", "cpu_hz", "tx_power_w") if k in dec.extra}
+    return DecisionInfo(variant=dec.variant, pruning_ratio=v.pruning_ratio, split=v.split,
+                        precision=dec.precision, seq=dec.seq, source=dec.source, **known)
+
+
+def status_doc(gw: Gateway) -> Status:
+    """Everything an operator wants at a glance."""
     up = gw.inferencer.uplink
-    return {
-        "gateway": gw.cfg.id, "version": __version__, "uptime_s": round(time.time() - gw.started),
-        "ready": gw.ready,
-        "bundle": {"id": gw.manifest.bundle_id, "path": str(gw.cfg.bundle.path),
-                   "variants": len(gw.manifest.variants), "labels": gw.manifest.labels,
-                   "open_sessions": gw.runtime.open_sessions},
-        "decision": {"variant": dec.variant, "precision": dec.precision, "seq": dec.seq,
-                     "source": dec.source, **dec.extra},
-        "uplink": {"server_ok": up.server_ok, "frames_sent": up.frames_sent,
-                   "bytes_sent": up.bytes_sent, "fallbacks": up.fallbacks,
-                   "late_replies": up.replies_late},
-        "mqtt": {"connected": gw.session.connected.is_set(), "connects": gw.session.connects,
-                 "last_error": gw.session.last_error},
-        "journal": {"rows": gw.store.journal_rows, "max_rows": gw.cfg.journal.max_rows,
-                    "inflight_windows": len(gw.inflight)},
-        "control": gw.control.status(),
-        "counters": dict(gw.counters),
-        "deadletters": gw.store.deadletter_counts(),
-        "head_ms": {k: round(v, 3) for k, v in gw.inferencer.head_ms.items()},
-    }
+    control: dict[str, Any] = gw.control.status()
+    return Status(
+        gateway=gw.cfg.id, version=__version__, uptime_s=round(time.time() - gw.started),
+        ready=gw.health.checks(), healthy=gw.health.healthy(),
+        bundle=BundleInfo(id=gw.manifest.bundle_id, path=str(gw.cfg.bundle.path),
+                          variants=len(gw.manifest.variants), labels=gw.manifest.labels,
+                          open_sessions=gw.runtime.open_sessions),
+        decision=_decision(gw),
+        uplink=UplinkInfo(server_ok=up.server_ok, frames_sent=up.frames_sent,
+                          bytes_sent=up.bytes_sent, fallbacks=up.fallbacks,
+                          late_replies=up.replies_late),
+        mqtt=MqttInfo(connected=gw.session.connected.is_set(), connects=gw.session.connects,
+                      last_error=gw.session.last_error),
+        journal=JournalInfo(rows=gw.store.journal_rows, max_rows=gw.cfg.journal.max_rows,
+                            inflight_windows=len(gw.inflight)),
+        control=control, counters=dict(gw.counters),
+        deadletters=gw.store.deadletter_counts(),
+        head_ms={k: round(v, 3) for k, v in gw.inferencer.head_ms.items()})
 
 
 async def status(request: web.Request) -> web.Response:
     """GET /v1/status"""
-    return web.json_response(status_doc(_gw(request)))
+    return model_response(status_doc(_gw(request)))
 
 
-async def healthz(request: web.Request) -> web.Response:
+async def healthz(_: web.Request) -> web.Response:
     """GET /healthz: the process is alive and its loop answers."""
-    return web.json_response({"status": "alive"})
+    return model_response(Alive(status="alive"))
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """GET /readyz: 200 when the broker is connected and the bundle loaded, else 503."""
-    checks = _gw(request).ready
+    """GET /readyz: 200 when every readiness check passes, else 503 naming the failing ones."""
+    checks = _gw(request).health.checks()
     failing = [k for k, ok in checks.items() if not ok]
-    return web.json_response({"ready": not failing, "failing": failing, "checks": checks},
-                             status=503 if failing else 200)
+    return model_response(Readiness(ready=not failing, failing=failing, checks=checks),
+                          status=503 if failing else 200)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    """GET /metrics: Prometheus exposition from the gateway's own registry."""
+    return metrics_response(request, _gw(request).metrics.registry)
+
+
+async def openapi(request: web.Request) -> web.Response:
+    """GET /openapi.json: the OpenAPI 3.1 document of this API."""
+    return web.json_response(request.app[SPEC_KEY])
+
+
+async def dashboard(request: web.Request) -> web.Response:
+    """GET /: the live dashboard page (static; it polls the JSON endpoints)."""
+    return web.Response(text=request.app[PAGE_KEY], content_type="text/html",
+                        headers={"Cache-Control": "no-cache"})
+
+
+HANDLERS = {"/": dashboard, "/healthz": healthz, "/readyz": readyz, "/v1/results": results,
+            "/v1/results/latest": latest, "/v1/results/stream": stream_results,
+            "/v1/streams": streams, "/v1/status": status, "/metrics": metrics,
+            "/openapi.json": openapi}
 
 
 def build_app(gw: Gateway, token: str | None) -> web.Application:
     """The aiohttp application, with bearer auth on everything but /healthz if a token is set."""
-
-    @web.middleware
-    async def auth(request: web.Request, handler):
-        if token and request.path != "/healthz":
-            given = request.headers.get("Authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
-                raise web.HTTPUnauthorized(text='{"error": "bearer token required"}',
-                                           content_type="application/json",
-                                           headers={"WWW-Authenticate": "Bearer"})
-        return await handler(request)
-
-    app = web.Application(middlewares=[auth])
+    app = web.Application(middlewares=[json_errors, bearer_auth(token, query_ok=("/",))])
     app[GATEWAY_KEY] = gw
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_get("/v1/results", results)
-    app.router.add_get("/v1/results/latest", latest)
-    app.router.add_get("/v1/streams", streams)
-    app.router.add_get("/v1/status", status)
+    feed = Feed()
+    app[FEED_KEY] = feed
+    gw.metrics.listeners.append(feed.notify)
+
+    async def close_feed(_: web.Application) -> None:
+        feed.close()
+
+    app.on_shutdown.append(close_feed)
+    ops = api_spec.operations(sorted(gw.streams))
+    assert {op.path for op in ops} == set(HANDLERS), "spec and routes must list the same paths"
+    app[SPEC_KEY] = api_spec.spec(ops, bearer=bool(token))
+    app[PAGE_KEY] = (resources.files("edgetok.gateway") / "dashboard.html").read_text()
+    for path, handler in HANDLERS.items():
+        app.router.add_get(path, handler)
     return app
 
 
@@ -168,20 +288,7 @@ async def serve(gw: Gateway) -> web.AppRunner:
     """Start the HTTP API; BindRefused if it would be exposed without a token."""
     settings = gw.cfg.http
     token = gw.cfg.api_token()
-    if not is_loopback(settings.host) and not token:
-        raise BindRefused(f"refusing to serve the API on {settings.host}: set a bearer token "
-                          "(EDGETOK_API_TOKEN or the 'api_token' credential) or bind to "
-                          "127.0.0.1")
-    ctx = None
-    if settings.tls_cert and settings.tls_key:
-        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        ctx.load_cert_chain(str(settings.tls_cert), str(settings.tls_key))
-    runner = web.AppRunner(build_app(gw, token), access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, settings.host, settings.port, ssl_context=ctx)
-    await site.start()
-    server = site._server
-    sockets = getattr(server, "sockets", None) or []
-    gw.http_port = sockets[0].getsockname()[1] if sockets else settings.port
-    log.info("HTTP API on %s://%s:%d", "https" if ctx else "http", settings.host, gw.http_port)
+    check_bind(settings.host, token, "gateway")
+    ctx = tls_context(settings.tls_cert, settings.tls_key)
+    runner, gw.http_port = await start(build_app(gw, token), settings.host, settings.port, ctx)
     return runner

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -59,19 +59,106 @@ class ResultsPage(_Out):
 class StreamInfo(_Out):
     """A configured stream and its counters."""
 
-    name: str
-    topics: list[str]
-    channels: list[str]
-    rate_hz: float
-    window: int
-    hop: int
-    deadline_ms: float
-    open_windows: int
-    results: int
-    last_result_ts: float | None
+    name: str = Field(description="Stream name.")
+    topics: list[str] = Field(description="MQTT topic filters the stream reads.")
+    channels: list[str] = Field(description="Channel names in model order.")
+    rate_hz: float = Field(description="Sample rate.")
+    window: int = Field(description="Samples per window.")
+    hop: int = Field(description="Samples between window starts.")
+    deadline_ms: float = Field(description="Window close to result, before device fallback.")
+    open_windows: int = Field(description="Windows still collecting readings.")
+    results: int = Field(description="Results stored for this stream.")
+    last_result_ts: float | None = Field(description="End of the newest result's window.")
 
 
 class StreamsPage(_Out):
     """All streams."""
 
-    streams: list[StreamInfo]
+    streams: list[StreamInfo] = Field(description="Configured streams, in config order.")
+
+
+class Alive(_Out):
+    """GET /healthz: the process answers."""
+
+    status: Literal["alive"] = Field(description="Always 'alive'; the 200 is the answer.")
+
+
+class Readiness(_Out):
+    """GET /readyz: 200 when every check passes, else 503 listing the failing ones."""
+
+    ready: bool = Field(description="True when every check passes.")
+    failing: list[str] = Field(description="Names of the failing checks.")
+    checks: dict[str, bool] = Field(description="Every check and whether it passes.")
+
+
+class BundleInfo(_Out):
+    """The loaded model bundle."""
+
+    id: str = Field(description="Bundle id.")
+    path: str = Field(description="Bundle directory.")
+    variants: int = Field(description="Variants in the bundle.")
+    labels: list[str] = Field(description="Class labels.")
+    open_sessions: int = Field(description="ONNX Runtime sessions currently open.")
+
+
+class DecisionInfo(_Out):
+    """The decision in force: which variant runs, at what precision, and who chose it."""
+
+    variant: str = Field(description="Variant id.")
+    pruning_ratio: float = Field(description="Pruning ratio of the variant.")
+    split: int = Field(description="Layers run on the device.")
+    precision: str = Field(description="Feature precision on the uplink.")
+    seq: int = Field(description="Decision sequence number (0: from the config).")
+    source: str = Field(description="'config' or 'coordinator:<policy>'.")
+    predicted_latency_ms: float | None = Field(None, description="Coordinator's prediction.")
+    predicted_energy_mj: float | None = Field(None, description="Coordinator's prediction.")
+    feasible: bool | None = Field(None, description="Whether the coordinator met all limits.")
+    cpu_hz: float | None = Field(None, description="CPU clock the coordinator chose.")
+    tx_power_w: float | None = Field(None, description="Transmit power the coordinator chose.")
+
+
+class UplinkInfo(_Out):
+    """The link to the edge servers."""
+
+    server_ok: bool = Field(description="False after a missed deadline, until a reply comes.")
+    frames_sent: int = Field(description="Feature frames published.")
+    bytes_sent: int = Field(description="Feature frame bytes published.")
+    fallbacks: int = Field(description="Windows that fell back to the on-device variant.")
+    late_replies: int = Field(description="Replies that came after their window's deadline.")
+
+
+class MqttInfo(_Out):
+    """The broker connection."""
+
+    connected: bool = Field(description="Connected right now.")
+    connects: int = Field(description="Successful connects since start.")
+    last_error: str | None = Field(description="Why the last connection failed or ended.")
+
+
+class JournalInfo(_Out):
+    """The durable journal of readings."""
+
+    rows: int = Field(description="Readings journaled and not yet pruned.")
+    max_rows: int = Field(description="Backpressure threshold.")
+    inflight_windows: int = Field(description="Windows being inferred.")
+
+
+class Status(_Out):
+    """GET /v1/status: everything an operator wants at a glance."""
+
+    gateway: str = Field(description="Gateway id.")
+    version: str = Field(description="edgetok version.")
+    uptime_s: int = Field(description="Seconds since start.")
+    ready: dict[str, bool] = Field(description="Readiness checks (as /readyz).")
+    healthy: bool = Field(description="False when pending work has stopped progressing.")
+    bundle: BundleInfo = Field(description="Loaded bundle.")
+    decision: DecisionInfo = Field(description="Decision in force.")
+    uplink: UplinkInfo = Field(description="Uplink state.")
+    mqtt: MqttInfo = Field(description="Broker connection.")
+    journal: JournalInfo = Field(description="Journal.")
+    control: dict[str, Any] = Field(description="Control plane: last coordinator decision, "
+                                    "rejected decisions, measured latency, actuators.")
+    counters: dict[str, int] = Field(description="Messages, readings, windows, results, dead "
+                                     "letters and duplicates since start.")
+    deadletters: dict[str, int] = Field(description="Dead letters stored, by reason.")
+    head_ms: dict[str, float] = Field(description="Smoothed head latency per variant (ms).")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sqlite3
 import time
@@ -25,11 +26,22 @@ CREATE TABLE IF NOT EXISTS results (
 CREATE INDEX IF NOT EXISTS results_unpublished ON results (published, id);
 CREATE TABLE IF NOT EXISTS deadletters (
     id INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL NOT NULL, topic TEXT NOT NULL,
-    reason TEXT NOT NULL, detail TEXT NOT NULL, payload_head BLOB NOT NULL);
+    reason TEXT NOT NULL, detail TEXT NOT NULL, payload_head BLOB NOT NULL,
+    payload_bytes INTEGER NOT NULL DEFAULT 0, published INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS seen (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, digest BLOB NOT NULL UNIQUE);
 """
 
 # Dead letters keep only the first bytes: enough to diagnose, never a copy of a huge payload.
 PAYLOAD_HEAD_BYTES = 128
+# Digests of the last messages taken in, to recognise redeliveries. A journaled message is
+# redelivered only if its PUBACK was lost (crash or disconnect right after the commit), and
+# the broker holds at most Receive Maximum unacknowledged messages, so a few thousand would
+# do; the margin also catches sensors that resend after a broker restart. 16 bytes plus
+# index per digest: about 3 MB.
+SEEN_KEEP = 50_000
+# Prune the digest table once it is this far over SEEN_KEEP (amortises the DELETE).
+SEEN_SLACK = 5_000
 
 
 class Store:
@@ -42,7 +54,17 @@ class Store:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute(f"PRAGMA synchronous={synchronous}")
         self.db.executescript(SCHEMA)
+        self._migrate()
         self._journal_rows = self.db.execute("SELECT count(*) FROM readings").fetchone()[0]
+        self._seen_rows = self.db.execute("SELECT count(*) FROM seen").fetchone()[0]
+
+    def _migrate(self) -> None:
+        """Add columns that databases written by older versions lack."""
+        have = {row[1] for row in self.db.execute("PRAGMA table_info(deadletters)")}
+        for col in ("payload_bytes", "published"):
+            if col not in have:
+                self.db.execute(f"ALTER TABLE deadletters ADD COLUMN {col} INTEGER NOT NULL "
+                                "DEFAULT 0")
 
     def close(self) -> None:
         self.db.close()
@@ -67,6 +89,19 @@ class Store:
             [(stream, ts, json.dumps(vals)) for ts, vals in rows])
         self._journal_rows += len(rows)  # upper bound; refreshed on prune
 
+    def seen(self, topic: str, payload: bytes) -> bool:
+        """Remember a message; True if the same topic and payload were taken in before."""
+        digest = hashlib.blake2b(topic.encode() + b"\0" + payload, digest_size=16).digest()
+        cur = self.db.execute("INSERT OR IGNORE INTO seen (digest) VALUES (?)", (digest,))
+        if cur.rowcount == 0:
+            return True
+        self._seen_rows += 1
+        if self._seen_rows > SEEN_KEEP + SEEN_SLACK:
+            cur = self.db.execute("DELETE FROM seen WHERE id <= (SELECT max(id) FROM seen) - ?",
+                                  (SEEN_KEEP,))
+            self._seen_rows -= cur.rowcount
+        return False
+
     def close_window(self, stream: str, window: int) -> None:
         """Record that a window was handed to inference (so a crash re-runs it)."""
         self.db.execute("INSERT OR IGNORE INTO windows VALUES (?, ?, ?)",
@@ -87,6 +122,19 @@ class Store:
     def closed_windows(self) -> list[tuple[str, int]]:
         """Windows handed to inference that have no result yet."""
         return list(self.db.execute("SELECT stream, window FROM windows ORDER BY closed_ts"))
+
+    def window_marks(self, stream: str) -> tuple[int | None, set[int]]:
+        """The highest window closed so far, and the closed ones still without a result.
+
+        Windows may finish out of order, so the highest closed window alone would lose the
+        earlier ones a crash cut off; those come back as the set, to be re-run.
+        """
+        pending = {int(k) for (k,) in self.db.execute(
+            "SELECT window FROM windows WHERE stream = ?", (stream,))}
+        row = self.db.execute("SELECT max(window) FROM results WHERE stream = ?",
+                              (stream,)).fetchone()
+        marks = ([int(row[0])] if row[0] is not None else []) + list(pending)
+        return (max(marks) if marks else None), pending
 
     def prune(self, stream: str, before_ts: float) -> None:
         """Forget readings no open window needs any more."""
@@ -152,10 +200,26 @@ class Store:
         self.db.execute("UPDATE results SET published = 1 WHERE id = ?", (result_id,))
 
     # dead letters ------------------------------------------------------------------------
-    def add_deadletter(self, topic: str, reason: str, detail: str, payload: bytes) -> None:
-        self.db.execute("INSERT INTO deadletters (ts, topic, reason, detail, payload_head) "
-                        "VALUES (?, ?, ?, ?, ?)",
-                        (time.time(), topic, reason, detail, payload[:PAYLOAD_HEAD_BYTES]))
+    def add_deadletter(self, topic: str, reason: str, detail: str, payload: bytes) -> int:
+        """Record a rejected input (its first bytes only); returns its id."""
+        cur = self.db.execute(
+            "INSERT INTO deadletters (ts, topic, reason, detail, payload_head, payload_bytes) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            (time.time(), topic, reason, detail, payload[:PAYLOAD_HEAD_BYTES], len(payload)))
+        return int(cur.lastrowid or 0)
 
     def deadletter_counts(self) -> dict[str, int]:
+        """Dead letters by reason."""
         return dict(self.db.execute("SELECT reason, count(*) FROM deadletters GROUP BY reason"))
+
+    def unpublished_deadletters(self, limit: int = 100) -> list[dict[str, object]]:
+        """Dead letters not yet confirmed published on MQTT, oldest first, as JSON documents."""
+        cur = self.db.execute(
+            "SELECT id, ts, topic, reason, detail, payload_head, payload_bytes FROM deadletters "
+            "WHERE published = 0 ORDER BY id LIMIT ?", (limit,))
+        return [{"id": i, "ts": ts, "topic": topic, "reason": reason, "detail": detail,
+                 "payload_head": bytes(head).hex(), "payload_bytes": size}
+                for i, ts, topic, reason, detail, head, size in cur]
+
+    def mark_deadletter_published(self, deadletter_id: int) -> None:
+        self.db.execute("UPDATE deadletters SET published = 1 WHERE id = ?", (deadletter_id,))

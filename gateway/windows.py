@@ -31,19 +31,26 @@ class WindowBuffer:
     the same after a crash, a redelivery or a restart, which is what deduplication keys on.
     """
 
-    def __init__(self, cfg: StreamConfig, closed_upto: int | None = None) -> None:
+    def __init__(self, cfg: StreamConfig, closed_upto: int | None = None,
+                 rerun: set[int] | None = None) -> None:
         self.cfg = cfg
         self.readings: dict[float, dict[str, float]] = {}
         self.open: set[int] = set()
         self.closed_upto = closed_upto if closed_upto is not None else -(1 << 62)
+        # Windows at or below closed_upto that a crash cut off: they may open once more.
+        self.rerun: set[int] = set(rerun or ())
         self.watermark = -math.inf
         self.last_arrival = time.monotonic()
         self.duplicates = 0
 
-    def _windows_of(self, ts: float) -> range:
+    def _windows_of(self, ts: float) -> list[int]:
         n = round(ts * self.cfg.rate_hz)
         hop, win = self.cfg.hop_samples, self.cfg.window
-        return range(max(math.ceil((n - win + 1) / hop), self.closed_upto + 1), n // hop + 1)
+        first = math.ceil((n - win + 1) / hop)
+        ks = range(max(first, self.closed_upto + 1), n // hop + 1)
+        if not self.rerun:
+            return list(ks)
+        return sorted({k for k in range(first, n // hop + 1) if k in self.rerun}.union(ks))
 
     def bounds(self, k: int) -> tuple[float, float]:
         """Start and end time of window k."""
@@ -72,6 +79,10 @@ class WindowBuffer:
         self.last_arrival = time.monotonic()
         return True
 
+    def hold_idle(self, now_mono: float) -> None:
+        """Silence while the gateway cannot listen (broker gone, backpressure) is not idling."""
+        self.last_arrival = max(self.last_arrival, now_mono)
+
     def due(self, now_mono: float) -> list[int]:
         """Open windows that should close now: passed by the watermark, or the stream idles."""
         idle = now_mono - self.last_arrival >= self.cfg.idle_close_s
@@ -81,6 +92,7 @@ class WindowBuffer:
     def close(self, k: int, now_mono: float) -> ClosedWindow:
         """Cut window k out of the buffer and align it onto the sample grid."""
         self.open.discard(k)
+        self.rerun.discard(k)
         self.closed_upto = max(self.closed_upto, k)
         start, end = self.bounds(k)
         stamps = [t for t in self.readings if start - 0.5 / self.cfg.rate_hz <= t < end]

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections import OrderedDict
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
+
+# onnxruntime 1.31 on Linux records a device id for telemetry unless told not to.
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 import onnxruntime as ort
+
 from edgetok.models.bundle import BundleError, Manifest, load_manifest
 
 log = logging.getLogger(__name__)

@@ -125,7 +125,8 @@ install_venv() {
     # No [build] extra: torch and the model toolchain are for building bundles, elsewhere.
     "$R$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "$tmp" \
         || die "pip install failed"
-    if "$R$VENV/bin/python" -c 'import importlib.util as u, sys; sys.exit(u.find_spec("torch") is None)'; then
+    if "$R$VENV/bin/python" -c \
+        'import importlib.util as u, sys; sys.exit(u.find_spec("torch") is None)'; then
         die "torch ended up in $R$VENV; the runtime must not depend on it"
     fi
     [ -x "$R$VENV/bin/edgetok" ] || die "the venv has no edgetok command"

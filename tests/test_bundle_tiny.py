@@ -233,3 +233,7 @@ def test_report_beside_the_bundle(tiny_bundle: Path) -> None:
     for name in report["plots"]:
         assert (tiny_bundle / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(report["plots"]) == 3
+    raw = report["ratios"]["0.50"]["before_recovery"]
+    assert raw["param_distortion"] > 0 and 0 <= raw["accuracy"] <= 1
+    assert report["ratios"]["0.00"]["before_recovery"] is None
+    assert set(report["distortion_bound"]) == {"after_recovery", "before_recovery"}

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
+from edgetok.agent.coordinator.config import ControllerConfig
 from edgetok.agent.coordinator.model import gain_from_rate, rate_bps
-from edgetok.agent.coordinator.online import ControllerConfig, OnlineController
+from edgetok.agent.coordinator.online import OnlineController
 from edgetok.agent.coordinator.synthetic import synthetic_manifest
 from edgetok.control import Decision, Telemetry
 
@@ -206,3 +207,28 @@ def test_rate_model_agrees_with_the_simulated_measurement() -> None:
     Sim(ctl).run("gw1", range(5), gain(3e6))
     env, _ = ctl.environment("gw1", 5.0)
     assert float(rate_bps(P_MAX, env)) == pytest.approx(3e6, rel=1e-6)
+
+
+def test_step_settles_a_shared_cell_in_one_round() -> None:
+    ctl = OnlineController(config(budget={"deadline_ms": 60.0, "privacy_min_split": 0}),
+                           MANIFEST)
+    sim = Sim(ctl)
+    for i in range(6):
+        sim.report(f"g{i}", 0.0, gain(20e6), cell="ap")
+    for t in range(1, 4):
+        decisions = ctl.step(float(t))
+        assert len({d.gateway for d in decisions}) == len(decisions)
+        sending = [g for g in ctl.gateways if ctl.current(g).split < 4]  # type: ignore[union-attr]
+        # Every transmitting gateway planned with the share it really gets.
+        for g in sending:
+            assert ctl.environment(g, float(t))[0].bandwidth_hz == pytest.approx(B / len(sending))
+        for i in range(6):
+            sim.report(f"g{i}", float(t), gain(20e6), cell="ap")
+
+
+def test_latency_margin_is_for_planning_only() -> None:
+    ctl = OnlineController(config(latency_margin=0.2, budget={"deadline_ms": 60.0}), MANIFEST)
+    Sim(ctl).report("gw1", 0.0, gain(20e6))
+    d = ctl.decide("gw1", 0.0)
+    assert d is not None and d.feasible
+    assert d.latency_ms <= 60.0 * 0.8 * (1 + 1e-9)

@@ -24,8 +24,9 @@ INSTALL_TIMEOUT_S = 900
 
 def run(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     """Run install.sh with `args`; output is kept for failure messages."""
-    proc = subprocess.run(["bash", str(INSTALL), *args], capture_output=True, text=True,
-                          timeout=INSTALL_TIMEOUT_S)
+    proc = subprocess.run(
+        ["bash", str(INSTALL), *args], capture_output=True, text=True, timeout=INSTALL_TIMEOUT_S
+    )
     if check:
         assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc
@@ -34,8 +35,15 @@ def run(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
 def test_help_names_every_option() -> None:
     """--help documents install, uninstall and the staging options."""
     out = run("--help").stdout
-    for option in ("--prefix", "--root", "--with-actuators", "--uninstall", "--purge",
-                   "--units-only", "--python"):
+    for option in (
+        "--prefix",
+        "--root",
+        "--with-actuators",
+        "--uninstall",
+        "--purge",
+        "--units-only",
+        "--python",
+    ):
         assert option in out
 
 
@@ -116,13 +124,18 @@ def test_full_install_has_runtime_without_torch(tmp_path: Path) -> None:
         "import edgetok, pathlib; print(pathlib.Path(edgetok.__file__).resolve())\n"
     )
     # Run from the temporary root so the checkout's folders cannot shadow the installed package.
-    proc = subprocess.run([str(venv_python), "-c", probe], capture_output=True, text=True,
-                          cwd=tmp_path, timeout=120)
+    proc = subprocess.run(
+        [str(venv_python), "-c", probe], capture_output=True, text=True, cwd=tmp_path, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr
     assert Path(proc.stdout.strip()).is_relative_to(tmp_path / VENV)
     # The entry point the units start exists and runs.
-    cli = subprocess.run([str(tmp_path / VENV / "bin" / "edgetok"), "--help"],
-                         capture_output=True, text=True, timeout=120)
+    cli = subprocess.run(
+        [str(tmp_path / VENV / "bin" / "edgetok"), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert cli.returncode == 0 and "gateway" in cli.stdout
     # And systemd accepts the installed units with that real executable in ExecStart=.
     analyze = shutil.which("systemd-analyze")
@@ -132,10 +145,20 @@ def test_full_install_has_runtime_without_torch(tmp_path: Path) -> None:
         for unit in UNITS:
             text = (tmp_path / UNIT_DIR / unit).read_text()
             (staged / unit).write_text(text.replace("/opt/edgetok/", f"{tmp_path}/opt/edgetok/"))
-        proc = subprocess.run([analyze, "verify", "--recursive-errors=no", "--man=no",
-                               *(str(staged / u) for u in UNITS)],
-                              capture_output=True, text=True, timeout=120)
+        proc = subprocess.run(
+            [
+                analyze,
+                "verify",
+                "--recursive-errors=no",
+                "--man=no",
+                *(str(staged / u) for u in UNITS),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert proc.returncode == 0 and not proc.stdout.strip() and not proc.stderr.strip(), (
-            proc.stdout + proc.stderr)
+            proc.stdout + proc.stderr
+        )
     run("--root", str(tmp_path), "--uninstall")
     assert not (tmp_path / VENV).exists()

@@ -17,7 +17,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import textwrap
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -31,6 +30,8 @@ from conftest import Broker
 
 ROOT = Path(__file__).resolve().parent.parent
 SYSTEMD = Path("/usr/lib/systemd/systemd")
+# What the unit runs instead of the daemon (a file of its own, so it is linted like the rest).
+PROBE = Path(__file__).with_name("test_systemd_probe.py")
 UNIT = "edgetok-gateway.service"
 # Where the test directory (probe, model, control files) appears inside the sandbox.
 INNER = "/opt/edgetok-test"
@@ -59,110 +60,6 @@ mknod -m 0000 blk b 0 0
 chmod 0000 sock
 exec "$SYSTEMD" --user
 """
-
-PROBE = r'''
-"""Stand-in for the daemon's start-up under systemd; prints one JSON object per event."""
-import asyncio, errno, json, mmap, os, signal, socket, subprocess, sys, time
-
-import numpy as np
-import onnxruntime as ort
-
-from edgetok import sdnotify
-from edgetok.mqttlink import MqttSession
-from edgetok.settings import MqttSettings
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-STALL_LIMIT_S = 0.5
-
-
-def emit(event, **kw):
-    print(json.dumps({"event": event, "t": time.monotonic(), "pid": os.getpid(), **kw}),
-          flush=True)
-
-
-def attempt(fn):
-    try:
-        fn()
-        return "ok"
-    except OSError as exc:
-        return errno.errorcode.get(exc.errno, str(exc.errno))
-
-
-def write(path):
-    with open(path, "w") as f:
-        f.write("x")
-
-
-def sandbox_facts():
-    state = os.environ.get("STATE_DIRECTORY", "")
-    sess = ort.InferenceSession(os.path.join(HERE, "m.onnx"), providers=["CPUExecutionProvider"])
-    y = sess.run(None, {"x": np.ones((2, 16), np.float32)})[0]
-    return {
-        "uid": os.getuid(),
-        "state_dir": state,
-        "write_state": attempt(lambda: write(os.path.join(state, "probe"))),
-        "write_etc": attempt(lambda: write("/etc/edgetok-probe")),
-        "write_usr": attempt(lambda: write("/usr/edgetok-probe")),
-        "netlink": attempt(lambda: socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0).close()),
-        "wx_memory": attempt(lambda: mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_WRITE
-                                                | mmap.PROT_EXEC).close()),
-        "ort_output": list(y.shape),
-        "ort_sum": float(y.sum()),
-        "credentials": os.environ.get("CREDENTIALS_DIRECTORY"),
-        "watchdog_s": sdnotify.watchdog_interval_s(),
-    }
-
-
-async def serve(port):
-    emit("start", **sandbox_facts())
-    settings = MqttSettings(host="127.0.0.1", port=port, reconnect_min_s=0.2,
-                            reconnect_max_s=0.5, session_expiry_s=0)
-    session = MqttSession(settings, f"etk-probe-{os.getpid()}", password=None,
-                          manual_ack=False)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    progress = time.monotonic()
-
-    async def pipeline():
-        nonlocal progress
-        while True:
-            if not os.path.exists(os.path.join(HERE, "stall")):
-                progress = time.monotonic()
-            await asyncio.sleep(0.05)
-
-    dog = sdnotify.Watchdog(lambda: time.monotonic() - progress < STALL_LIMIT_S)
-    async with asyncio.TaskGroup() as tg:
-        mqtt = tg.create_task(session.run())
-        emit("connecting")
-        await session.connected.wait()
-        emit("mqtt_connected")
-        sdnotify.notify(sdnotify.READY, sdnotify.status("probe: broker connected, model loaded"))
-        emit("ready_sent")
-        work = tg.create_task(pipeline())
-        ping = tg.create_task(dog.run())
-        await stop.wait()
-        sdnotify.notify(sdnotify.STOPPING)
-        emit("stopping", pings=dog.pings)
-        work.cancel()
-        ping.cancel()
-        await session.close()
-        await mqtt
-
-
-def tc():
-    cmd = ["tc", "qdisc", "replace", "dev", "lo", "root", "tbf", "rate", "1mbit",
-           "burst", "32kbit", "latency", "400ms"]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    emit("tc", rc=proc.returncode, stderr=proc.stderr.strip(), uid=os.getuid())
-    sdnotify.notify(sdnotify.READY)
-
-
-if sys.argv[1] == "serve":
-    asyncio.run(serve(int(sys.argv[2])))
-else:
-    tc()
-'''
 
 
 def _write_model(path: Path) -> None:
@@ -276,13 +173,9 @@ def manager() -> Iterator[Manager]:
             proc.kill()
             proc.wait()
             log.close()
+            why = (runtime / "manager.log").read_text(errors="replace")[-500:]
             shutil.rmtree(runtime, ignore_errors=True)
-            pytest.skip(
-                "a private systemd --user manager did not come up: "
-                + (runtime / "manager.log").read_text(errors="replace")[-500:]
-                if (runtime / "manager.log").exists()
-                else "no log"
-            )
+            pytest.skip(f"a private systemd --user manager did not come up: {why}")
         time.sleep(0.1)
     # PID 1's notify socket is world-writable, so services under any User= can send READY=1;
     # a user manager's is not (its services normally share its UID). Match PID 1.
@@ -351,7 +244,7 @@ def install(manager: Manager) -> Iterator[Callable[..., Installed]]:
         workdir = Path(tempfile.mkdtemp(prefix="etk-probe-"))
         workdir.chmod(0o755)
         made.append(workdir)
-        (workdir / "probe.py").write_text(textwrap.dedent(PROBE))
+        shutil.copy(PROBE, workdir / "probe.py")
         _write_model(workdir / "m.onnx")
         for f in workdir.iterdir():
             f.chmod(0o644)

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import grp
+import os
 import re
+import shlex
 import shutil
+import stat
 import subprocess
 from pathlib import Path
 
@@ -226,3 +230,35 @@ def test_units_deliver_every_secret_the_code_reads() -> None:
         loaded = {v.split(":", 1)[0] for v in values(unit, "Service", "LoadCredential")}
         assert wanted, f"no read_secret() calls found under {package}/"
         assert wanted <= loaded, (name, wanted - loaded)
+
+
+def _unit_command(text: str, key: str) -> list[str]:
+    """The argv of `key` (continuation lines joined, prefixes stripped, $$ unescaped)."""
+    joined = re.sub(r"\\\n", " ", text)
+    line = next(v for _, k, v in parse_unit(joined) if k == key)
+    return [a.replace("$$", "$") for a in shlex.split(line.lstrip("-+@:!"))]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chgrp to another group needs root")
+def test_cpufreq_grant_touches_only_the_knobs(tmp_path: Path) -> None:
+    """The drop-in's ExecStartPre= gives the group write access to exactly the listed knobs."""
+    argv = _unit_command((SYSTEMD_DIR / DROPIN).read_text(), "ExecStartPre")
+    group = grp.getgrgid(1).gr_name  # any group other than root's stands in for 'edgetok'
+    fake = tmp_path / "cpufreq"
+    knobs = ("scaling_governor", "scaling_setspeed", "scaling_min_freq", "scaling_max_freq")
+    (fake / "policy0").mkdir(parents=True)
+    (fake / "policy1").mkdir()
+    for name in (*knobs, "scaling_cur_freq"):
+        (fake / "policy0" / name).write_text("0\n")
+        (fake / "policy0" / name).chmod(0o644)
+    (fake / "policy1" / "scaling_max_freq").write_text("0\n")  # a policy with fewer knobs
+    script = argv[-1].replace("/sys/devices/system/cpu/cpufreq", str(fake))
+    script = script.replace("chgrp edgetok", f"chgrp {group}")
+    proc = subprocess.run([*argv[:-1], script], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    for name in knobs:
+        st = (fake / "policy0" / name).stat()
+        assert st.st_gid == 1 and st.st_mode & stat.S_IWGRP, name
+    assert (fake / "policy1" / "scaling_max_freq").stat().st_gid == 1
+    untouched = (fake / "policy0" / "scaling_cur_freq").stat()
+    assert untouched.st_gid == 0 and not untouched.st_mode & stat.S_IWGRP

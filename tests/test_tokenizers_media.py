@@ -189,14 +189,18 @@ def test_png_patches_are_exact_vit_layout() -> None:
     assert (batch.timestamps == 42.0).all() and (batch.modality == Modality.IMAGE).all()
 
 
-def test_jpeg_resize_and_normalise_match_pillow_pipeline() -> None:
-    img = RNG.integers(0, 256, size=(300, 400, 3), dtype=np.uint8)
-    data = _encode(img, "JPEG", quality=90)
+@pytest.mark.parametrize(("shape", "fmt", "mode"), [
+    ((300, 400, 3), "JPEG", "RGB"), ((224, 224, 3), "JPEG", "RGB"),
+    ((224, 224, 4), "PNG", "RGBA"), ((100, 150), "PNG", "L")])
+def test_decode_resize_normalise_match_pillow_pipeline(shape: tuple[int, ...], fmt: str,
+                                                       mode: str) -> None:
+    img = RNG.integers(0, 256, size=shape, dtype=np.uint8)
+    data = _encode(img, fmt, **({"quality": 90} if fmt == "JPEG" else {}))
     batch = ImageConfig().build().tokenize([data, data])
     ref = np.asarray(Image.open(io.BytesIO(data)).convert("RGB").resize(
         (224, 224), Image.Resampling.BILINEAR), np.float32) / 255.0
     ref = (ref - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225])
-    assert batch.vectors is not None
+    assert batch.vectors is not None and Image.open(io.BytesIO(data)).mode == mode
     got = batch.vectors[1].reshape(14, 14, 16, 16, 3).transpose(0, 2, 1, 3, 4)
     np.testing.assert_allclose(got.reshape(224, 224, 3), ref, atol=1e-5)
 

@@ -121,12 +121,16 @@ class ImageTokenizer:
                 # Let libjpeg decode at 1/2..1/8 scale when the image is much larger than the
                 # target: most of the decode cost disappears, quality stays above the resize.
                 im.draft(self.mode, (cfg.image_size, cfg.image_size))
-            rgb = im.convert(self.mode)
+            im.load()
+            # Skip the copies convert() and resize() make when there is nothing to do: a
+            # camera that already sends model-sized RGB frames pays for the decode only.
+            rgb = im if im.mode == self.mode else im.convert(self.mode)
             scale_x, scale_y = rgb.size[0] / w, rgb.size[1] / h
             box = (target[0] * scale_x, target[1] * scale_y, target[2] * scale_x,
                    target[3] * scale_y)
-            out = rgb.resize((cfg.image_size, cfg.image_size), _RESAMPLE[cfg.resample],
-                             box=box)
+            side = cfg.image_size
+            out = (rgb if rgb.size == (side, side) and box == (0.0, 0.0, side, side)
+                   else rgb.resize((side, side), _RESAMPLE[cfg.resample], box=box))
             arr = np.asarray(out, dtype=np.uint8)
         except Exception as e:  # truncated or corrupt data surfaces only while decoding
             raise TokenizeError("undecodable", f"image data does not decode: {e}", index) from e

@@ -1,1 +1,8 @@
-"""Coordinator: system model, solver, online controller and policies."""
+"""Coordinator: system model, solver, online controller and policies.
+
+Modules: `model` (options from a bundle profile; latency and energy), `solver` (exact
+per-option (f, p) and the global choice; the brute-force grid it is tested against),
+`policies` (joint, device-only, server-only, fixed-split), `config` (ControllerConfig),
+`online` (OnlineController), `scenario` and `plan` (`edgetok plan`), `synthetic` (made-up
+manifests for tests and what-if planning). numpy and pydantic only: no torch, no scipy.
+"""

@@ -1,0 +1,75 @@
+"""The coordinator's config: the scenario tables plus the online controller's tunables.
+
+The edge server embeds ControllerConfig in its own config (e.g. as [coordinator]).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from edgetok.agent.coordinator.model import Objective
+from edgetok.agent.coordinator.scenario import BudgetTable, DeviceTable, LinkTable, ServerTable
+from edgetok.control import PolicyName
+from edgetok.settings import Strict
+
+
+class ControllerConfig(Strict):
+    """The coordinator's settings, embedded in the edge server's config as [coordinator]."""
+
+    policy: PolicyName = Field("joint", description="Decision policy: joint, device-only, "
+                               "server-only or fixed-split.")
+    objective: Objective = Field("accuracy", description="What to minimise: 'accuracy' "
+                                 "(1 − profiled accuracy) or 'output_distortion'.")
+    link: LinkTable = Field(description="Uplink; `gain` is the nominal (prior) channel gain.")
+    device: DeviceTable = Field(description="Gateway CPU (the same for every gateway).")
+    server: ServerTable = Field(default_factory=ServerTable,
+                                description="Tail slowdown and base queueing delay.")
+    budget: BudgetTable = Field(description="Deadline, per-window energy cap, privacy floor.")
+    average_energy_mj: float | None = Field(
+        None, gt=0, description="Long-term average energy per window (mJ), enforced with a "
+        "Lyapunov virtual queue; omit to minimise distortion alone.")
+    lyapunov_v: float = Field(
+        1e5, gt=0, description="Drift-plus-penalty weight V (mJ² per unit distortion): larger "
+        "stays closer to the best accuracy (gap O(1/V)) but lets the energy queue, i.e. the "
+        "overspend before it is paid back, grow as O(V); it also scales the switch cost.")
+    ewma_alpha: float = Field(
+        0.3, gt=0, le=1, description="Smoothing of every estimate: larger reacts faster to a "
+        "change and follows noise more.")
+    gain_alpha_down: float = Field(
+        0.8, gt=0, le=1, description="Smoothing of the gain estimate when a sample is below it: "
+        "near 1 follows a fading dip at once (fewer missed deadlines), at the price of "
+        "reacting to a single bad sample.")
+    latency_margin: float = Field(
+        0.1, ge=0, lt=1, description="Fraction of the deadline held back when planning, for "
+        "estimation error: fewer missed deadlines, a little more energy.")
+    gain_prior_sigma_db: float = Field(
+        6.0, ge=0, description="Uncertainty of the gain (dB) before a gateway has reported "
+        "any throughput: a newcomer is planned this conservatively at first.")
+    gain_backoff_sigma: float = Field(
+        2.0, ge=0, description="Plan against the gain this many standard deviations (of the "
+        "smoothed log-gain) below its mean: robustness to fading, at some efficiency.")
+    resolve_threshold: float = Field(
+        0.1, gt=0, description="Relative change of an estimate (gain, compute speed, queue, "
+        "bandwidth share) that triggers a re-solve.")
+    resolve_interval_s: float = Field(5.0, gt=0, description="Re-solve at least this often.")
+    switch_cost: float = Field(
+        0.005, ge=0, description="Distortion a different option must save before the gateway "
+        "swaps variants (against flapping).")
+    switch_energy_frac: float = Field(
+        0.1, ge=0, description="Relative energy an equally good option must save to justify "
+        "a swap.")
+    actuation_tolerance: float = Field(
+        0.05, ge=0, description="Relative change of clock or power worth a new decision.")
+    bandwidth_sharing: Literal["none", "equal"] = Field(
+        "equal", description="How gateways on one cell share its bandwidth: 'equal' splits B "
+        "among those transmitting, 'none' gives each the whole band.")
+    cells: dict[str, str] = Field(
+        default_factory=dict, description="Gateway id → cell id; overrides telemetry `cell`. "
+        "Gateways with no cell have one of their own.")
+    server_workers: int = Field(1, ge=1, description="Tail workers serving the gateways in "
+                                "parallel (for the queueing model).")
+    stale_after_s: float = Field(
+        30.0, gt=0, description="Without uplink measurements for this long the gain estimate "
+        "relaxes back to the nominal gain, so a gateway that went device-only is retried.")

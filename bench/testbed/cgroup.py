@@ -1,0 +1,146 @@
+"""CPU quota groups for emulated gateways: cgroup v2 cpu.max, or cgroup v1 CFS quota."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+V1_CPU = CGROUP_ROOT / "cpu"
+# 100 ms is the kernel's default CFS period; a shorter one smooths throttling (a 10% quota
+# then stalls a process for at most 90 ms at a time) at some scheduler overhead.
+CPU_PERIOD_US = 100_000
+# How often the cpu.max bridge (v1 hosts) looks for a write by the gateway's actuator.
+BRIDGE_POLL_S = 0.05
+
+
+class CgroupError(RuntimeError):
+    """No usable CPU controller, or a cgroup operation failed."""
+
+
+def detect() -> str | None:
+    """'v2' if the unified hierarchy has the cpu controller, 'v1' if a v1 cpu hierarchy is
+    mounted, else None."""
+    ctl = CGROUP_ROOT / "cgroup.controllers"
+    if ctl.is_file() and "cpu" in ctl.read_text().split():
+        return "v2"
+    if (V1_CPU / "cpu.cfs_quota_us").is_file():
+        return "v1"
+    return None
+
+
+class CpuGroup:
+    """One cgroup that caps a process tree at a share of one core."""
+
+    def __init__(self, name: str, bridge_dir: Path | None = None) -> None:
+        self.version = detect()
+        if self.version is None:
+            raise CgroupError("no cgroup cpu controller (neither v2 cpu.max nor v1 cpu)")
+        root = CGROUP_ROOT if self.version == "v2" else V1_CPU
+        self.path = root / name
+        self.share: float | None = None
+        self.bridge_dir = bridge_dir
+        self._bridge: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    def create(self) -> CpuGroup:
+        """Make the cgroup (enabling the v2 cpu controller for children if needed)."""
+        if self.version == "v2":
+            sub = CGROUP_ROOT / "cgroup.subtree_control"
+            if "cpu" not in sub.read_text().split():
+                sub.write_text("+cpu")
+        self.path.mkdir(exist_ok=True)
+        if self.bridge_dir is not None and self.version == "v1":
+            self._start_bridge()
+        return self
+
+    @property
+    def procs_file(self) -> Path:
+        return self.path / "cgroup.procs"
+
+    def set_share(self, share: float | None) -> None:
+        """Cap at `share` of one core (None: no cap)."""
+        if share is None:
+            quota = None
+        else:
+            quota = max(int(share * CPU_PERIOD_US), 1000)  # the kernel's floor is 1 ms
+        if self.version == "v2":
+            (self.path / "cpu.max").write_text(
+                f"{'max' if quota is None else quota} {CPU_PERIOD_US}")
+        else:
+            (self.path / "cpu.cfs_period_us").write_text(str(CPU_PERIOD_US))
+            (self.path / "cpu.cfs_quota_us").write_text(str(-1 if quota is None else quota))
+        self.share = share
+        log.info("%s: CPU quota %s", self.path.name,
+                 "none" if share is None else f"{share:.0%} of a core")
+
+    def actuator_dir(self) -> Path:
+        """The directory whose cpu.max the gateway's emulated CPU actuator writes.
+
+        On v2 it is the cgroup itself. On v1 there is no cpu.max, so a bridge file under
+        `bridge_dir` is mirrored into cpu.cfs_quota_us by a thread of this process."""
+        if self.version == "v2":
+            return self.path
+        if self.bridge_dir is None:
+            raise CgroupError("v1 host: pass bridge_dir to get a cpu.max for the actuator")
+        return self.bridge_dir
+
+    def _start_bridge(self) -> None:
+        assert self.bridge_dir is not None
+        self.bridge_dir.mkdir(parents=True, exist_ok=True)
+        f = self.bridge_dir / "cpu.max"
+        f.write_text(f"max {CPU_PERIOD_US}\n")
+        self._bridge = threading.Thread(target=self._mirror, args=(f,), daemon=True,
+                                        name=f"cpumax-{self.path.name}")
+        self._bridge.start()
+
+    def _mirror(self, f: Path) -> None:
+        seen = f.stat().st_mtime_ns
+        while not self._stop.wait(BRIDGE_POLL_S):
+            try:
+                mtime = f.stat().st_mtime_ns
+                if mtime == seen:
+                    continue
+                seen = mtime
+                quota, period = f.read_text().split()[:2]
+                share = None if quota == "max" else int(quota) / int(period)
+                self.set_share(share)
+            except (OSError, ValueError) as exc:  # a torn write is retried on the next poll
+                log.debug("cpu.max bridge: %s", exc)
+
+    def pids(self) -> list[int]:
+        try:
+            return [int(x) for x in self.procs_file.read_text().split()]
+        except OSError:
+            return []
+
+    def remove(self) -> None:
+        """Kill what is left inside, then remove the cgroup (and stop the bridge)."""
+        self._stop.set()
+        if not self.path.exists():
+            return
+        for _ in range(50):
+            pids = self.pids()
+            if not pids:
+                break
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            time.sleep(0.05)
+        try:
+            self.path.rmdir()
+        except OSError as exc:
+            log.warning("cannot remove cgroup %s: %s", self.path, exc)
+
+
+def stale_groups(prefix: str) -> list[Path]:
+    """cgroups whose names start with `prefix`, in whichever hierarchy is in use."""
+    root = CGROUP_ROOT if detect() == "v2" else V1_CPU
+    return sorted(root.glob(f"{prefix}*")) if root.is_dir() else []

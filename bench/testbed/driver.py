@@ -1,0 +1,189 @@
+"""Sensor side of the test bed: replay BasicMotions to every gateway at a fixed window rate,
+record publish times, and collect results, frames and decisions from the broker.
+
+Runs next to the broker (inside the server namespace), so the sensors' readings reach the
+gateways over the unshaped downlink direction, and recording costs the uplink nothing.
+
+Each window goes out as one JSON chunk message holding its readings plus the first reading
+of the next window: that reading moves the gateway's watermark past the window's end, so the
+window closes on this message (with lateness_ms = 0). The end-to-end latency of a window is
+`result.created_ts - t_pub`, where t_pub is the wall time just before that message was
+handed to the client; the gateway can close the window no earlier than the message arrives.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgetok.frames import FrameError, decode_frame
+from edgetok.replay import DEFAULT_CHANNELS, load_dataset
+
+log = logging.getLogger("testbed.driver")
+
+PREFIX = "edgetok"
+# Readings of a 10 s BasicMotions window; with the next window's first reading, 101 per message.
+WINDOW = 100
+RATE_HZ = 10.0
+
+
+def chunk(x: np.ndarray, start_ts: float, nxt: np.ndarray | None, first: bool) -> bytes:
+    """JSON for one window (readings 1..T-1, or 0..T-1 for the first) plus the next one's
+    reading 0, which closes it."""
+    t = start_ts + np.arange(x.shape[1]) / RATE_HZ
+    sl = slice(0 if first else 1, None)
+    ts = [round(float(v), 6) for v in t[sl]]
+    cols = {c: [float(v) for v in x[k, sl]] for k, c in enumerate(DEFAULT_CHANNELS)}
+    if nxt is not None:
+        ts.append(round(start_ts + x.shape[1] / RATE_HZ, 6))
+        for k, c in enumerate(DEFAULT_CHANNELS):
+            cols[c].append(float(nxt[k, 0]))
+    return json.dumps({"ts": ts, **cols}).encode()
+
+
+class Driver:
+    """Replays to N gateways and records everything the broker shows."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.gateways: list[str] = args.gateways.split(",")
+        x, labels = load_dataset(args.dataset, "test")
+        reps = math.ceil((args.warmup + args.windows + 1) / len(x))
+        self.x = np.concatenate([x] * reps)[: args.warmup + args.windows + 1]
+        self.labels = (labels * reps)[: args.warmup + args.windows + 1]
+        window_s = WINDOW / RATE_HZ
+        total = len(self.x) * window_s
+        # Windows on the gateway's grid, all in the recent past (the gateway rejects readings
+        # from the future and keeps windows keyed by start time / window length).
+        self.base_ts = math.floor((time.time() - total - window_s) / window_s) * window_s
+        self.window_s = window_s
+        self.online: dict[str, asyncio.Event] = {g: asyncio.Event() for g in self.gateways}
+        self.sent: list[dict[str, Any]] = []
+        self.results: dict[tuple[str, int], dict[str, Any]] = {}
+        self.frames: dict[tuple[str, int], int] = {}
+        self.decisions: list[dict[str, Any]] = []
+        self.expected: set[tuple[str, int]] = set()
+        self.done = asyncio.Event()
+
+    def seq(self, j: int) -> int:
+        return round(self.base_ts / self.window_s) + j
+
+    async def _listen(self, client: Any) -> None:
+        async for msg in client.messages:
+            topic = str(msg.topic)
+            parts = topic.split("/")
+            try:
+                if parts[1] == "uplink":
+                    header, _ = decode_frame(bytes(msg.payload))
+                    self.frames[(header.gateway, header.window)] = len(msg.payload)
+                elif parts[2] == "status":
+                    if json.loads(msg.payload).get("state") == "online" and \
+                            parts[1] in self.online:
+                        self.online[parts[1]].set()
+                elif parts[2] == "results":
+                    r = json.loads(msg.payload)
+                    r["received_ts"] = time.time()
+                    self.results[(r["gateway"], r["window"])] = r
+                    if self.expected and self.expected <= set(self.results):
+                        self.done.set()
+                elif parts[2] == "control":
+                    d = json.loads(msg.payload)
+                    d["received_ts"] = time.time()
+                    self.decisions.append(d)
+            except (ValueError, KeyError, IndexError, FrameError) as exc:
+                log.warning("unreadable message on %s: %s", topic, exc)
+
+    async def _feed(self, client: Any, g: int, gw: str, t0: float) -> None:
+        a = self.args
+        period = 1.0 / a.window_rate
+        offset = g * period / len(self.gateways)  # stagger gateways within a period
+        for j in range(a.warmup + a.windows):
+            delay = t0 + offset + j * period - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            body = chunk(self.x[j], self.base_ts + j * self.window_s, self.x[j + 1], j == 0)
+            t_pub = time.time()
+            await client.publish(a.topic.format(gw=gw), body, qos=1)
+            self.sent.append({"gateway": gw, "window": self.seq(j), "j": j, "t_pub": t_pub,
+                              "t_acked": time.time(), "bytes": len(body),
+                              "label": self.labels[j], "warmup": j < a.warmup})
+
+    async def run(self) -> dict[str, Any]:
+        import aiomqtt
+
+        from edgetok.mqttlink import NODELAY
+
+        a = self.args
+        async with aiomqtt.Client(a.host, a.port, identifier=f"etk-driver-{a.tag}",
+                                  timeout=30, socket_options=NODELAY) as client:
+            await client.subscribe(f"{PREFIX}/+/status", qos=1)
+            await client.subscribe(f"{PREFIX}/+/results/#", qos=1)
+            await client.subscribe(f"{PREFIX}/+/control", qos=1)
+            if a.frames:
+                await client.subscribe(f"{PREFIX}/uplink/+", qos=0)
+            listener = asyncio.create_task(self._listen(client))
+            try:
+                await asyncio.wait_for(asyncio.gather(*(e.wait() for e in self.online.values())),
+                                       a.online_timeout)
+            except TimeoutError:
+                missing = [g for g, e in self.online.items() if not e.is_set()]
+                raise SystemExit(f"gateways never came online: {missing}") from None
+            self.expected = {(gw, self.seq(j)) for gw in self.gateways
+                             for j in range(a.warmup + a.windows)}
+            started = time.time()
+            print(f"REPLAY START {started:.6f}", flush=True)
+            t0 = time.monotonic()
+            await asyncio.gather(*(self._feed(client, g, gw, t0)
+                                   for g, gw in enumerate(self.gateways)))
+            published = time.time()
+            print(f"REPLAY PUBLISHED {published:.6f}", flush=True)
+            if not self.expected <= set(self.results):
+                try:
+                    await asyncio.wait_for(self.done.wait(), a.results_timeout)
+                except TimeoutError:
+                    log.warning("%d result(s) missing after %.0f s",
+                                len(self.expected - set(self.results)), a.results_timeout)
+            listener.cancel()
+        return {"started": started, "published": published, "finished": time.time(),
+                "base_ts": self.base_ts, "window_rate": a.window_rate, "sent": self.sent,
+                "results": list(self.results.values()),
+                "frames": [{"gateway": g, "window": w, "bytes": b}
+                           for (g, w), b in self.frames.items()],
+                "decisions": self.decisions}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Replay, collect, and write the run's JSON."""
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=1883)
+    p.add_argument("--gateways", required=True, help="comma-separated gateway ids")
+    p.add_argument("--topic", default="sensors/{gw}/imu", help="per-gateway sensor topic")
+    p.add_argument("--dataset", default="BasicMotions")
+    p.add_argument("--window-rate", type=float, default=2.0, help="windows/s per gateway")
+    p.add_argument("--windows", type=int, default=40, help="measured windows per gateway")
+    p.add_argument("--warmup", type=int, default=4, help="windows before the measured ones")
+    p.add_argument("--frames", action="store_true", help="also record uplink frame sizes")
+    p.add_argument("--online-timeout", type=float, default=60.0)
+    p.add_argument("--results-timeout", type=float, default=30.0)
+    p.add_argument("--tag", default="0")
+    p.add_argument("--out", type=Path, required=True)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s driver %(levelname)s %(message)s")
+    out = asyncio.run(Driver(args).run())
+    args.out.write_text(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

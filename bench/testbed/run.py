@@ -1,0 +1,263 @@
+"""One measured run in the test bed: server, coordinator and N gateways, replayed and collected."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from testbed.net import GW_IF, Testbed, TestbedError
+
+from edgetok.procs import to_toml
+
+log = logging.getLogger(__name__)
+
+ROOT = Path(__file__).resolve().parents[2]
+BENCH = ROOT / "bench"
+BROKER_PORT = 1883
+SERVER_HTTP = 8090
+GATEWAY_HTTP = 8080
+# The emulated radio: a 20 MHz Wi-Fi channel, 10 dB noise figure, 20 dBm cap (as in
+# configs/scenarios/wifi-gateway.toml and bench/coordinator.py).
+BANDWIDTH_HZ = 20e6
+NOISE_W_PER_HZ = 3.98e-20
+P_MAX_W = 0.1
+# κ for a Cortex-A72-class core (about 0.7 W at 1.5 GHz), as in the scenario files.
+KAPPA = 2.0e-28
+# The governor's lowest clock as a fraction of the highest (a Pi 4: 0.6 of 1.5 GHz).
+F_MIN_FRAC = 0.4
+# Telemetry period of the gateways: shorter lets the coordinator follow a link drop sooner
+# at the price of more control traffic on the uplink (one ~400-byte JSON per period).
+TELEMETRY_S = 1.0
+# Precision of the server-only baseline when no coordinator runs (raw tokens, as fp16).
+STATIC_SERVER_PRECISION = "fp16"
+
+
+def gain_for(rate_bps: float) -> float:
+    """Channel gain g at which the emulated radio gets `rate_bps` at full power."""
+    return (2 ** (rate_bps / BANDWIDTH_HZ) - 1) * NOISE_W_PER_HZ * BANDWIDTH_HZ / P_MAX_W
+
+
+@dataclass(frozen=True, slots=True)
+class RunSpec:
+    """What one run measures: a policy under link, CPU and load conditions."""
+
+    name: str
+    policy: str
+    gateways: int
+    link_mbit: float
+    cpu_share: float
+    deadline_ms: float
+    window_rate: float
+    windows: int
+    warmup: int
+    bundle: Path
+    nominal_hz: float
+    coordinator: str  # "server" (edgetok server runs it), "shim" (testbed.coord) or "static"
+    actuators: bool = True
+    trace: tuple[tuple[float, float], ...] = ()  # (seconds after replay start, Mbit/s)
+
+    @property
+    def f_max_hz(self) -> float:
+        return self.cpu_share * self.nominal_hz
+
+
+@dataclass
+class RunData:
+    """Raw observations of a run, for the metrics."""
+
+    spec: RunSpec
+    driver: dict[str, Any]
+    wire_bytes: list[int]
+    rate_log: list[tuple[float, float]] = field(default_factory=list)
+    logs: Path | None = None
+    exit_codes: dict[str, int | None] = field(default_factory=dict)
+
+
+def controller_config(spec: RunSpec) -> dict[str, Any]:
+    """The coordinator's settings for this run (edgetok's ControllerConfig)."""
+    first = spec.trace[0][1] if spec.trace else spec.link_mbit
+    return {
+        "policy": spec.policy, "objective": "accuracy",
+        "link": {"bandwidth_hz": BANDWIDTH_HZ, "gain": gain_for(first * 1e6),
+                 "noise_w_per_hz": NOISE_W_PER_HZ, "p_max_w": P_MAX_W},
+        "device": {"f_min_hz": F_MIN_FRAC * spec.f_max_hz, "f_max_hz": spec.f_max_hz,
+                   "kappa": KAPPA},
+        "server": {"slowdown": 1.0, "queue_ms": 1.0},
+        "budget": {"deadline_ms": spec.deadline_ms},
+        "server_workers": 2,
+    }
+
+
+def gateway_config(spec: RunSpec, tb: Testbed, i: int, gw_id: str, state: Path
+                   ) -> dict[str, Any]:
+    """A gateway config for host i of the test bed."""
+    host = tb.hosts[i]
+    variant, precision = static_variant(spec)
+    act: dict[str, Any] = {"cpu_mode": "off", "tx_mode": "off"}
+    if spec.actuators and spec.coordinator != "static":
+        act = {"cpu_mode": "emulated", "cgroup": str(host.cpu.actuator_dir()),
+               "nominal_hz": spec.nominal_hz,
+               # A trace is the channel changing under the radio: the test bed owns the rate.
+               "tx_mode": "off" if spec.trace else "emulated", "interface": GW_IF,
+               "bandwidth_hz": BANDWIDTH_HZ, "gain": gain_for(spec.link_mbit * 1e6),
+               "noise_w_per_hz": NOISE_W_PER_HZ}
+    return {
+        "id": gw_id, "state_dir": str(state),
+        "mqtt": {"host": host.server_address, "port": BROKER_PORT,
+                 "client_id": f"edgetok-{gw_id}", "session_expiry_s": 60,
+                 "reconnect_min_s": 0.2, "reconnect_max_s": 1.0},
+        "bundle": {"path": str(spec.bundle), "threads": 1},
+        "decision": {"variant": variant, "precision": precision,
+                     "follow_coordinator": spec.coordinator != "static"},
+        "http": {"host": "127.0.0.1", "port": GATEWAY_HTTP},
+        "actuators": act,
+        "telemetry_interval_s": TELEMETRY_S,
+        "streams": [{"name": "imu", "topics": [f"sensors/{gw_id}/imu"],
+                     "channels": ["acc_x", "acc_y", "acc_z", "gyr_x", "gyr_y", "gyr_z"],
+                     "rate_hz": 10.0, "window": 100, "deadline_ms": spec.deadline_ms,
+                     "lateness_ms": 0.0, "idle_close_s": 2.0}],
+    }
+
+
+def static_variant(spec: RunSpec) -> tuple[str, str]:
+    """The gateway's initial (variant, precision); with no coordinator, the policy itself:
+    split = L, split = 0, or the split fixed-split picks from the profile at the nominal
+    link. `joint` starts on-device until its first decision."""
+    from edgetok.models.bundle import read_manifest
+
+    m = read_manifest(spec.bundle)
+    if spec.policy == "server-only":
+        return "r0.00-s0", STATIC_SERVER_PRECISION
+    if spec.policy == "fixed-split":
+        from edgetok.agent.coordinator.online import ControllerConfig, OnlineController
+
+        ctl = OnlineController(ControllerConfig.model_validate(controller_config(spec)), m)
+        best = int(ctl.policy.allowed.nonzero()[0][0])
+        o = ctl.table.options[best]
+        return o.variant, o.precision
+    return f"r0.00-s{m.num_layers}", "fp32"
+
+
+def server_config(spec: RunSpec) -> dict[str, Any]:
+    """The edge server's config; carries the coordinator when the server runs it."""
+    cfg: dict[str, Any] = {
+        "id": "srv", "bundles": [str(spec.bundle)], "workers": 2, "threads": 1,
+        "mqtt": {"host": "127.0.0.1", "port": BROKER_PORT, "session_expiry_s": 0,
+                 "reconnect_min_s": 0.2, "reconnect_max_s": 1.0},
+        "http": {"host": "127.0.0.1", "port": SERVER_HTTP}}
+    if spec.coordinator == "server":
+        cfg["coordinator"] = controller_config(spec)
+    return cfg
+
+
+def _python(module: str) -> list[str]:
+    return [sys.executable, "-m", module]
+
+
+def _env() -> dict[str, str]:
+    return {"PYTHONPATH": str(BENCH), "PYTHONUNBUFFERED": "1"}
+
+
+class Run:
+    """Starts the processes of one run, replays, and always stops what it started."""
+
+    def __init__(self, tb: Testbed, spec: RunSpec, workdir: Path, run_id: int) -> None:
+        self.tb, self.spec, self.dir = tb, spec, workdir
+        self.ids = [f"g{i}-r{run_id}" for i in range(spec.gateways)]
+        self.rate_log: list[tuple[float, float]] = []
+
+    def _configure_links(self) -> None:
+        s = self.spec
+        first = s.trace[0][1] if s.trace else s.link_mbit
+        for i in range(s.gateways):
+            self.tb.set_rate(i, first)
+            self.tb.set_cpu(i, s.cpu_share)
+        self.rate_log.append((time.time(), first))
+
+    def _wait_http(self, netns: str, port: int, proc: subprocess.Popen[bytes]) -> None:
+        self.tb.wait_tcp(netns, "127.0.0.1", port, proc, timeout=60)
+
+    def _trace(self, started: float, stop: threading.Event) -> None:
+        for at, mbit in self.spec.trace:
+            if stop.wait(max(started + at - time.time(), 0)):
+                return
+            for i in range(self.spec.gateways):
+                self.tb.set_rate(i, mbit)
+            self.rate_log.append((time.time(), mbit))
+            log.info("trace: uplink now %.1f Mbit/s", mbit)
+
+    def execute(self) -> RunData:
+        s, tb = self.spec, self.tb
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._configure_links()
+        started: list[tuple[str, subprocess.Popen[bytes]]] = []
+        codes: dict[str, int | None] = {}
+        stop_trace = threading.Event()
+        try:
+            (self.dir / "server.toml").write_text(to_toml(server_config(s)))
+            srv = tb.popen(tb.server_ns, _python("edgetok") + ["server", "--config",
+                           str(self.dir / "server.toml")], self.dir / "server.log")
+            started.append(("server", srv))
+            if s.coordinator == "shim":
+                (self.dir / "controller.json").write_text(json.dumps(controller_config(s)))
+                started.append(("coord", tb.popen(tb.server_ns, _python("testbed.coord") + [
+                    "--config", str(self.dir / "controller.json"), "--bundle", str(s.bundle),
+                    "--port", str(BROKER_PORT)], self.dir / "coord.log", env=_env())))
+            self._wait_http(tb.server_ns, SERVER_HTTP, srv)
+            for i, gw_id in enumerate(self.ids):
+                path = self.dir / f"{gw_id}.toml"
+                path.write_text(to_toml(gateway_config(s, tb, i, gw_id,
+                                                       self.dir / f"state-{gw_id}")))
+                started.append((gw_id, tb.popen(tb.hosts[i].netns, _python("edgetok") + [
+                    "gateway", "--config", str(path)], self.dir / f"{gw_id}.log",
+                    cgroup=tb.hosts[i].cpu)))
+            if s.coordinator != "static":
+                time.sleep(2 * TELEMETRY_S)  # a first decision before the first window
+            before = [tb.tx_bytes(i) for i in range(s.gateways)]
+            driver_out = self.dir / "driver.json"
+            drv = tb.popen(tb.server_ns, _python("testbed.driver") + [
+                "--port", str(BROKER_PORT), "--gateways", ",".join(self.ids),
+                "--window-rate", str(s.window_rate), "--windows", str(s.windows),
+                "--warmup", str(s.warmup), "--frames", "--tag", str(self.dir.name),
+                "--results-timeout", str(max(30.0, 3 * s.deadline_ms / 1000)),
+                "--out", str(driver_out)], env=_env(), stdout=subprocess.PIPE)
+            trace_thread = None
+            assert drv.stdout is not None
+            for raw in drv.stdout:
+                line = raw.decode(errors="replace").strip()
+                if line.startswith("REPLAY START") and s.trace:
+                    trace_thread = threading.Thread(
+                        target=self._trace, args=(float(line.split()[2]), stop_trace),
+                        daemon=True)
+                    trace_thread.start()
+            code = drv.wait()
+            tb.procs.remove(drv)
+            stop_trace.set()
+            if trace_thread is not None:
+                trace_thread.join()
+            if code != 0:
+                raise TestbedError(f"driver exited with {code}; logs in {self.dir}")
+            wire = [tb.tx_bytes(i) - b for i, b in enumerate(before)]
+            data = json.loads(driver_out.read_text())
+        finally:
+            stop_trace.set()
+            # Gateways first: they drain in-flight windows while the server still answers.
+            for name, proc in reversed(started):
+                codes[name] = tb.stop(proc)
+        return RunData(s, data, wire, self.rate_log, self.dir, codes)
+
+
+def nominal_hz(bundle: Path) -> float:
+    """The clock that one full core of this machine stands for: the bundle's profiling clock."""
+    from edgetok.models.bundle import read_manifest
+
+    hz = read_manifest(bundle).reference_hz
+    return float(hz) if hz and math.isfinite(hz) else 2.0e9
