@@ -129,7 +129,8 @@ def run_policy(trace: Trace, policy: str, manifest: Manifest, deadline_ms: float
     table = ctl.table
     steps, n = trace.rates.shape
     series = {k: np.full((steps, n), np.nan) for k in
-              ("split", "ratio", "bytes", "latency", "energy", "accuracy", "hit")}
+              ("split", "ratio", "bytes", "latency", "energy", "accuracy", "distortion",
+                        "hit")}
     solve_ms: list[float] = []
     cpu_ms: list[float] = []
     gaps: list[dict[str, float]] = []
@@ -176,6 +177,7 @@ def run_policy(trace: Trace, policy: str, manifest: Manifest, deadline_ms: float
             for k, v in (("split", d.split), ("ratio", d.pruning_ratio),
                          ("bytes", table.options[o].s_bytes), ("latency", lat[o] * 1e3),
                          ("energy", en[o] * 1e3), ("accuracy", np.nan if acc is None else acc),
+                         ("distortion", table.distortion[o]),
                          ("hit", float(lat[o] <= env.deadline_s * (1 + 1e-9)))):
                 series[k][t, i] = v
             done[i] += int(WINDOWS_PER_S)
@@ -218,6 +220,7 @@ def summarise(series: dict[str, np.ndarray], solve_ms: list[float], cpu_ms: list
         "hit_rate": float(np.nanmean(series["hit"])),
         "mean_energy_mj": float(np.nanmean(series["energy"])),
         "mean_accuracy": float(np.nanmean(series["accuracy"])),
+        "mean_distortion": float(np.nanmean(series["distortion"])),
         "mean_latency_ms": float(np.nanmean(series["latency"])),
         "decisions": int(sum(s.seq for s in ctl.gateways.values())),
         "solve_ms": {"mean": float(ms.mean()), "p99": float(np.percentile(ms, 99)),
@@ -295,11 +298,14 @@ def main() -> int:
     """Run every trace under every policy and write JSON + PNGs."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--bundle", type=Path, help="bundle dir (default: reference, else quick)")
-    ap.add_argument("--deadline-ms", type=float,
-                    help="deadline (default: 1.25 × the unpruned model on the device at f_max)")
+    ap.add_argument("--deadline-ms", type=float, help="deadline (default: --deadline-factor × "
+                    "the unpruned model's latency on the device at f_max)")
+    ap.add_argument("--deadline-factor", type=float, default=1.25,
+                    help="below 1 the device alone must prune to meet the deadline")
     ap.add_argument("--objective", default="accuracy", choices=("accuracy", "output_distortion"))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--tag", default="", help="suffix for the output names, e.g. '-tight'")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     bundle = args.bundle or next((b for b in BUNDLES if (b / "manifest.json").is_file()), None)
@@ -309,7 +315,7 @@ def main() -> int:
     table = OnlineController(config("joint", 1.0, args.objective), manifest).table
     full = [o.c_head for o in table.options
             if o.split == table.num_layers and o.pruning_ratio == table.ratio.min()]
-    deadline = args.deadline_ms or 1.25 * full[0] / F_MAX * 1e3
+    deadline = args.deadline_ms or args.deadline_factor * full[0] / F_MAX * 1e3
     args.out.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {"bundle": manifest.bundle_id, "bundle_dir": str(bundle),
                               "deadline_ms": deadline, "objective": args.objective,
@@ -319,19 +325,20 @@ def main() -> int:
         per: dict[str, dict[str, Any]] = {
             p: run_policy(trace, p, manifest, deadline, args.objective, args.seed)
             for p in POLICY_NAMES}
-        plot(trace, per, deadline, args.out / f"coordinator_{trace.name}.png")
+        plot(trace, per, deadline, args.out / f"coordinator{args.tag}_{trace.name}.png")
         result["traces"][trace.name] = {"goals": goals(per), "policies": {
             p: {k: v for k, v in r.items() if k not in ("series", "hit_by_step")}
             for p, r in per.items()}}
-    (args.out / "coordinator.json").write_text(json.dumps(result, indent=2))
+    (args.out / f"coordinator{args.tag}.json").write_text(json.dumps(result, indent=2))
     print(f"bundle {manifest.bundle_id}, deadline {deadline:.3f} ms, objective {args.objective}")
-    print("| trace | policy | hit rate | energy [mJ] | accuracy | decisions | solve mean/p99 "
-          "[ms] | gap D / E |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| trace | policy | hit rate | energy [mJ] | accuracy | distortion | decisions | "
+          "solve mean/p99 [ms] | gap D / E |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name, tr in result["traces"].items():
         for p, r in tr["policies"].items():
             print(f"| {name} | {p} | {r['hit_rate']:.3f} | {r['mean_energy_mj']:.4f} | "
-                  f"{r['mean_accuracy']:.4f} | {r['decisions']} | {r['solve_ms']['mean']:.3f}/"
+                  f"{r['mean_accuracy']:.4f} | {r['mean_distortion']:.4f} | {r['decisions']} | "
+                  f"{r['solve_ms']['mean']:.3f}/"
                   f"{r['solve_ms']['p99']:.3f} ({r['solve_ms']['cpu_mean_per_round']:.3f} cpu) | "
                   f"{r['gap']['max_distortion_gap']:.2g} / "
                   f"{r['gap']['max_energy_gap_rel']:.2g} |")

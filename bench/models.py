@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import onnxruntime as ort
+
 from edgetok.models.bundle import load_manifest
 
 OUT = Path(__file__).resolve().parent / "out"

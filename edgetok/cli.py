@@ -79,7 +79,13 @@ def cmd_build(args: argparse.Namespace) -> int:
               "install with: pip install torch==2.13.0 && pip install 'edgetok[build]'",
               file=sys.stderr)
         return 2
-    out = run(args.recipe, args.out, force=args.force, progress=not args.no_progress)
+    from edgetok.models.build import BuildError
+
+    try:
+        out = run(args.recipe, args.out, force=args.force, progress=not args.no_progress)
+    except BuildError as exc:
+        print(f"edgetok build: {exc}", file=sys.stderr)
+        return 2
     print(f"bundle written to {out}")
     return 0
 

@@ -56,6 +56,35 @@ class Outgoing:
     retain: bool = True
 
 
+def covers(wide: str, narrow: str) -> bool:
+    """Whether every topic matching filter `narrow` also matches filter `wide`."""
+    a, b = wide.split("/"), narrow.split("/")
+    for i, level in enumerate(a):
+        if level == "#":
+            return True
+        if i >= len(b) or b[i] == "#" or (level != "+" and level != b[i]):
+            return False
+    return len(a) == len(b)
+
+
+def minimal_filters(filters: Sequence[str]) -> list[str]:
+    """Drop filters another one covers, keeping order.
+
+    A broker may deliver a message once per matching subscription (mosquitto does), so
+    overlapping filters would double every message. Shared subscriptions are kept as given.
+    """
+    out: list[str] = []
+    for i, f in enumerate(filters):
+        if f in out:
+            continue
+        if not f.startswith("$share/") and any(
+                covers(g, f) and not (g == f or (covers(f, g) and j > i))
+                for j, g in enumerate(filters) if not g.startswith("$share/")):
+            continue
+        out.append(f)
+    return out
+
+
 def tls_context(settings: MqttSettings) -> ssl.SSLContext | None:
     """An SSL context for the broker, or None for plain TCP."""
     if settings.tls is None:
@@ -80,7 +109,7 @@ class MqttSession:
         self.settings = settings
         self.client_id = client_id
         self._password = password
-        self.subscriptions = list(subscriptions)
+        self.subscriptions = minimal_filters(subscriptions)
         self._will = will
         self._announce = list(on_connect)
         self._manual_ack = manual_ack
@@ -127,10 +156,15 @@ class MqttSession:
         """Connect, pump messages, and reconnect with backoff until close() is called."""
         delay = self.settings.reconnect_min_s
         while not self._closing.is_set():
+            connects = self.connects
             try:
                 await self._one_connection()
                 delay = self.settings.reconnect_min_s
             except aiomqtt.MqttError as exc:
+                if self.connects != connects:
+                    # The link was up: start the backoff afresh, not where the last outage
+                    # left it, or a second broker restart would wait reconnect_max_s.
+                    delay = self.settings.reconnect_min_s
                 self.last_error = str(exc)
                 log.warning("MQTT connection to %s:%d lost or refused: %s; retrying in %.1fs",
                             self.settings.host, self.settings.port, exc, delay)

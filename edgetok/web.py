@@ -15,6 +15,8 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 from pydantic import BaseModel
 
+from edgetok.settings import ConfigError
+
 log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -29,8 +31,8 @@ SHUTDOWN_TIMEOUT_S = 3.0
 TOKEN_QUERY = "access_token"
 
 
-class BindRefused(RuntimeError):
-    """The API would be exposed beyond loopback without a bearer token."""
+class BindRefused(ConfigError):
+    """The API would be exposed beyond loopback without a bearer token (a config problem)."""
 
 
 def is_loopback(host: str) -> bool:
@@ -46,9 +48,10 @@ def is_loopback(host: str) -> bool:
 def check_bind(host: str, token: str | None, what: str) -> None:
     """Raise BindRefused unless `host` is loopback or a bearer token is configured."""
     if not is_loopback(host) and not token:
-        raise BindRefused(f"refusing to serve the {what} API on {host}: set a bearer token "
-                          "(EDGETOK_API_TOKEN or the systemd credential 'api_token') or bind "
-                          "to 127.0.0.1")
+        raise BindRefused(f"{what} config", [
+            f"http.host = {host}: refusing to serve the HTTP API beyond loopback without a "
+            "bearer token; set EDGETOK_API_TOKEN or the systemd credential 'api_token', or "
+            "bind to 127.0.0.1"])
 
 
 def error_body(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:

@@ -37,11 +37,14 @@ class ActuatorSettings(Strict):
                            "emulated cgroup quota if `cgroup` is set, else off.")
     cgroup: Path | None = Field(None, description="cgroup v2 directory whose cpu.max the "
                                 "emulated mode writes (the gateway must run inside it).")
-    nominal_hz: float = Field(2.0e9, gt=0, description="Clock the emulated quota treats as "
-                              "one full core.")
+    nominal_hz: float = Field(2.0e9, gt=0, description="The CPU's clock when nothing sets "
+                              "it; the emulated quota treats it as one full core.")
     tx_mode: Mode = Field("auto", description="auto: iw on a wireless `interface`, else tc tbf "
                           "on `interface` if set, else off.")
     interface: str | None = Field(None, description="Uplink network interface.")
+    default_tx_power_w: float = Field(0.1, gt=0, description="Transmit power of the radio "
+                                      "when nothing sets it (reported in telemetry, so the "
+                                      "coordinator reads measured rates at the true power).")
     bandwidth_hz: float = Field(20e6, gt=0, description="Emulated channel bandwidth B (Hz).")
     gain: float = Field(1e-7, gt=0, description="Emulated channel gain g.")
     noise_w_per_hz: float = Field(4e-21, gt=0, description="Emulated noise density N0.")
@@ -102,7 +105,19 @@ class Actuators:
         if tx_power_w > 0 and tx_power_w != self.tx_power_w:
             self._set_tx(tx_power_w)
 
+    def effective_cpu_hz(self) -> float:
+        """The clock the head really runs at: as set, or nominal when not actuated."""
+        return self.cpu_hz if self.cpu_mode != "off" and self.cpu_hz else self.s.nominal_hz
+
+    def effective_tx_power_w(self) -> float:
+        """The power the radio really uses: as set, or its default when not actuated."""
+        if self.tx_mode != "off" and self.tx_power_w:
+            return self.tx_power_w
+        return self.s.default_tx_power_w
+
     def _set_cpu(self, hz: float) -> None:
+        if self.cpu_mode == "off":
+            return
         try:
             if self.cpu_mode == "real":
                 for f in self._cpu_files():
@@ -119,7 +134,6 @@ class Actuators:
     def _set_tx(self, p_w: float) -> None:
         iface = self.s.interface
         if iface is None or self.tx_mode == "off":
-            self.tx_power_w = p_w
             return
         if self.tx_mode == "real":
             mbm = round(10 * math.log10(p_w * 1000) * 100)
@@ -136,7 +150,7 @@ class Actuators:
         self.tx_power_w = p_w
 
     def status(self) -> dict[str, object]:
-        return {"cpu": {"mode": self.cpu_mode, "hz": self.cpu_hz},
-                "tx": {"mode": self.tx_mode, "power_w": self.tx_power_w,
+        return {"cpu": {"mode": self.cpu_mode, "hz": self.effective_cpu_hz()},
+                "tx": {"mode": self.tx_mode, "power_w": self.effective_tx_power_w(),
                        "interface": self.s.interface},
                 "errors": self.errors[-5:]}

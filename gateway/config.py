@@ -147,6 +147,11 @@ class GatewayConfig(Strict):
     max_inflight_windows: int = Field(64, gt=0, description="Windows being inferred at once; "
                                       "more wait in the journal.")
     telemetry_interval_s: float = Field(2.0, gt=0, description="Telemetry publish period.")
+    unclaimed_topics: list[str] = Field(default_factory=list, description="Extra topic "
+                                        "filters to subscribe (QoS 1), e.g. 'sensors/#': a "
+                                        "message there that no stream's topics claim is "
+                                        "dead-lettered as unknown_topic instead of going "
+                                        "unnoticed (a misspelt sensor topic).")
 
     _abs = field_validator("state_dir")(_resolve)
 

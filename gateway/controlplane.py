@@ -98,7 +98,8 @@ class ControlPlane:
         self._done_mark, self._t_mark = done, now
         return Telemetry(
             gateway=gw.cfg.id, ts=time.time(), uplink_bps=bps,
-            tx_power_w=self.actuators.tx_power_w, cpu_hz=self.actuators.cpu_hz,
+            tx_power_w=self.actuators.effective_tx_power_w(),
+            cpu_hz=self.actuators.effective_cpu_hz(),
             head_ms={k: round(v, 3) for k, v in gw.inferencer.head_ms.items()},
             queue_depth=len(gw.inflight), windows_per_s=round(rate, 4), windows_done=done,
             latency_ms=self.measured()["latency_ms"],

@@ -38,8 +38,11 @@ INGEST_BATCH = 256
 CLOSE_TICK_S = 0.05
 # Grace for in-flight windows and unpublished results on shutdown, beyond the deadlines.
 DRAIN_GRACE_S = 5.0
-# Dead letters waiting for MQTT; the database keeps every one even when this overflows.
-DEADLETTER_OUTBOX = 1000
+# Results and dead letters read per publisher pass; each is published and marked in turn.
+PUBLISH_BATCH = 200
+# A journal smaller than this many windows' worth of readings per stream risks windows that
+# can never complete before backpressure engages (they are then closed short); warn.
+MIN_JOURNAL_WINDOWS = 4
 
 
 class Gateway:
@@ -53,28 +56,44 @@ class Gateway:
                                max_sessions=cfg.bundle.max_sessions,
                                preload=[cfg.decision.variant])
         self.manifest = self.runtime.manifest
-        self.manifest.variant(cfg.decision.variant)  # fail early on a wrong variant id
+        # Fail early on a wrong variant id, and load the fallback now: the first window that
+        # needs it is already late, and must not also pay for opening a session.
+        fallback = self.manifest.device_variant(
+            self.manifest.variant(cfg.decision.variant).pruning_ratio)
+        for part in ("head", "tail"):
+            if getattr(fallback, part):
+                self.runtime.session(fallback.id, part)
         self.streams = {s.name: s for s in cfg.streams}
         self.tokenizers = {s.name: self._tokenizer(s) for s in cfg.streams}
-        self.buffers = {s.name: WindowBuffer(s, self._closed_upto(s.name)) for s in cfg.streams}
+        self.buffers = {s.name: WindowBuffer(s, *self.store.window_marks(s.name))
+                        for s in cfg.streams}
+        if cfg.journal.max_rows < MIN_JOURNAL_WINDOWS * sum(s.window for s in cfg.streams):
+            log.warning("journal.max_rows=%d holds fewer than %d windows per stream; under "
+                        "backpressure windows may close short", cfg.journal.max_rows,
+                        MIN_JOURNAL_WINDOWS)
+        # The broker sends at most Receive Maximum unacknowledged QoS 1 messages, so this
+        # queue never fills from QoS 1 traffic and the MQTT pump never blocks on it.
         self.inbox: asyncio.Queue[InMessage] = asyncio.Queue(maxsize=4 * INGEST_BATCH)
-        self.deadletters: deque[bytes] = deque(maxlen=DEADLETTER_OUTBOX)
+        self.pending: deque[InMessage] = deque()  # taken from the inbox, not yet journaled
+        self.backpressure_since: float | None = None
         self.inflight: dict[tuple[str, int], float] = {}
-        self.slots = asyncio.Semaphore(cfg.max_inflight_windows)
         self.results_ready = asyncio.Event()
         self.room = asyncio.Event()
         self.no_inflight = asyncio.Event()
         self.no_inflight.set()
         self.stopping = asyncio.Event()
         self.counters: dict[str, int] = {"messages": 0, "readings": 0, "windows": 0,
-                                         "results": 0, "deadletters": 0, "duplicates": 0}
+                                         "results": 0, "deadletters": 0, "duplicates": 0,
+                                         "duplicate_messages": 0, "late_readings": 0,
+                                         "backpressure_events": 0, "windows_rerun": 0}
         self.started = time.time()
         decision = Decision(cfg.decision.variant, cfg.decision.precision)
         self.session = MqttSession(
             cfg.mqtt, cfg.mqtt.client_id or f"edgetok-gw-{cfg.id}",
             password=cfg.mqtt_password(),
             subscriptions=[t for s in cfg.streams for t in s.topics] + [self.topics.downlink]
-            + ([self.topics.control] if cfg.decision.follow_coordinator else []),
+            + ([self.topics.control] if cfg.decision.follow_coordinator else [])
+            + list(cfg.unclaimed_topics),
             will=Outgoing(self.topics.status, self._status_payload("offline")),
             on_connect=[Outgoing(self.topics.status, self._status_payload("online"))],
             on_message=self._on_message)
@@ -90,12 +109,6 @@ class Gateway:
         conf = s.tokenizer or TypeAdapter(TokenizerConfig).validate_python(
             self.manifest.input.tokenizer)
         return conf.build()
-
-    def _closed_upto(self, stream: str) -> int | None:
-        row = self.store.db.execute("SELECT max(window) FROM results WHERE stream = ? AND "
-                                    "window NOT IN (SELECT window FROM windows WHERE "
-                                    "stream = ?)", (stream, stream)).fetchone()
-        return None if row[0] is None else int(row[0])
 
     def _status_payload(self, state: str) -> bytes:
         return json.dumps({"state": state, "gateway": self.cfg.id, "version": __version__,
@@ -117,6 +130,11 @@ class Gateway:
             self.session.ack(msg)
             await self.control.on_control(msg.payload)
             return
+        if msg.topic.startswith(self.topics.prefix + "/"):
+            # Our own and our peers' output, caught by a broad unclaimed_topics filter:
+            # dead-lettering it would publish a dead letter that is caught again, forever.
+            self.session.ack(msg)
+            return
         await self.inbox.put(msg)
 
     def _route(self, topic: str) -> StreamConfig | None:
@@ -126,46 +144,80 @@ class Gateway:
         return None
 
     def _deadletter(self, topic: str, reason: str, detail: str, payload: bytes) -> None:
+        """Record a rejected input in the database; the publisher sends it on MQTT."""
         self.store.add_deadletter(topic, reason, detail, payload)
         self.counters["deadletters"] += 1
         self.metrics.on_deadletter(reason)
-        self.deadletters.append(json.dumps(
-            {"topic": topic, "reason": reason, "detail": detail, "ts": time.time(),
-             "payload_head": payload[:64].hex()}).encode())
+        self.results_ready.set()
         log.info("dead letter from %s: %s (%s)", topic, reason, detail)
+
+    def _admit(self, msg: InMessage, now: float) -> tuple[str, list[Reading]] | None:
+        """Journal one message's readings (inside the caller's transaction), or say why not."""
+        self.counters["messages"] += 1
+        if self.store.seen(msg.topic, msg.payload):
+            # A QoS 1 redelivery (its PUBACK was lost) or a sensor's resend: expected, so
+            # counted rather than dead-lettered, and never a second set of readings.
+            self.counters["duplicate_messages"] += 1
+            self.counters["duplicates"] += 1
+            return None
+        stream = self._route(msg.topic)
+        if stream is None:
+            self._deadletter(msg.topic, "unknown_topic", "matches no stream", msg.payload)
+            return None
+        try:
+            readings = decode_json(msg.payload, stream, now)
+        except DecodeError as exc:
+            self._deadletter(msg.topic, exc.reason, exc.detail, msg.payload)
+            return None
+        buf = self.buffers[stream.name]
+        fresh = [r for r in readings if buf.accepts(r.ts)]
+        if len(fresh) < len(readings):
+            late = len(readings) - len(fresh)
+            self.counters["late_readings"] += late
+            self._deadletter(msg.topic, "late", f"{late} of {len(readings)} reading(s) fall in "
+                             "windows already closed", msg.payload)
+        self.store.add_readings(stream.name, [(r.ts, r.values) for r in fresh])
+        return stream.name, fresh
+
+    async def _await_room(self) -> None:
+        """Backpressure: while the journal is full, acknowledge nothing; drop nothing."""
+        limit = self.cfg.journal.max_rows
+        if self.store.journal_rows < limit:
+            return
+        self.backpressure_since = time.monotonic()
+        self.counters["backpressure_events"] += 1
+        log.warning("journal full (%d readings): not acknowledging until windows complete",
+                    self.store.journal_rows)
+        while self.store.journal_rows >= limit:
+            self.room.clear()
+            await self.room.wait()
+        log.info("journal has room again after %.1fs", time.monotonic()
+                 - self.backpressure_since)
+        self.backpressure_since = None
+        for buf in self.buffers.values():
+            buf.hold_idle(time.monotonic())
 
     async def _ingest(self) -> None:
         """Journal bursts of messages in one transaction, ack them, then buffer them."""
+        limit = self.cfg.journal.max_rows
         while True:
-            batch = [await self.inbox.get()]
-            while len(batch) < INGEST_BATCH and not self.inbox.empty():
-                batch.append(self.inbox.get_nowait())
-            while self.store.journal_rows >= self.cfg.journal.max_rows:
-                log.warning("journal full (%d readings): not acknowledging until windows "
-                            "complete", self.store.journal_rows)
-                self.room.clear()
-                await self.room.wait()
+            if not self.pending:
+                self.pending.append(await self.inbox.get())
+            while len(self.pending) < INGEST_BATCH and not self.inbox.empty():
+                self.pending.append(self.inbox.get_nowait())
+            await self._await_room()
+            done: list[InMessage] = []
             accepted: list[tuple[str, list[Reading]]] = []
             now = time.time()
             with self.store.tx():
-                for msg in batch:
-                    self.counters["messages"] += 1
-                    stream = self._route(msg.topic)
-                    if stream is None:
-                        self._deadletter(msg.topic, "unknown_topic", "matches no stream",
-                                         msg.payload)
-                        continue
-                    try:
-                        readings = decode_json(msg.payload, stream, now)
-                    except DecodeError as exc:
-                        self._deadletter(msg.topic, exc.reason, exc.detail, msg.payload)
-                        continue
-                    buf = self.buffers[stream.name]
-                    fresh = [r for r in readings if buf.accepts(r.ts)]
-                    self.counters["duplicates"] += len(readings) - len(fresh)
-                    self.store.add_readings(stream.name, [(r.ts, r.values) for r in fresh])
-                    accepted.append((stream.name, fresh))
-            for msg in batch:  # only now is every message of the batch durable
+                # Stop at the bound mid-batch: the rest stay unacknowledged until there is room.
+                while self.pending and self.store.journal_rows < limit:
+                    msg = self.pending.popleft()
+                    done.append(msg)
+                    got = self._admit(msg, now)
+                    if got is not None:
+                        accepted.append(got)
+            for msg in done:  # only now is every message of the batch durable
                 self.session.ack(msg)
             for name, readings in accepted:
                 buf = self.buffers[name]
@@ -174,10 +226,34 @@ class Gateway:
                 self.counters["readings"] += len(readings)
             self._close_due()
 
+    def backlog(self) -> dict[str, int | float | None]:
+        """Work waiting at each stage: what overload looks like from outside."""
+        return {"inbox": self.inbox.qsize() + len(self.pending),
+                "journal_rows": self.store.journal_rows,
+                "journal_max_rows": self.cfg.journal.max_rows,
+                "open_windows": sum(len(b.open) for b in self.buffers.values()),
+                "inflight_windows": len(self.inflight),
+                "unpublished_results": self.store.count_unpublished(),
+                "backpressure_s": None if self.backpressure_since is None else round(
+                    time.monotonic() - self.backpressure_since, 3)}
+
     # windows -----------------------------------------------------------------------------
+    def _deaf(self) -> bool:
+        """Whether readings cannot reach us now, so a silent stream is not idle."""
+        if not self.session.connected.is_set():
+            return True
+        if self.backpressure_since is None:
+            return False
+        # Backpressured with nothing in flight: no window will free room, so let the idle
+        # rule close windows (short) rather than wait forever.
+        return bool(self.inflight) or self.store.journal_rows < self.cfg.journal.max_rows
+
     def _close_due(self) -> None:
         now = time.monotonic()
+        deaf = self._deaf()
         for buf in self.buffers.values():
+            if deaf:
+                buf.hold_idle(now)
             for k in buf.due(now):
                 if len(self.inflight) >= self.cfg.max_inflight_windows:
                     return  # the rest stay open (and journaled) until a slot frees
@@ -238,24 +314,39 @@ class Gateway:
 
     # MQTT out ----------------------------------------------------------------------------
     async def _publish_frame(self, frame: bytes, wait_s: float) -> bool:
-        return await self.session.publish(self.topics.uplink, frame, qos=1, wait_s=wait_s)
+        """Send a feature frame; the whole send, PUBACK included, stays within `wait_s`."""
+        t_end = time.monotonic() + wait_s
+        if not await wait_event(self.session.connected, wait_s):
+            return False
+        return await self.session.publish(self.topics.uplink, frame, qos=1, wait_s=0,
+                                          ack_s=t_end - time.monotonic())
+
+    async def _publish_stored(self) -> bool:
+        """Publish unpublished dead letters, then results, oldest first; True if more wait.
+
+        A row is marked published only after its PUBACK, so a crash or a lost connection in
+        between publishes it again (at least once; consumers key on id or stream/window).
+        """
+        letters = self.store.unpublished_deadletters(PUBLISH_BATCH)
+        for dl_id, body in letters:
+            if not await self.session.publish(self.topics.deadletter, body, wait_s=1.0):
+                return False
+            self.store.mark_deadletter_published(dl_id)
+        results = self.store.unpublished(limit=PUBLISH_BATCH)
+        for res in results:
+            if not await self.session.publish(self.topics.results(res.stream),
+                                              res.model_dump_json().encode(), wait_s=1.0):
+                return False
+            self.store.mark_published(res.id)
+        return PUBLISH_BATCH in (len(letters), len(results))
 
     async def _publisher(self) -> None:
         """Publish stored results in order, at least once, whenever the broker is there."""
         while True:
             await wait_event(self.results_ready, 1.0)
             self.results_ready.clear()
-            while self.deadletters:
-                if not await self.session.publish(self.topics.deadletter,
-                                                  self.deadletters[0], wait_s=0.5):
-                    break
-                self.deadletters.popleft()
-            for res in self.store.unpublished(limit=200):
-                ok = await self.session.publish(self.topics.results(res.stream),
-                                                res.model_dump_json().encode(), wait_s=1.0)
-                if not ok:
-                    break
-                self.store.mark_published(res.id)
+            while await self._publish_stored():
+                pass  # a full batch went out and more is waiting
 
     # recovery and lifecycle --------------------------------------------------------------
     def recover(self) -> int:
@@ -268,9 +359,19 @@ class Gateway:
         for stream, seq in self.store.closed_windows():
             buf = self.buffers.get(stream)
             if buf is None or seq not in buf.open:
+                # Its readings are gone (or the stream was removed from the config): say so
+                # once, rather than carry the window forever.
+                with self.store.tx():
+                    self._deadletter(stream, "lost", f"window {seq} was in flight at the last "
+                                     "stop but none of its readings are journaled", b"")
+                    self.store.db.execute("DELETE FROM windows WHERE stream = ? AND window = ?",
+                                          (stream, seq))
+                if buf is not None:
+                    buf.rerun.discard(seq)
                 continue
             self._dispatch(buf.close(seq, now))
             rerun += 1
+        self.counters["windows_rerun"] += rerun
         if rerun:
             log.info("recovered %d window(s) interrupted by the last stop", rerun)
         return rerun
@@ -319,6 +420,9 @@ class Gateway:
 
 async def run_gateway(cfg: GatewayConfig) -> int:
     """Run a gateway until SIGTERM or SIGINT; 0 after a graceful drain."""
+    from edgetok.gateway.http import preflight
+
+    preflight(cfg)  # an exposed API without a token is refused before anything starts
     gw = Gateway(cfg)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -37,7 +37,9 @@ class Health:
         self.ready_sent = False
 
     def _pending(self) -> bool:
-        return bool(self.gw.inflight) or not self.gw.inbox.empty()
+        gw = self.gw
+        # `pending` (taken from the inbox, not yet journaled) exists in newer daemons only.
+        return bool(gw.inflight) or not gw.inbox.empty() or bool(getattr(gw, "pending", ()))
 
     def stalled_for(self) -> float:
         """Seconds pending work has gone without progress; 0 when idle or progressing."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import ssl
 import time
 from importlib import resources
 from typing import TYPE_CHECKING, Any
@@ -27,6 +28,7 @@ from edgetok.gateway.models import (
     StreamsPage,
     UplinkInfo,
 )
+from edgetok.settings import ConfigError
 from edgetok.web import (
     BindRefused,
     bearer_auth,
@@ -41,9 +43,10 @@ from edgetok.web import (
 )
 
 if TYPE_CHECKING:
+    from edgetok.gateway.config import GatewayConfig
     from edgetok.gateway.daemon import Gateway
 
-__all__ = ["BindRefused", "build_app", "is_loopback", "serve", "status_doc"]
+__all__ = ["BindRefused", "build_app", "is_loopback", "preflight", "serve", "status_doc"]
 
 log = logging.getLogger(__name__)
 
@@ -282,6 +285,15 @@ def build_app(gw: Gateway, token: str | None) -> web.Application:
     for path, handler in HANDLERS.items():
         app.router.add_get(path, handler)
     return app
+
+
+def preflight(cfg: GatewayConfig) -> None:
+    """Refuse an exposed API without a token, and unreadable TLS files, before anything runs."""
+    check_bind(cfg.http.host, cfg.api_token(), "gateway")
+    try:
+        tls_context(cfg.http.tls_cert, cfg.http.tls_key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError("gateway config", [f"http.tls_cert/tls_key: {exc}"]) from exc
 
 
 async def serve(gw: Gateway) -> web.AppRunner:

@@ -24,6 +24,12 @@ log = logging.getLogger(__name__)
 # After the server misses a deadline, only every PROBE_INTERVAL_S do we try it again; the
 # other windows go straight to the device instead of each waiting out a full deadline.
 PROBE_INTERVAL_S = 2.0
+# The server is given the deadline minus the expected on-device run times this margin, so a
+# fallback still finishes within the deadline. More margin falls back earlier than needed
+# (more device-fallback results on a slow link); less risks missing the deadline.
+FALLBACK_MARGIN = 1.5
+# Added to the reserve: event-loop and thread hand-over costs the run time does not show.
+FALLBACK_SLACK_S = 0.01
 
 Publish = Callable[[bytes, float], Awaitable[bool]]
 
@@ -100,6 +106,13 @@ class Inferencer:
             ms += ms2
         return x, ms
 
+    def fallback_reserve_s(self, fallback: Variant) -> float:
+        """Time to keep back from the server for an on-device run of `fallback`."""
+        est = self.head_ms.get(fallback.id)
+        if est is None:  # not run yet here: the bundle's profile is the best guess
+            est = fallback.profile.head_ms_1t + fallback.profile.tail_ms_1t
+        return est / 1000 * FALLBACK_MARGIN + FALLBACK_SLACK_S
+
     async def infer(self, win: ClosedWindow, deadline_s: float) -> Result:
         """The result of one window; never raises for a server or link failure."""
         t_start = time.monotonic()
@@ -119,8 +132,9 @@ class Inferencer:
             feats = tokens
             if variant.head:
                 feats, head_ms = await self._run(variant.id, "head", tokens)
-            reply, uplink_ms = await self._remote(win, variant, dec.precision, feats,
-                                                  deadline_mono)
+            cutoff = deadline_mono - self.fallback_reserve_s(
+                self.manifest.device_variant(variant.pruning_ratio))
+            reply, uplink_ms = await self._remote(win, variant, dec.precision, feats, cutoff)
             if reply is not None and reply.error is None:
                 logits = np.asarray(reply.logits, dtype=np.float32)[None, :]
                 tail_ms = reply.tail_ms

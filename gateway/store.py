@@ -196,6 +196,11 @@ class Store:
         return self._rows(self.db.execute(
             "SELECT id, body FROM results WHERE published = 0 ORDER BY id LIMIT ?", (limit,)))
 
+    def count_unpublished(self) -> int:
+        """Results not yet confirmed published on MQTT."""
+        return int(self.db.execute("SELECT count(*) FROM results WHERE published = 0")
+                   .fetchone()[0])
+
     def mark_published(self, result_id: int) -> None:
         self.db.execute("UPDATE results SET published = 1 WHERE id = ?", (result_id,))
 
@@ -212,13 +217,14 @@ class Store:
         """Dead letters by reason."""
         return dict(self.db.execute("SELECT reason, count(*) FROM deadletters GROUP BY reason"))
 
-    def unpublished_deadletters(self, limit: int = 100) -> list[dict[str, object]]:
-        """Dead letters not yet confirmed published on MQTT, oldest first, as JSON documents."""
+    def unpublished_deadletters(self, limit: int = 100) -> list[tuple[int, bytes]]:
+        """Dead letters not yet confirmed published on MQTT, oldest first: (id, JSON)."""
         cur = self.db.execute(
             "SELECT id, ts, topic, reason, detail, payload_head, payload_bytes FROM deadletters "
             "WHERE published = 0 ORDER BY id LIMIT ?", (limit,))
-        return [{"id": i, "ts": ts, "topic": topic, "reason": reason, "detail": detail,
-                 "payload_head": bytes(head).hex(), "payload_bytes": size}
+        return [(i, json.dumps({"id": i, "ts": ts, "topic": topic, "reason": reason,
+                                "detail": detail, "payload_head": bytes(head).hex(),
+                                "payload_bytes": size}).encode())
                 for i, ts, topic, reason, detail, head, size in cur]
 
     def mark_deadletter_published(self, deadletter_id: int) -> None:

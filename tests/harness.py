@@ -130,3 +130,200 @@ def offline_predictions(bundle: Path, plan: ReplayPlan, variant: str | None = No
     tokens = tok.tokenize_array(plan.x.astype(np.float32), t).model_input()
     vid = variant or m.device_variant(0.0).id
     return rt.full(vid, tokens)
+
+
+# Fault injection (issue 5): a replayer that rides out broker restarts, a collector of what
+# the gateway publishes, and exactly-once checks against the HTTP API and the database.
+
+REPORT_ENV = "EDGETOK_FAULT_REPORT"
+
+
+def plan_messages(plan: ReplayPlan, chunk: int = 10,
+                  windows: range | None = None) -> list[tuple[str, bytes]]:
+    """(topic, payload) for every message of the plan's windows, in publishing order."""
+    from edgetok.replay import payloads
+
+    js = windows if windows is not None else range(len(plan.x))
+    return [(TOPIC, body) for j in js for body in payloads(plan, j, DEFAULT_CHANNELS, chunk)]
+
+
+class Replayer:
+    """Publishes messages at QoS 1 from a thread; after a lost connection it resends.
+
+    Like a sensor with an outbox: a message whose PUBACK never came is published again, so
+    the broker may hold it twice and the gateway must recognise the copy.
+    """
+
+    def __init__(self, port: int, messages: list[tuple[str, bytes]], interval_s: float = 0.0,
+                 client_id: str = "edgetok-test-replay") -> None:
+        import threading
+
+        self.port = port
+        self.messages = messages
+        self.interval_s = interval_s
+        self.client_id = client_id
+        self.sent = 0
+        self.retries = 0
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._main, name="replayer", daemon=True)
+
+    def start(self) -> Replayer:
+        self.thread.start()
+        return self
+
+    def join(self, timeout: float = 120) -> int:
+        """Wait for the last PUBACK; the number of messages published."""
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), f"replay stuck after {self.sent} messages"
+        if self.error is not None:
+            raise self.error
+        return self.sent
+
+    def _main(self) -> None:
+        try:
+            asyncio.run(self._run())
+        except BaseException as exc:  # surfaced by join()
+            self.error = exc
+
+    async def _run(self) -> None:
+        from edgetok.mqttlink import MqttSession
+        from edgetok.settings import MqttSettings
+
+        settings = MqttSettings(port=self.port, session_expiry_s=0, reconnect_min_s=0.05,
+                                reconnect_max_s=0.2)
+        session = MqttSession(settings, self.client_id, password=None, manual_ack=False)
+        runner = asyncio.create_task(session.run())
+        t_next = time.monotonic()
+        for topic, body in self.messages:
+            while not await session.publish(topic, body, qos=1, wait_s=30, ack_s=2.0):
+                self.retries += 1
+            self.sent += 1
+            t_next += self.interval_s
+            if t_next > time.monotonic():
+                await asyncio.sleep(t_next - time.monotonic())
+        await session.close()
+        await runner
+
+
+class Collector:
+    """Subscribes (persistent session, QoS 1) from a thread and keeps what arrives, in order."""
+
+    def __init__(self, port: int, filters: list[str],
+                 client_id: str = "edgetok-test-collector") -> None:
+        import threading
+
+        self.port = port
+        self.filters = filters
+        self.client_id = client_id
+        self.messages: list[tuple[str, bytes]] = []
+        self.ready = threading.Event()
+        self._stop: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.thread = threading.Thread(target=lambda: asyncio.run(self._run()),
+                                       name="collector", daemon=True)
+
+    def start(self) -> Collector:
+        self.thread.start()
+        assert self.ready.wait(15), "collector did not connect"
+        return self
+
+    def stop(self) -> None:
+        if self._loop is not None and self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self.thread.join(15)
+
+    def on(self, topic_prefix: str) -> list[bytes]:
+        """Payloads received on topics starting with `topic_prefix`, in arrival order."""
+        return [p for t, p in list(self.messages) if t.startswith(topic_prefix)]
+
+    async def _run(self) -> None:
+        from edgetok.mqttlink import InMessage, MqttSession
+        from edgetok.settings import MqttSettings
+
+        async def keep(msg: InMessage) -> None:
+            self.messages.append((msg.topic, msg.payload))
+
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        settings = MqttSettings(port=self.port, session_expiry_s=600, reconnect_min_s=0.05,
+                                reconnect_max_s=0.3)
+        session = MqttSession(settings, self.client_id, password=None, manual_ack=False,
+                              subscriptions=self.filters, on_message=keep)
+        runner = asyncio.create_task(session.run())
+        await session.connected.wait()
+        self.ready.set()
+        await self._stop.wait()
+        await session.close()
+        await runner
+
+
+def db_query(workdir: Path, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    """Rows from the gateway's database (read-only; safe while the gateway runs)."""
+    import sqlite3
+
+    path = workdir / "state" / "edgetok.db"
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
+    try:
+        return list(db.execute(sql, args))
+    finally:
+        db.close()
+
+
+def assert_exactly_once(gw: Proc, workdir: Path, expected: set[int],
+                        timeout: float = 60) -> list[dict[str, Any]]:
+    """Every expected window has exactly one result, per the HTTP API and the database."""
+    import collections
+
+    rows = wait_results(gw, len(expected), timeout)
+    api = collections.Counter(r["window"] for r in rows)
+    missing = sorted(expected - set(api))
+    assert not missing, f"windows without a result: {missing}\n{gw.logtext()[-4000:]}"
+    assert set(api) == expected, f"unexpected windows {sorted(set(api) - expected)}"
+    assert max(api.values()) == 1, f"doubled: {[k for k, n in api.items() if n > 1]}"
+    db = collections.Counter(w for (w,) in db_query(workdir, "SELECT window FROM results"))
+    assert db == api
+    return rows
+
+
+def status(gw: Proc) -> dict[str, Any]:
+    """The gateway's /v1/status document."""
+    code, body = gw.get("/v1/status")
+    assert code == 200, body
+    return dict(body)
+
+
+def report(name: str, **figures: Any) -> None:
+    """Print a fault test's figures, and append them to $EDGETOK_FAULT_REPORT if set."""
+    import json
+    import os
+
+    line = json.dumps({"test": name, **figures})
+    print(f"FAULT-REPORT {line}")
+    target = os.environ.get(REPORT_ENV)
+    if target:
+        with open(target, "a") as f:
+            f.write(line + "\n")
+
+
+def fault_config(workdir: Path, bundle: Path, mqtt_port: int, *, deadline_ms: float = 1000.0,
+                 idle_close_s: float = 0.5, stream_extra: dict[str, Any] | None = None,
+                 **kw: Any) -> dict[str, Any]:
+    """A gateway config with the short deadline and idle rule the fault tests need."""
+    return gateway_config(workdir, bundle, mqtt_port, free_port(), deadline_ms=deadline_ms,
+                          stream_extra={"idle_close_s": idle_close_s, **(stream_extra or {})},
+                          **kw)
+
+
+def wait_for(cond: Any, timeout: float = 30.0, what: str = "condition") -> float:
+    """Poll until cond() is truthy; the seconds it took."""
+    t0 = time.monotonic()
+    while not cond():
+        assert time.monotonic() - t0 < timeout, f"timed out waiting for {what}"
+        time.sleep(0.05)
+    return time.monotonic() - t0
+
+
+def first_result_after(rows: list[dict[str, Any]], wall_ts: float) -> float | None:
+    """Seconds from `wall_ts` to the first result stored after it."""
+    later = [r["created_ts"] for r in rows if r["created_ts"] >= wall_ts]
+    return round(min(later) - wall_ts, 3) if later else None

@@ -10,13 +10,14 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
+from safetensors.numpy import save_file  # noqa: E402
+
 from edgetok.models.build.pretrained import (  # noqa: E402
     BERT_CLS_ID,
     PretrainedError,
     load_bert,
 )
 from edgetok.models.bundle import sha256_file  # noqa: E402
-from safetensors.numpy import save_file  # noqa: E402
 
 HIDDEN, HEADS, FFN, LAYERS, VOCAB, POS = 16, 4, 24, 2, 120, 20
 EPS = 1e-12

@@ -9,12 +9,12 @@ import numpy as np
 import onnx
 import pytest
 from aeon.datasets import load_classification
+
+from edgetok.frames import dequantize, quantize
 from edgetok.models.build.export import MIN_SHARED_BYTES
 from edgetok.models.bundle import BundleError, load_manifest, sha256_file
 from edgetok.models.runtime import Runtime
 from edgetok.tokenizers.patch import PatchConfig
-
-from edgetok.frames import dequantize, quantize
 
 TOLERANCE = 1e-4
 

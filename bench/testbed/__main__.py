@@ -15,7 +15,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as `python bench/testbed`: make `testbed` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from testbed.net import Testbed, available, cleanup  # noqa: E402
+from testbed.net import Testbed, available, cleanup
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,10 +55,9 @@ def main(argv: list[str] | None = None) -> int:
         print("no propagation delay is added (netem is unavailable): the veth round trip "
               "is tens of microseconds")
         print("run things with: ip netns exec <netns> <command>; Ctrl-C tears down")
-        try:
-            signal.sigwait({signal.SIGINT, signal.SIGTERM})
-        except KeyboardInterrupt:
-            pass
+        # Blocked, so sigwait (not a handler) takes them; teardown runs on the way out.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        signal.sigwait({signal.SIGINT, signal.SIGTERM})
     return 0
 
 

@@ -14,9 +14,11 @@ log = logging.getLogger(__name__)
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 V1_CPU = CGROUP_ROOT / "cpu"
-# 100 ms is the kernel's default CFS period; a shorter one smooths throttling (a 10% quota
-# then stalls a process for at most 90 ms at a time) at some scheduler overhead.
-CPU_PERIOD_US = 100_000
+# CFS period. A quota caps the average over one period, so with the kernel's default of
+# 100 ms a gateway that idles between windows runs each few-ms burst at full speed and a
+# 10% quota changes nothing. 10 ms makes a burst of a few ms run ~1/share times slower, as
+# on a slower clock, at the cost of more scheduler work (the kernel's minimum is 1 ms).
+CPU_PERIOD_US = 10_000
 # How often the cpu.max bridge (v1 hosts) looks for a write by the gateway's actuator.
 BRIDGE_POLL_S = 0.05
 
@@ -57,7 +59,7 @@ class CpuGroup:
             if "cpu" not in sub.read_text().split():
                 sub.write_text("+cpu")
         self.path.mkdir(exist_ok=True)
-        if self.bridge_dir is not None and self.version == "v1":
+        if self.bridge_dir is not None:
             self._start_bridge()
         return self
 
@@ -67,10 +69,8 @@ class CpuGroup:
 
     def set_share(self, share: float | None) -> None:
         """Cap at `share` of one core (None: no cap)."""
-        if share is None:
-            quota = None
-        else:
-            quota = max(int(share * CPU_PERIOD_US), 1000)  # the kernel's floor is 1 ms
+        # The kernel's floor for a quota is 1 ms.
+        quota = None if share is None else max(int(share * CPU_PERIOD_US), 1000)
         if self.version == "v2":
             (self.path / "cpu.max").write_text(
                 f"{'max' if quota is None else quota} {CPU_PERIOD_US}")
@@ -84,12 +84,11 @@ class CpuGroup:
     def actuator_dir(self) -> Path:
         """The directory whose cpu.max the gateway's emulated CPU actuator writes.
 
-        On v2 it is the cgroup itself. On v1 there is no cpu.max, so a bridge file under
-        `bridge_dir` is mirrored into cpu.cfs_quota_us by a thread of this process."""
-        if self.version == "v2":
-            return self.path
+        A bridge file under `bridge_dir`, mirrored into the cgroup by a thread of this
+        process: `ip netns exec` hides /sys/fs/cgroup from the gateway, and a v1 host has
+        no cpu.max at all (the bridge writes cpu.cfs_quota_us there)."""
         if self.bridge_dir is None:
-            raise CgroupError("v1 host: pass bridge_dir to get a cpu.max for the actuator")
+            raise CgroupError("pass bridge_dir to get a cpu.max for the actuator")
         return self.bridge_dir
 
     def _start_bridge(self) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import sys
@@ -71,10 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     cfg = ControllerConfig.model_validate(json.loads(args.config.read_text()))
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(serve(cfg, args.bundle, args.host, args.port))
-    except KeyboardInterrupt:
-        pass
     return 0
 
 

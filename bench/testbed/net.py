@@ -91,6 +91,8 @@ class Host:
 class Testbed:
     """Namespaces, links, CPU groups and the processes started inside them."""
 
+    __test__ = False  # not a pytest test class, despite the name
+
     def __init__(self, gateways: int = 1, tag: str | None = None) -> None:
         if not 1 <= gateways <= 250:
             raise ValueError("1..250 gateways (one /30 per gateway under 10.77.0.0/16)")
@@ -176,9 +178,10 @@ class Testbed:
         """Start argv inside a namespace (and, before exec, inside a cgroup); tracked."""
         cmd = ["ip", "netns", "exec", netns]
         if cgroup is not None:
-            # The shell joins the cgroup and then execs: every thread starts capped.
-            cmd += ["sh", "-c", f'echo $$ > {shlex.quote(str(cgroup.procs_file))} && '
-                    'exec "$@"', "sh"]
+            # The shell joins the cgroup and then execs: every thread starts capped. It must
+            # come before `ip netns exec`, which mounts a fresh /sys without the cgroups.
+            cmd = ["sh", "-c", f'echo $$ > {shlex.quote(str(cgroup.procs_file))} && '
+                   'exec "$@"', "sh", *cmd]
         out: int | IO[bytes] | None = stdout
         if log_path is not None:
             out = log_path.open("ab")

@@ -13,9 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from testbed.net import GW_IF, Testbed, TestbedError
-
 from edgetok.procs import to_toml
+from testbed.net import GW_IF, Testbed, TestbedError
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +42,13 @@ STATIC_SERVER_PRECISION = "fp16"
 def gain_for(rate_bps: float) -> float:
     """Channel gain g at which the emulated radio gets `rate_bps` at full power."""
     return (2 ** (rate_bps / BANDWIDTH_HZ) - 1) * NOISE_W_PER_HZ * BANDWIDTH_HZ / P_MAX_W
+
+
+def rate_for(p_w: float, full_rate_bps: float) -> float:
+    """Shannon rate r(p) = B·log2(1 + p·g/(N0·B)) on a channel that gives `full_rate_bps`
+    at full power: what the gateway's emulated transmit-power actuator sets with tc."""
+    g = gain_for(full_rate_bps)
+    return BANDWIDTH_HZ * math.log2(1 + p_w * g / (NOISE_W_PER_HZ * BANDWIDTH_HZ))
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,8 +164,8 @@ def server_config(spec: RunSpec) -> dict[str, Any]:
     return cfg
 
 
-def _python(module: str) -> list[str]:
-    return [sys.executable, "-m", module]
+def _python(module: str, *args: str) -> list[str]:
+    return [sys.executable, "-m", module, *args]
 
 
 def _env() -> dict[str, str]:
@@ -203,32 +209,34 @@ class Run:
         stop_trace = threading.Event()
         try:
             (self.dir / "server.toml").write_text(to_toml(server_config(s)))
-            srv = tb.popen(tb.server_ns, _python("edgetok") + ["server", "--config",
-                           str(self.dir / "server.toml")], self.dir / "server.log")
+            srv = tb.popen(tb.server_ns, _python(
+                "edgetok", "server", "--config", str(self.dir / "server.toml")),
+                self.dir / "server.log")
             started.append(("server", srv))
             if s.coordinator == "shim":
                 (self.dir / "controller.json").write_text(json.dumps(controller_config(s)))
-                started.append(("coord", tb.popen(tb.server_ns, _python("testbed.coord") + [
-                    "--config", str(self.dir / "controller.json"), "--bundle", str(s.bundle),
-                    "--port", str(BROKER_PORT)], self.dir / "coord.log", env=_env())))
+                started.append(("coord", tb.popen(tb.server_ns, _python(
+                    "testbed.coord", "--config", str(self.dir / "controller.json"),
+                    "--bundle", str(s.bundle), "--port", str(BROKER_PORT)),
+                    self.dir / "coord.log", env=_env())))
             self._wait_http(tb.server_ns, SERVER_HTTP, srv)
             for i, gw_id in enumerate(self.ids):
                 path = self.dir / f"{gw_id}.toml"
                 path.write_text(to_toml(gateway_config(s, tb, i, gw_id,
                                                        self.dir / f"state-{gw_id}")))
-                started.append((gw_id, tb.popen(tb.hosts[i].netns, _python("edgetok") + [
-                    "gateway", "--config", str(path)], self.dir / f"{gw_id}.log",
+                started.append((gw_id, tb.popen(tb.hosts[i].netns, _python(
+                    "edgetok", "gateway", "--config", str(path)), self.dir / f"{gw_id}.log",
                     cgroup=tb.hosts[i].cpu)))
             if s.coordinator != "static":
                 time.sleep(2 * TELEMETRY_S)  # a first decision before the first window
             before = [tb.tx_bytes(i) for i in range(s.gateways)]
             driver_out = self.dir / "driver.json"
-            drv = tb.popen(tb.server_ns, _python("testbed.driver") + [
-                "--port", str(BROKER_PORT), "--gateways", ",".join(self.ids),
+            drv = tb.popen(tb.server_ns, _python(
+                "testbed.driver", "--port", str(BROKER_PORT), "--gateways", ",".join(self.ids),
                 "--window-rate", str(s.window_rate), "--windows", str(s.windows),
                 "--warmup", str(s.warmup), "--frames", "--tag", str(self.dir.name),
                 "--results-timeout", str(max(30.0, 3 * s.deadline_ms / 1000)),
-                "--out", str(driver_out)], env=_env(), stdout=subprocess.PIPE)
+                "--out", str(driver_out)), env=_env(), stdout=subprocess.PIPE)
             trace_thread = None
             assert drv.stdout is not None
             for raw in drv.stdout:

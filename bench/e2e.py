@@ -1,0 +1,253 @@
+"""End-to-end benchmark: real gateway, server and coordinator processes in the test bed.
+
+For every scenario (link rate, a link trace, gateway CPU, number of gateways) each policy
+(joint, device-only, server-only, fixed-split) runs in turn in the same invocation, on the
+same test bed, replaying the same BasicMotions windows at a fixed rate. Per run it reports
+end-to-end latency p50/p95/p99 (sensor publish to result stored, see testbed/driver.py),
+deadline hit rate, gateway energy from the system model (measured head time and frame
+bytes), accuracy against the dataset labels and bytes sent. Writes bench/out/e2e.json and
+PNG plots; the headline is joint p50 / best static baseline p50 per scenario.
+
+    sudo .venv/bin/python bench/e2e.py [--quick] [--bundle DIR] [--coordinator auto]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from testbed.metrics import summarise
+from testbed.net import Testbed, TestbedError, available
+from testbed.plots import plot_all
+from testbed.run import Run, RunSpec, nominal_hz
+
+log = logging.getLogger("e2e")
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "bench" / "out"
+POLICIES = ("joint", "device-only", "server-only", "fixed-split")
+BASELINES = POLICIES[1:]
+# 100 ms per window: an interactive target, as in configs/scenarios/wifi-gateway.toml.
+DEADLINE_MS = 100.0
+# Windows per second per gateway: 2/s keeps an fp32 split frame stream (~17 kB/window on
+# the reference bundle) under the 0.5 Mbit/s link, so a queue only builds where a policy
+# chooses badly, and 16 gateways stay within two cores.
+WINDOW_RATE = 2.0
+WINDOWS, QUICK_WINDOWS = 40, 16
+WARMUP = 4
+# Link and CPU of the scenarios that vary something else.
+BASE_LINK_MBIT, BASE_CPU = 10.0, 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class Scenario:
+    """One condition every policy is measured under."""
+
+    name: str
+    group: str  # link, trace, cpu or load: which plot it belongs to
+    link_mbit: float = BASE_LINK_MBIT
+    cpu_share: float = BASE_CPU
+    gateways: int = 1
+    trace: tuple[tuple[float, float], ...] = ()
+
+
+def trace_20_1_20(duration_s: float) -> tuple[tuple[float, float], ...]:
+    """20 Mbit/s, a drop to 1 Mbit/s for the middle third of the replay, then back."""
+    third = duration_s / 3
+    return ((0.0, 20.0), (third, 1.0), (2 * third, 20.0))
+
+
+def scenarios(quick: bool, replay_s: float, max_gateways: int) -> list[Scenario]:
+    """The scenario matrix (reduced with --quick)."""
+    links = (10.0, 0.5) if quick else (50.0, 10.0, 2.0, 0.5)
+    cpus = (0.1,) if quick else (1.0, 0.25, 0.1)
+    loads = (4,) if quick else (1, 4, 16)
+    out = [Scenario(f"link-{m:g}", "link", link_mbit=m) for m in links]
+    out.append(Scenario("trace-20-1-20", "trace", link_mbit=20.0,
+                        trace=trace_20_1_20(replay_s)))
+    out += [Scenario(f"cpu-{c:.0%}", "cpu", cpu_share=c) for c in cpus]
+    out += [Scenario(f"load-{n}", "load", gateways=n) for n in loads if n <= max_gateways]
+    return out
+
+
+def coordinator_mode(choice: str) -> str:
+    """'server' once `edgetok server` runs the OnlineController, else the test bed's shim."""
+    if choice != "auto":
+        return choice
+    src = "".join(p.read_text() for p in (ROOT / "agent").glob("*.py"))
+    return "server" if "OnlineController" in src else "shim"
+
+
+def pick_bundle(arg: Path | None) -> Path:
+    """--bundle, else bundles/reference, else bundles/quick (built if missing)."""
+    if arg is not None:
+        return arg.resolve()
+    for p in (ROOT / "bundles/reference", ROOT / "bundles/quick"):
+        if (p / "manifest.json").is_file():
+            return p
+    raise SystemExit("no bundle: build one with `.venv/bin/edgetok build --recipe "
+                     "configs/models/quick.toml --out bundles/quick`")
+
+
+def headline(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """joint p50 over the best static baseline's p50, and the hit rates, for one scenario."""
+    p50 = {p: runs[p]["latency_ms"]["p50"] for p in runs if runs[p]["latency_ms"]["p50"]}
+    base = {p: v for p, v in p50.items() if p in BASELINES}
+    out: dict[str, Any] = {"p50_ms": p50, "hit_rate": {p: runs[p]["hit_rate"] for p in runs}}
+    if "joint" in p50 and base:
+        best = min(base, key=lambda p: base[p])
+        out.update(best_static=best, ratio=round(p50["joint"] / base[best], 3))
+        best_hit = max(runs[p]["hit_rate"] or 0.0 for p in runs if p in BASELINES)
+        out["joint_hit_ge_best"] = (runs["joint"]["hit_rate"] or 0.0) >= best_hit
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the matrix, write JSON and plots, print the headline table."""
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="reduced matrix, fewer windows")
+    p.add_argument("--bundle", type=Path, default=None)
+    p.add_argument("--coordinator", choices=["auto", "server", "shim", "static"],
+                   default="auto", help="who makes decisions (static: fixed variants, "
+                   "no joint)")
+    p.add_argument("--no-actuators", action="store_true",
+                   help="gateways keep full clock and power (decisions pick variants only)")
+    p.add_argument("--deadline-ms", type=float, default=DEADLINE_MS)
+    p.add_argument("--window-rate", type=float, default=WINDOW_RATE)
+    p.add_argument("--windows", type=int, default=None)
+    p.add_argument("--max-gateways", type=int, default=16)
+    p.add_argument("--only", default=None, help="comma-separated scenario names")
+    p.add_argument("--policies", default=",".join(POLICIES))
+    p.add_argument("--out", type=Path, default=OUT / "e2e.json")
+    p.add_argument("--keep-logs", action="store_true")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    why = available()
+    if why is not None:
+        raise SystemExit(f"cannot build the test bed: {why}")
+    bundle = pick_bundle(args.bundle)
+    mode = coordinator_mode(args.coordinator)
+    policies = [x for x in args.policies.split(",") if x]
+    if mode == "static" and "joint" in policies:
+        log.warning("no coordinator: joint cannot run; measuring the static baselines only")
+        policies.remove("joint")
+    windows = args.windows or (QUICK_WINDOWS if args.quick else WINDOWS)
+    replay_s = (WARMUP + windows) / args.window_rate
+    matrix = scenarios(args.quick, replay_s, args.max_gateways)
+    if args.only:
+        keep = set(args.only.split(","))
+        matrix = [s for s in matrix if s.name in keep]
+    work = Path(tempfile.mkdtemp(prefix="etk-e2e-"))
+    n_gw = max(s.gateways for s in matrix)
+    doc: dict[str, Any] = {
+        "bundle": str(bundle), "bundle_id": _bundle_id(bundle), "coordinator": mode, "actuators": not args.no_actuators,
+        "deadline_ms": args.deadline_ms, "window_rate_per_gateway": args.window_rate,
+        "windows_per_run": windows, "warmup_windows": WARMUP,
+        "latency_definition": "result.created_ts - wall time just before the sensor message "
+        "completing the window was published (driver in the server namespace)",
+        "link": "tc tbf on each gateway's veth (uplink only); no propagation delay added "
+        "(netem unavailable); sensor readings reach the gateway over the unshaped downlink",
+        "machine": {"cores": _cores()}, "started": time.time(), "scenarios": {}}
+    spec0 = RunSpec(name="", policy="joint", gateways=1, link_mbit=BASE_LINK_MBIT,
+                    cpu_share=BASE_CPU, deadline_ms=args.deadline_ms,
+                    window_rate=args.window_rate, windows=windows, warmup=WARMUP,
+                    bundle=bundle, nominal_hz=nominal_hz(bundle), coordinator=mode,
+                    actuators=not args.no_actuators)
+    run_id = 0
+    try:
+        with Testbed(n_gw) as tb:
+            tb.start_broker(work / "broker")
+            for sc in matrix:
+                runs: dict[str, dict[str, Any]] = {}
+                for pol in policies:
+                    run_id += 1
+                    spec = replace(spec0, name=sc.name, policy=pol, gateways=sc.gateways,
+                                   link_mbit=sc.link_mbit, cpu_share=sc.cpu_share,
+                                   trace=sc.trace)
+                    log.info("run %d: %s / %s", run_id, sc.name, pol)
+                    try:
+                        data = Run(tb, spec, work / f"{run_id:03d}-{sc.name}-{pol}",
+                                   run_id).execute()
+                    except TestbedError as exc:
+                        log.error("%s / %s failed: %s", sc.name, pol, exc)
+                        runs[pol] = {"error": str(exc), "latency_ms": {"p50": None},
+                                     "hit_rate": None}
+                        continue
+                    runs[pol] = summarise(data)
+                    m = runs[pol]
+                    log.info("  p50 %s ms, p95 %s, hit %s, acc %s, E %s mJ, where %s",
+                             m["latency_ms"]["p50"], m["latency_ms"]["p95"], m["hit_rate"],
+                             m["accuracy"], m["energy_mj_per_window"], m["where"])
+                doc["scenarios"][sc.name] = {
+                    "group": sc.group, "link_mbit": sc.link_mbit, "cpu_share": sc.cpu_share,
+                    "gateways": sc.gateways, "trace": sc.trace, "runs": runs,
+                    "headline": headline(runs)}
+                _write(args.out, doc)
+    finally:
+        if args.keep_logs:
+            log.info("logs kept in %s", work)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    doc["finished"] = time.time()
+    _write(args.out, doc)
+    for path in plot_all(doc, args.out.parent):
+        print(f"wrote {path}")
+    print(table(doc))
+    return 0
+
+
+def _bundle_id(bundle: Path) -> str:
+    from edgetok.models.bundle import read_manifest
+
+    return read_manifest(bundle).bundle_id
+
+
+def _cores() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0))
+
+
+def _write(path: Path, doc: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, indent=1))
+
+
+def table(doc: dict[str, Any]) -> str:
+    """A plain-text table: p50/p95/p99, hit rate, energy per policy, and the ratio."""
+    lines = [f"{'scenario':<15} {'policy':<12} {'p50':>8} {'p95':>8} {'p99':>8} {'hit':>6} "
+             f"{'acc':>6} {'mJ/win':>8} {'B/win':>8}  where"]
+    for name, sc in doc["scenarios"].items():
+        for pol, m in sc["runs"].items():
+            if "error" in m:
+                lines.append(f"{name:<15} {pol:<12} error: {m['error'][:60]}")
+                continue
+            lt = m["latency_ms"]
+            lines.append(f"{name:<15} {pol:<12} {_f(lt['p50'])} {_f(lt['p95'])} "
+                         f"{_f(lt['p99'])} {_f(m['hit_rate'], 6)} {_f(m['accuracy'], 6)} "
+                         f"{_f(m['energy_mj_per_window'])} "
+                         f"{_f(m['uplink_wire_bytes_per_window'])}  {m['where']}")
+        h = sc["headline"]
+        if "ratio" in h:
+            lines.append(f"{name:<15} joint/best static ({h['best_static']}) p50 ratio = "
+                         f"{h['ratio']:.3f}; joint hit >= best: {h['joint_hit_ge_best']}")
+    return "\n".join(lines)
+
+
+def _f(x: float | None, w: int = 8) -> str:
+    return f"{'-':>{w}}" if x is None else f"{x:>{w}.3g}"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,292 @@
+"""Ingest benchmark: the gateway's sustained rate of small JSON readings at QoS 1, lossless,
+against mosquitto_sub (the C client) taking the same stream from the same broker.
+
+One publisher (paho, QoS 1, a bounded window of unacknowledged messages, and it waits for
+every PUBACK) sends N single-reading JSON messages as fast as the broker takes them. The
+broker fans each out to both subscribers. A subscriber's rate is N over the time from the
+first publish to the moment it had all N: for mosquitto_sub its own receive timestamp of
+the last message (-F %U), for the gateway the first poll of /v1/status that counts N
+journaled readings. The gateway runs the on-device variant, so windows close and are
+inferred while it ingests. Also: CPU seconds of each (from /proc/<pid>/stat) and the
+gateway's resident memory idle and under load with the bundle loaded.
+
+    .venv/bin/python bench/ingest.py [--messages 30000] [--bundle DIR] [--profile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from edgetok.procs import free_port, http_json, start_edgetok, start_mosquitto, stop, to_toml
+from edgetok.procs import wait_ready as wait_http_ready
+
+log = logging.getLogger("ingest")
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "bench" / "out"
+TOPIC = "bench/ingest/imu"
+READY_TOPIC = "bench/ingest/ready"
+CHANNELS = ["acc_x", "acc_y", "acc_z", "gyr_x", "gyr_y", "gyr_z"]
+# Unacknowledged QoS 1 messages the publisher keeps in flight: enough to hide the round
+# trip on loopback, small enough that the broker never has to queue for the publisher.
+PUBLISH_WINDOW = 512
+# /v1/status poll period: the finish time is known to within this; polling faster costs
+# the gateway measurable time serving HTTP (5-10% of its loop at 50 polls/s).
+POLL_S = 0.25
+# Goals from the issue.
+GOAL_RATIO, GOAL_RSS_MB = 0.5, 200.0
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def rss_mb(pid: int, key: str = "VmRSS") -> float:
+    """Resident set size (or VmHWM, its peak) in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def payloads(n: int, now: float) -> list[bytes]:
+    """n single readings at 10 Hz ending a minute before now (varied, realistic values)."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    t0 = round(now - 60 - n / 10.0)
+    vals = rng.normal(0, 1, size=(n, len(CHANNELS)))
+    return [json.dumps({"ts": round(t0 + i / 10.0, 3),
+                        **{c: round(float(v), 5) for c, v in zip(CHANNELS, vals[i],
+                                                                  strict=True)}}).encode()
+            for i in range(n)]
+
+
+def publish_all(port: int, bodies: list[bytes]) -> tuple[float, float]:
+    """Publish at QoS 1 with a bounded in-flight window; return (start, all acked) times."""
+    import paho.mqtt.client as mqtt
+
+    acked = threading.Semaphore(0)
+    room = threading.Semaphore(PUBLISH_WINDOW)
+
+    def on_publish(*_: Any) -> None:
+        room.release()
+        acked.release()
+
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="etk-ingest-pub")
+    c.max_inflight_messages_set(PUBLISH_WINDOW)
+    c.on_publish = on_publish
+    c.connect("127.0.0.1", port)
+    c.loop_start()
+    try:
+        t0 = time.time()
+        for body in bodies:
+            room.acquire()
+            c.publish(TOPIC, body, qos=1)
+        for _ in bodies:  # every PUBACK, not just the last one
+            acked.acquire()
+        return t0, time.time()
+    finally:
+        c.disconnect()
+        c.loop_stop()
+
+
+def start_sub(port: int, n: int, out: Path) -> subprocess.Popen[bytes]:
+    """mosquitto_sub at QoS 1 printing its own receive time for each message."""
+    exe = shutil.which("mosquitto_sub")
+    if exe is None:
+        raise SystemExit("mosquitto_sub is not installed: apt-get install mosquitto-clients")
+    with out.open("wb") as f:
+        return subprocess.Popen([exe, "-h", "127.0.0.1", "-p", str(port), "-q", "1",
+                                 "-i", "etk-ingest-sub", "-t", TOPIC, "-t", READY_TOPIC,
+                                 "-F", "%t %U", "-C", str(n + 1)], stdout=f)
+
+
+def wait_sub_ready(port: int, out: Path, timeout: float = 10) -> None:
+    """Publish on READY_TOPIC until mosquitto_sub prints it: its subscription is live."""
+    import paho.mqtt.publish as publish
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if out.read_text().strip():
+            return
+        publish.single(READY_TOPIC, b"x", qos=1, hostname="127.0.0.1", port=port)
+        time.sleep(0.3)
+    raise TimeoutError("mosquitto_sub never subscribed")
+
+
+def sub_times(out: Path) -> list[float]:
+    """Receive timestamps of data messages from mosquitto_sub's output."""
+    return [float(line.split()[1]) for line in out.read_text().splitlines()
+            if line.startswith(TOPIC + " ")]
+
+
+def profile_summary(raw: Path, top: int = 12) -> dict[str, Any]:
+    """Share of samples per thread, and the top self and inclusive frames, from py-spy's
+    collapsed stacks ("thread;frame;frame count" per line)."""
+    import collections
+
+    threads: collections.Counter[str] = collections.Counter()
+    leaf: collections.Counter[str] = collections.Counter()
+    incl: collections.Counter[str] = collections.Counter()
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, n = line.rpartition(" ")
+        if not n.isdigit():
+            continue
+        frames = stack.split(";")
+        if "MainThread" not in frames[0]:
+            continue  # the event loop is the ingest path; worker threads idle by design
+        k = int(n)
+        total += k
+        threads[frames[0]] += k
+        leaf[frames[-1]] += k
+        for f in set(frames[1:]):
+            incl[f] += k
+
+    def share(c: collections.Counter[str]) -> list[tuple[str, float]]:
+        return [(f, round(v / max(total, 1), 3)) for f, v in c.most_common(top)]
+
+    return {"samples": total, "threads": share(threads), "self": share(leaf),
+            "inclusive": share(incl)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark, print and write bench/out/ingest.json."""
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--messages", type=int, default=30000)
+    p.add_argument("--bundle", type=Path, default=None)
+    p.add_argument("--profile", action="store_true", help="py-spy the gateway under load")
+    p.add_argument("--out", type=Path, default=OUT / "ingest.json")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    sys.path.insert(0, str(ROOT / "bench"))
+    from e2e import pick_bundle
+
+    bundle = pick_bundle(args.bundle)
+    from edgetok.models.bundle import read_manifest
+
+    device = f"r0.00-s{read_manifest(bundle).num_layers}"
+    work = Path(tempfile.mkdtemp(prefix="etk-ingest-"))
+    port, http = free_port(), free_port()
+    broker = start_mosquitto(work / "broker", port)
+    gw = sub = prof = None
+    try:
+        cfg = {"id": "ingest", "state_dir": str(work / "state"),
+               "mqtt": {"host": "127.0.0.1", "port": port, "client_id": "etk-ingest-gw"},
+               "bundle": {"path": str(bundle), "threads": 1},
+               "decision": {"variant": device, "precision": "fp32",
+                            "follow_coordinator": False},
+               "http": {"host": "127.0.0.1", "port": http},
+               "streams": [{"name": "imu", "topics": [TOPIC], "channels": CHANNELS,
+                            "rate_hz": 10.0, "window": 100, "lateness_ms": 0.0}]}
+        (work / "gw.toml").write_text(to_toml(cfg))
+        gw = start_edgetok("gateway", work / "gw.toml", work / "gw.log")
+        wait_http_ready(f"http://127.0.0.1:{http}/readyz", gw)
+        time.sleep(2.0)  # settle: idle RSS after start-up allocations
+        rss_idle = rss_mb(gw.pid)
+        sub_out = work / "sub.txt"
+        sub = start_sub(port, args.messages, sub_out)
+        wait_sub_ready(port, sub_out)
+        bodies = payloads(args.messages, time.time())
+        if args.profile:
+            spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+            # Collapsed stacks, idle samples included: the question is where the wall time
+            # goes, and a gateway that waits is as slow as one that computes.
+            prof = subprocess.Popen([spy, "record", "--pid", str(gw.pid), "--format", "raw",
+                                     "--idle", "--threads", "-o", str(work / "profile.txt"),
+                                     "--rate", "200"], stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.STDOUT)
+        cpu0 = {"gateway": cpu_s(gw.pid), "mosquitto_sub": cpu_s(sub.pid),
+                "broker": cpu_s(broker.pid)}
+        result: dict[str, Any] = {}
+        pub = threading.Thread(target=lambda: result.update(
+            zip(("t0", "t_acked"), publish_all(port, bodies), strict=True)))
+        pub.start()
+        rss_load, gw_done, counters = rss_idle, None, {}
+        deadline = time.monotonic() + 60 + args.messages / 500
+        while time.monotonic() < deadline:
+            rss_load = max(rss_load, rss_mb(gw.pid))
+            _, st = http_json(f"http://127.0.0.1:{http}/v1/status")
+            counters = st["counters"]
+            if counters["readings"] + counters["deadletters"] >= args.messages:
+                gw_done = time.time()
+                break
+            time.sleep(POLL_S)
+        cpu_gw = cpu_s(gw.pid) - cpu0["gateway"]
+        pub.join()
+        # wait4, not wait: the exited child's own rusage is its whole CPU time.
+        _, status, usage = os.wait4(sub.pid, 0)
+        sub.returncode = os.waitstatus_to_exitcode(status)
+        cpu_sub = round(usage.ru_utime + usage.ru_stime - cpu0["mosquitto_sub"], 3)
+        times = sub_times(sub_out)
+        profile = None
+        if prof is not None:
+            prof.send_signal(2)
+            prof.wait(timeout=30)
+            if (work / "profile.txt").is_file():
+                shutil.copy(work / "profile.txt", OUT / "ingest_profile.txt")
+                profile = profile_summary(work / "profile.txt")
+        t0 = result["t0"]
+        n = args.messages
+        doc = {
+            "messages": n, "bundle": str(bundle),
+            "bundle_id": read_manifest(bundle).bundle_id, "payload_bytes_mean":
+                round(sum(map(len, bodies)) / n, 1),
+            "publisher": {"rate_msgs_s": round(n / (result["t_acked"] - t0), 1),
+                          "in_flight_window": PUBLISH_WINDOW},
+            "mosquitto_sub": {"received": len(times),
+                              "rate_msgs_s": round(n / (max(times) - t0), 1) if times else None,
+                              "cpu_s": cpu_sub},
+            "gateway": {"received": counters.get("messages"),
+                        "readings": counters.get("readings"),
+                        "deadletters": counters.get("deadletters"),
+                        "windows": counters.get("windows"), "results": counters.get("results"),
+                        "rate_msgs_s": round(n / (gw_done - t0), 1) if gw_done else None,
+                        "cpu_s": round(cpu_gw, 3),
+                        "rss_mb_idle": round(rss_idle, 1), "rss_mb_load": round(rss_load, 1),
+                        "rss_mb_peak": round(rss_mb(gw.pid, "VmHWM"), 1)},
+            "broker_cpu_s": round(cpu_s(broker.pid) - cpu0["broker"], 3),
+            "cores": len(os.sched_getaffinity(0)),
+        }
+        if profile is not None:
+            doc["profile"] = profile
+        g, s = doc["gateway"], doc["mosquitto_sub"]
+        if g["rate_msgs_s"] and s["rate_msgs_s"]:
+            g["wall_s"] = round(n / g["rate_msgs_s"], 3)
+            s["wall_s"] = round(n / s["rate_msgs_s"], 3)
+            g["cpu_pct"] = round(100 * g["cpu_s"] / g["wall_s"], 1)
+            doc["ratio"] = round(g["rate_msgs_s"] / s["rate_msgs_s"], 3)
+        doc["lossless"] = g["readings"] == n and not g["deadletters"] and len(times) == n
+        doc["goals"] = {"ratio_ge_0.5": (doc.get("ratio") or 0) >= GOAL_RATIO,
+                        "lossless": doc["lossless"],
+                        "rss_lt_200mb": max(g["rss_mb_idle"], g["rss_mb_load"]) < GOAL_RSS_MB}
+    finally:
+        for proc in (prof, sub, gw):
+            if proc is not None:
+                stop(proc)
+        stop(broker)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(doc, indent=1))
+    print(json.dumps(doc, indent=1))
+    shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

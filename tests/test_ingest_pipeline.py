@@ -1,0 +1,232 @@
+"""The gateway's ingest, journal, windows and recovery in-process: a real Gateway object on a
+real SQLite journal and real ONNX Runtime, with messages fed straight to its inbox."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from edgetok.gateway.config import GatewayConfig
+from edgetok.gateway.daemon import Gateway
+from edgetok.gateway.models import Latency, Result, VariantRef
+from edgetok.mqttlink import InMessage
+from edgetok.replay import DEFAULT_CHANNELS
+from edgetok.settings import parse_config
+
+TOPIC = "sensors/imu"
+RATE = 10.0
+WINDOW = 100
+# A window number on the epoch grid, some minutes ago: recent enough for the stale check.
+K0 = int(time.time() * RATE) // WINDOW - 50
+
+
+def config(tmp_path: Path, bundle: Path, **extra: Any) -> GatewayConfig:
+    """One IMU stream; the on-device variant, so no server is involved."""
+    stream = {"name": "imu", "topics": [TOPIC], "channels": DEFAULT_CHANNELS, "rate_hz": RATE,
+              "window": WINDOW, "deadline_ms": 1000.0, "idle_close_s": 0.2,
+              **extra.pop("stream", {})}
+    raw = {"id": "gw-t", "state_dir": str(tmp_path / "state"),
+           "bundle": {"path": str(bundle)}, "decision": {"variant": "r0.00-s2"},
+           "streams": [stream], **extra}
+    return parse_config(raw, GatewayConfig)
+
+
+def chunk(k: int, i: int, n: int = 10, scale: float = 1.0) -> bytes:
+    """Readings i..i+n-1 of window k, as one chunked message."""
+    ts = [round((k * WINDOW + i + m) / RATE, 6) for m in range(n)]
+    doc: dict[str, Any] = {"ts": ts}
+    for c, name in enumerate(DEFAULT_CHANNELS):
+        doc[name] = [scale * float(np.sin(0.1 * (i + m) + c)) for m in range(n)]
+    return json.dumps(doc).encode()
+
+
+def window_messages(ks: range) -> list[bytes]:
+    """Every reading of windows ks, 10 per message, plus the first of the next window."""
+    out = [chunk(k, i) for k in ks for i in range(0, WINDOW, 10)]
+    return [*out, chunk(ks[-1] + 1, 0, n=3)]  # passes the watermark past the last window
+
+
+def msg(payload: bytes, mid: int, topic: str = TOPIC) -> InMessage:
+    return InMessage(topic=topic, payload=payload, qos=1, retain=False, mid=mid, generation=0)
+
+
+def fake_result(stream: str, k: int) -> Result:
+    """A stored result as an earlier run would have left it."""
+    return Result(gateway="gw-t", stream=stream, window=k, start_ts=k * 10.0,
+                  end_ts=k * 10.0 + 10, label="x", scores={"x": 1.0}, where="device",
+                  variant=VariantRef(id="r0.00-s2", pruning_ratio=0.0, split=2,
+                                     precision="fp32"),
+                  latency_ms=Latency(queue=0, head=0, uplink=0, tail=0, total=0),
+                  created_ts=0.0)
+
+
+@asynccontextmanager
+async def running(gw: Gateway, connected: bool = True) -> AsyncIterator[Gateway]:
+    """Ingest, closer and recovery running as in the daemon, without a broker."""
+    if connected:
+        gw.session.connected.set()  # publishing then fails fast: there is no client
+    async with asyncio.TaskGroup() as tg:
+        gw.tg = tg
+        tasks = [tg.create_task(gw._ingest()), tg.create_task(gw._closer())]
+        gw.recover()
+        try:
+            yield gw
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.wait_for(gw.no_inflight.wait(), 10)
+    gw.store.close()
+
+
+async def until(cond: Any, limit_s: float = 20.0) -> None:
+    """Yield to the loop until cond() holds (polling: the conditions span several objects)."""
+    async with asyncio.timeout(limit_s):
+        while not cond():  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+
+
+def result_windows(gw: Gateway) -> list[int]:
+    """Windows with a stored result, read as another process would (after close, too)."""
+    db = sqlite3.connect(gw.store.path)
+    try:
+        return [k for (k,) in db.execute("SELECT window FROM results ORDER BY window")]
+    finally:
+        db.close()
+
+
+@pytest.mark.asyncio
+async def test_windows_cut_off_out_of_order_are_rerun(tmp_path: Path, tiny_bundle: Path) -> None:
+    # The state a crash leaves when window K0+1 was still in flight but K0+2 had finished:
+    # the highest finished window must not hide the unfinished one below it.
+    cfg = config(tmp_path, tiny_bundle)
+    gw = Gateway(cfg)
+    with gw.store.tx():
+        for payload in window_messages(range(K0 + 1, K0 + 3)):
+            doc = json.loads(payload)
+            for i, t in enumerate(doc["ts"]):
+                gw.store.add_readings("imu", [(t, {c: doc[c][i] for c in DEFAULT_CHANNELS})])
+        gw.store.add_result(fake_result("imu", K0))
+        gw.store.add_result(fake_result("imu", K0 + 2))
+        gw.store.close_window("imu", K0 + 1)
+    gw.store.close()
+    gw = Gateway(cfg)
+    async with running(gw):
+        await until(lambda: len(result_windows(gw)) == 3)
+    assert result_windows(gw) == [K0, K0 + 1, K0 + 2]
+    assert gw.counters["windows_rerun"] == 1
+    db = sqlite3.connect(cfg.state_dir / "edgetok.db")
+    assert db.execute("SELECT count(*) FROM windows").fetchone() == (0,)
+
+
+@pytest.mark.asyncio
+async def test_ack_only_after_commit_and_redelivery_is_not_a_second_result(
+        tmp_path: Path, tiny_bundle: Path) -> None:
+    cfg = config(tmp_path, tiny_bundle)
+    payloads = window_messages(range(K0, K0 + 2))
+    gw = Gateway(cfg)
+    acked: list[int] = []
+    reader = sqlite3.connect(cfg.state_dir / "edgetok.db")
+
+    def ack(m: InMessage) -> None:
+        # Another connection sees the readings: the commit happened before this PUBACK.
+        first = json.loads(m.payload)["ts"][0]
+        assert reader.execute("SELECT count(*) FROM readings WHERE ts = ?",
+                              (first,)).fetchone() == (1,)
+        acked.append(m.mid)
+
+    gw.session.ack = ack  # type: ignore[method-assign]
+    async with running(gw):
+        for mid, p in enumerate(payloads):
+            await gw.inbox.put(msg(p, mid))
+        await until(lambda: len(result_windows(gw)) == 2)
+    assert sorted(acked) == list(range(len(payloads)))
+    # A restart, and the broker redelivers what it thinks was not acknowledged: all of it.
+    gw = Gateway(cfg)
+    async with running(gw):
+        for mid, p in enumerate(payloads):
+            await gw.inbox.put(msg(p, mid))
+        await until(lambda: gw.counters["messages"] == len(payloads))
+        await asyncio.sleep(0.5)  # longer than idle_close_s: any window would close by now
+    assert gw.counters["duplicate_messages"] == len(payloads)
+    # The window still open at the restart was rebuilt from the journal and closed (idle);
+    # the two finished ones were neither re-run nor doubled.
+    assert result_windows(gw) == [K0, K0 + 1, K0 + 2]
+    assert gw.counters["windows"] == 1
+    assert gw.counters["deadletters"] == 0
+
+
+@pytest.mark.asyncio
+async def test_full_journal_stops_acking_and_drops_nothing(tmp_path: Path,
+                                                           tiny_bundle: Path) -> None:
+    limit = 4 * WINDOW
+    cfg = config(tmp_path, tiny_bundle, journal={"max_rows": limit}, max_inflight_windows=1)
+    gw = Gateway(cfg)
+    payloads = window_messages(range(K0, K0 + 12))
+    peak = 0
+    unacked_peak = 0
+    acked: set[int] = set()
+
+    def ack(m: InMessage) -> None:
+        acked.add(m.mid)
+
+    gw.session.ack = ack  # type: ignore[method-assign]
+    async with running(gw):
+        for mid, p in enumerate(payloads):  # a burst, as a broker sends after an outage
+            gw.inbox.put_nowait(msg(p, mid))
+
+        def watch() -> bool:
+            nonlocal peak, unacked_peak
+            peak = max(peak, gw.store.journal_rows)
+            unacked_peak = max(unacked_peak, len(payloads) - len(acked))
+            return len(result_windows(gw)) == 12
+        await until(watch)
+    assert gw.counters["backpressure_events"] >= 1
+    assert peak <= limit + 10  # the bound plus at most one message's readings
+    assert unacked_peak > len(payloads) // 2  # the rest waited, unacknowledged
+    assert result_windows(gw) == list(range(K0, K0 + 12))
+    assert acked == set(range(len(payloads)))
+    assert gw.counters["deadletters"] == 0
+
+
+@pytest.mark.asyncio
+async def test_silence_while_disconnected_does_not_close_windows(tmp_path: Path,
+                                                                tiny_bundle: Path) -> None:
+    gw = Gateway(config(tmp_path, tiny_bundle))
+    async with running(gw, connected=False):
+        for mid, p in enumerate([chunk(K0, i) for i in range(0, 50, 10)]):
+            await gw.inbox.put(msg(p, mid))
+        await until(lambda: gw.counters["readings"] == 50)
+        await asyncio.sleep(1.0)  # five times idle_close_s, but the broker is gone
+        assert gw.buffers["imu"].open == {K0}
+        gw.session.connected.set()
+        await until(lambda: result_windows(gw) == [K0])  # now silence is idleness
+
+
+@pytest.mark.asyncio
+async def test_late_and_unknown_input_is_dead_lettered_with_its_head(
+        tmp_path: Path, tiny_bundle: Path) -> None:
+    cfg = config(tmp_path, tiny_bundle, unclaimed_topics=["sensors/#"])
+    gw = Gateway(cfg)
+    async with running(gw):
+        for mid, p in enumerate(window_messages(range(K0, K0 + 1))):
+            await gw.inbox.put(msg(p, mid))
+        await until(lambda: result_windows(gw) == [K0])
+        late = chunk(K0, 20, scale=2.0)  # new values for a closed window
+        await gw.inbox.put(msg(late, 100))
+        await gw.inbox.put(msg(b"21.5", 101, topic="sensors/temperature"))
+        await gw.inbox.put(msg(b"ignored", 102, topic="edgetok/gw-t/results/imu"))
+        await until(lambda: gw.counters["messages"] == 13)
+    rows = list(sqlite3.connect(cfg.state_dir / "edgetok.db").execute(
+        "SELECT topic, reason, payload_head, payload_bytes FROM deadletters ORDER BY id"))
+    assert rows == [(TOPIC, "late", late[:128], len(late)),
+                    ("sensors/temperature", "unknown_topic", b"21.5", 4)]
+    assert gw.counters["late_readings"] == 10

@@ -1,0 +1,122 @@
+"""The test bed builds its namespaces, link shaping and CPU quota, and always tears them down."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+
+from testbed import Testbed, available, cleanup  # noqa: E402
+from testbed.cgroup import CPU_PERIOD_US, CpuGroup  # noqa: E402
+
+pytestmark = pytest.mark.root
+
+WHY = available()
+needs_testbed = pytest.mark.skipif(WHY is not None, reason=f"test bed unavailable: {WHY}")
+
+
+def _netns() -> set[str]:
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    return {line.split()[0] for line in out.splitlines() if line.strip()}
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+@pytest.fixture
+def bed() -> Iterator[Testbed]:
+    tb = Testbed(1, tag=str(_dead_pid()))
+    try:
+        yield tb.up()
+    finally:
+        tb.close()
+
+
+def _until(cond: object, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():  # type: ignore[operator]
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@needs_testbed
+def test_link_is_private_shaped_and_reachable(bed: Testbed, tmp_path: Path) -> None:
+    host = bed.hosts[0]
+    assert {host.netns, bed.server_ns} <= _netns()
+    bed.set_rate(0, 2.0)
+    assert "tbf" in bed.qdisc(0) and "rate 2Mbit" in bed.qdisc(0)
+    bed.start_broker(tmp_path / "broker")
+    # The broker in the server namespace is reachable from the gateway's, over the veth ...
+    bed.wait_tcp(host.netns, host.server_address, 1883, timeout=5)
+    sent = bed.tx_bytes(0)
+    assert sent > 0
+    # ... while the host's own namespace has neither address nor interface of the test bed.
+    host_addrs = subprocess.run(["ip", "-o", "addr"], capture_output=True, text=True).stdout
+    assert host.address not in host_addrs and host.server_address not in host_addrs
+    bed.set_rate(0, None)
+    assert "tbf" not in bed.qdisc(0)
+
+
+@needs_testbed
+def test_cpu_quota_caps_the_process_and_follows_the_actuator_file(bed: Testbed) -> None:
+    host = bed.hosts[0]
+    bed.set_cpu(0, 0.25)
+    proc = bed.popen(host.netns, ["sleep", "30"], cgroup=host.cpu)
+    assert _until(lambda: proc.pid in host.cpu.pids())
+    assert _quota(host.cpu) == int(0.25 * CPU_PERIOD_US)
+    # The gateway's emulated actuator writes cpu.max (its own period); the test bed mirrors
+    # the share into the cgroup.
+    (host.cpu.actuator_dir() / "cpu.max").write_text("50000 100000")
+    assert _until(lambda: _quota(host.cpu) == int(0.5 * CPU_PERIOD_US))
+    bed.stop(proc)
+
+
+def _quota(g: CpuGroup) -> int:
+    if g.version == "v2":
+        return int((g.path / "cpu.max").read_text().split()[0])
+    return int((g.path / "cpu.cfs_quota_us").read_text())
+
+
+@needs_testbed
+def test_teardown_runs_when_the_body_fails() -> None:
+    tb = Testbed(2, tag=str(_dead_pid()))
+    with pytest.raises(RuntimeError, match="boom"), tb:
+        proc = tb.popen(tb.hosts[1].netns, ["sleep", "30"], cgroup=tb.hosts[1].cpu)
+        raise RuntimeError("boom")
+    assert not {h.netns for h in tb.hosts} & _netns()
+    assert tb.server_ns not in _netns()
+    assert not any(h.cpu.path.exists() for h in tb.hosts)
+    assert proc.poll() is not None
+
+
+@needs_testbed
+def test_cleanup_removes_what_a_dead_owner_left() -> None:
+    tag = str(_dead_pid())
+    tb = Testbed(1, tag=tag).up()
+    tb._closed = True  # the owner "dies" without tearing down
+    left = {tb.hosts[0].netns, tb.server_ns}
+    assert left <= _netns()
+    removed = cleanup()
+    assert left <= set(removed)
+    assert not left & _netns()
+    assert not tb.hosts[0].cpu.path.exists()
+    tb.hosts[0].cpu._stop.set()
+
+
+def test_unavailable_reason_is_reported_without_root(monkeypatch: pytest.MonkeyPatch) -> None:
+    import testbed.net as net
+
+    monkeypatch.setattr(net.os, "geteuid", lambda: 1000)
+    assert net.available() == "needs root (network namespaces, tc, cgroups)"
