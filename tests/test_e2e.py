@@ -96,3 +96,24 @@ def test_results_continue_after_broker_restart(tmp_path: Path, mosquitto: Broker
         assert status["mqtt"]["connects"] >= 2
     finally:
         assert gw.stop() == 0
+
+
+def test_two_servers_share_the_uplink(tmp_path: Path, mosquitto: Broker,
+                                      tiny_bundle: Path) -> None:
+    servers = [spawn("server", server_config(tiny_bundle, mosquitto.port, f"srv-{i}"),
+                     tmp_path / f"s{i}", f"server{i}").start() for i in range(2)]
+    gw = spawn("gateway", gateway_config(tmp_path, tiny_bundle, mosquitto.port, free_port()),
+               tmp_path, "gateway").start()
+    try:
+        plan = basicmotions_plan()
+        replay(plan, mosquitto.port)
+        rows = wait_results(gw, len(plan.x))
+        assert len(rows) == len(plan.x)
+        assert {r["where"] for r in rows} == {"split"}
+        replies = [s.get("/v1/status")[1]["counters"]["replies"] for s in servers]
+        assert sum(replies) == len(plan.x)
+        assert min(replies) > 0, f"one server took everything: {replies}"
+    finally:
+        assert gw.stop() == 0
+        for s in servers:
+            assert s.stop() == 0
