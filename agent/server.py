@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import signal
 import time
@@ -15,12 +16,13 @@ from edgetok import __version__
 from edgetok.agent.config import ServerConfig
 from edgetok.agent.coordinator.online import OnlineController
 from edgetok.agent.http import serve_http
+from edgetok.agent.metrics import ServerHealth, ServerMetrics
 from edgetok.control import ControlError, decode_telemetry, encode_decision
 from edgetok.frames import FrameError, TailReply, decode_frame
 from edgetok.models.bundle import BundleError
 from edgetok.models.runtime import Runtime
 from edgetok.mqttlink import InMessage, MqttSession
-from edgetok.topics import Topics, telemetry_filter, uplink_share_filter
+from edgetok.topics import Topics, gateway_of, telemetry_filter, uplink_share_filter
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +54,7 @@ class TailServer:
             manifest = next(iter(self.runtimes.values())).manifest
             self.controller = OnlineController(cfg.coordinator, manifest)
             self.coordinated_bundle = manifest.bundle_id
-            subs.append(telemetry_filter(cfg.mqtt.prefix))
+            subs += [telemetry_filter(cfg.mqtt.prefix), f"{cfg.mqtt.prefix}/+/status"]
         self.telemetry_rejected = 0
         self.session = MqttSession(
             cfg.mqtt, cfg.mqtt.client_id or f"edgetok-srv-{cfg.id}",
@@ -61,8 +63,13 @@ class TailServer:
         self.http_port = cfg.http.port
         self.queue_wait_ms: float | None = None
         self.decisions = 0
+        self.metrics = ServerMetrics(self)
+        self.health = ServerHealth(self)
 
     async def _route(self, msg: InMessage) -> None:
+        if self.controller is not None and msg.topic.endswith("/status"):
+            self._on_status(msg)
+            return
         if self.controller is not None and msg.topic.endswith("/telemetry"):
             try:
                 self.controller.observe(decode_telemetry(msg.payload), time.time())
@@ -71,6 +78,18 @@ class TailServer:
                 log.warning("ignoring telemetry on %s: %s", msg.topic, exc)
             return
         await self.queue.put((msg, time.monotonic()))
+
+    def _on_status(self, msg: InMessage) -> None:
+        """Forget a gateway that went offline or stopped, so it no longer shares the cell."""
+        assert self.controller is not None
+        try:
+            state = json.loads(msg.payload).get("state")
+            gateway = gateway_of(msg.topic, self.cfg.mqtt.prefix)
+        except (ValueError, AttributeError):
+            return
+        if state in ("offline", "stopped"):
+            self.controller.forget(gateway)
+            log.info("gateway %s is %s; the coordinator forgets it", gateway, state)
 
     async def _coordinate(self) -> None:
         """Re-solve every gateway that is due and publish changed decisions, retained."""
@@ -117,6 +136,7 @@ class TailServer:
                 out, ms = await loop.run_in_executor(self.executor, self._tail, rt,
                                                      header.variant, feats)
                 self.busy_s += ms / 1000
+                self.metrics.on_tail(ms / 1000)
                 reply = TailReply(
                     gateway=reply.gateway, stream=reply.stream, window=reply.window,
                     variant=reply.variant, logits=[float(x) for x in out.reshape(-1)],
@@ -163,7 +183,9 @@ class TailServer:
             if self.controller is not None:
                 workers.append(tg.create_task(self._coordinate()))
             runner = await serve_http(self)
+            workers.append(tg.create_task(self.health.run()))  # READY=1, WATCHDOG=1
             await self.stopping.wait()
+            self.health.stopping()
             for w in workers:
                 w.cancel()
             await runner.cleanup()
@@ -180,6 +202,9 @@ def _with_error(reply: TailReply, error: str) -> TailReply:
 
 async def run_server(cfg: ServerConfig) -> int:
     """Run until SIGTERM/SIGINT."""
+    from edgetok.agent.http import preflight
+
+    preflight(cfg)  # an exposed API without a token is refused before anything starts
     srv = TailServer(cfg)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

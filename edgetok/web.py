@@ -9,11 +9,12 @@ import logging
 import ssl
 from collections.abc import Awaitable, Callable, Collection
 from pathlib import Path
+from typing import Literal
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field
 
 from edgetok.settings import ConfigError
 
@@ -29,6 +30,36 @@ SHUTDOWN_TIMEOUT_S = 3.0
 # The query parameter a browser may use to pass the bearer token when it cannot set a header
 # (RFC 6750 section 2.3); accepted only on the routes a server lists, i.e. the dashboard page.
 TOKEN_QUERY = "access_token"
+
+
+class Alive(BaseModel):
+    """GET /healthz: the process answers."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    status: Literal["alive"] = Field(description="Always 'alive'; the 200 is the answer.")
+
+
+class Readiness(BaseModel):
+    """GET /readyz: 200 when every check passes, else 503 listing the failing ones."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    ready: bool = Field(description="True when every check passes.")
+    failing: list[str] = Field(description="Names of the failing checks.")
+    checks: dict[str, bool] = Field(description="Every check and whether it passes.")
+
+    @classmethod
+    def of(cls, checks: dict[str, bool]) -> Readiness:
+        """The readiness document for these checks."""
+        return cls(ready=all(checks.values()), failing=[k for k, ok in checks.items() if not ok],
+                   checks=checks)
+
+
+def readiness_response(checks: dict[str, bool]) -> web.Response:
+    """The /readyz answer: the status code is the contract (200 ready, 503 not)."""
+    doc = Readiness.of(checks)
+    return model_response(doc, status=200 if doc.ready else 503)
 
 
 class BindRefused(ConfigError):

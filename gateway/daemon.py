@@ -10,18 +10,17 @@ import time
 from collections import deque
 from pathlib import Path
 
-from paho.mqtt.client import topic_matches_sub
 from pydantic import TypeAdapter
 
 from edgetok import __version__
-from edgetok.aio import wait_event
+from edgetok.aio import wait_event, within
 from edgetok.frames import FrameError, TailReply
 from edgetok.gateway.actuators import Actuators
 from edgetok.gateway.config import GatewayConfig, StreamConfig
 from edgetok.gateway.controlplane import ControlPlane
-from edgetok.gateway.decode import DecodeError, Reading, decode_json
+from edgetok.gateway.decode import DecodeError, Reading, admit
 from edgetok.gateway.health import Health
-from edgetok.gateway.inference import Decision, Inferencer
+from edgetok.gateway.inference import Decision, InferenceError, Inferencer
 from edgetok.gateway.metrics import GatewayMetrics
 from edgetok.gateway.store import Store
 from edgetok.gateway.windows import ClosedWindow, WindowBuffer
@@ -34,6 +33,10 @@ log = logging.getLogger(__name__)
 
 # Messages journaled per transaction: group commit amortises the fsync over a burst.
 INGEST_BATCH = 256
+# How long the first message of a batch waits for company. aiomqtt hands over one packet
+# per socket wake-up, so without it a burst is committed one message at a time (one fsync
+# each under synchronous=FULL). Longer: bigger batches, more latency on every reading.
+INGEST_LINGER_S = 0.005
 # How often open windows are checked against the idle rule.
 CLOSE_TICK_S = 0.05
 # Grace for in-flight windows and unpublished results on shutdown, beyond the deadlines.
@@ -56,13 +59,7 @@ class Gateway:
                                max_sessions=cfg.bundle.max_sessions,
                                preload=[cfg.decision.variant])
         self.manifest = self.runtime.manifest
-        # Fail early on a wrong variant id, and load the fallback now: the first window that
-        # needs it is already late, and must not also pay for opening a session.
-        fallback = self.manifest.device_variant(
-            self.manifest.variant(cfg.decision.variant).pruning_ratio)
-        for part in ("head", "tail"):
-            if getattr(fallback, part):
-                self.runtime.session(fallback.id, part)
+        self.manifest.variant(cfg.decision.variant)  # fail early on a wrong variant id
         self.streams = {s.name: s for s in cfg.streams}
         self.tokenizers = {s.name: self._tokenizer(s) for s in cfg.streams}
         self.buffers = {s.name: WindowBuffer(s, *self.store.window_marks(s.name))
@@ -85,7 +82,8 @@ class Gateway:
         self.counters: dict[str, int] = {"messages": 0, "readings": 0, "windows": 0,
                                          "results": 0, "deadletters": 0, "duplicates": 0,
                                          "duplicate_messages": 0, "late_readings": 0,
-                                         "backpressure_events": 0, "windows_rerun": 0}
+                                         "backpressure_events": 0, "windows_rerun": 0,
+                                         "journal_peak_rows": 0}
         self.started = time.time()
         decision = Decision(cfg.decision.variant, cfg.decision.precision)
         self.session = MqttSession(
@@ -137,12 +135,6 @@ class Gateway:
             return
         await self.inbox.put(msg)
 
-    def _route(self, topic: str) -> StreamConfig | None:
-        for s in self.cfg.streams:
-            if any(topic_matches_sub(f, topic) for f in s.topics):
-                return s
-        return None
-
     def _deadletter(self, topic: str, reason: str, detail: str, payload: bytes) -> None:
         """Record a rejected input in the database; the publisher sends it on MQTT."""
         self.store.add_deadletter(topic, reason, detail, payload)
@@ -160,29 +152,23 @@ class Gateway:
             self.counters["duplicate_messages"] += 1
             self.counters["duplicates"] += 1
             return None
-        stream = self._route(msg.topic)
-        if stream is None:
-            self._deadletter(msg.topic, "unknown_topic", "matches no stream", msg.payload)
-            return None
         try:
-            readings = decode_json(msg.payload, stream, now)
+            stream, fresh, late = admit(msg.topic, msg.payload, self.cfg.streams,
+                                        lambda s, ts: self.buffers[s].accepts(ts), now)
         except DecodeError as exc:
             self._deadletter(msg.topic, exc.reason, exc.detail, msg.payload)
             return None
-        buf = self.buffers[stream.name]
-        fresh = [r for r in readings if buf.accepts(r.ts)]
-        if len(fresh) < len(readings):
-            late = len(readings) - len(fresh)
+        if late:
             self.counters["late_readings"] += late
-            self._deadletter(msg.topic, "late", f"{late} of {len(readings)} reading(s) fall in "
-                             "windows already closed", msg.payload)
+            self._deadletter(msg.topic, "late", f"{late} of {late + len(fresh)} reading(s) "
+                             "fall in windows already closed", msg.payload)
         self.store.add_readings(stream.name, [(r.ts, r.values) for r in fresh])
         return stream.name, fresh
 
     async def _await_room(self) -> None:
         """Backpressure: while the journal is full, acknowledge nothing; drop nothing."""
         limit = self.cfg.journal.max_rows
-        if self.store.journal_rows < limit:
+        if self.store.journal_rows < limit or self.store.recount_journal() < limit:
             return
         self.backpressure_since = time.monotonic()
         self.counters["backpressure_events"] += 1
@@ -197,14 +183,25 @@ class Gateway:
         for buf in self.buffers.values():
             buf.hold_idle(time.monotonic())
 
+    async def _gather_batch(self) -> None:
+        """Top up the pending batch with what arrives within INGEST_LINGER_S."""
+        t_end = time.monotonic() + INGEST_LINGER_S
+        while len(self.pending) < INGEST_BATCH:
+            if not self.inbox.empty():
+                self.pending.append(self.inbox.get_nowait())
+                continue
+            try:
+                self.pending.append(await within(self.inbox.get(), t_end - time.monotonic()))
+            except TimeoutError:
+                return
+
     async def _ingest(self) -> None:
         """Journal bursts of messages in one transaction, ack them, then buffer them."""
         limit = self.cfg.journal.max_rows
         while True:
             if not self.pending:
                 self.pending.append(await self.inbox.get())
-            while len(self.pending) < INGEST_BATCH and not self.inbox.empty():
-                self.pending.append(self.inbox.get_nowait())
+            await self._gather_batch()
             await self._await_room()
             done: list[InMessage] = []
             accepted: list[tuple[str, list[Reading]]] = []
@@ -219,23 +216,14 @@ class Gateway:
                         accepted.append(got)
             for msg in done:  # only now is every message of the batch durable
                 self.session.ack(msg)
+            self.counters["journal_peak_rows"] = max(self.counters["journal_peak_rows"],
+                                                     self.store.journal_rows)
             for name, readings in accepted:
                 buf = self.buffers[name]
                 for r in readings:
                     buf.add(r.ts, r.values)
                 self.counters["readings"] += len(readings)
             self._close_due()
-
-    def backlog(self) -> dict[str, int | float | None]:
-        """Work waiting at each stage: what overload looks like from outside."""
-        return {"inbox": self.inbox.qsize() + len(self.pending),
-                "journal_rows": self.store.journal_rows,
-                "journal_max_rows": self.cfg.journal.max_rows,
-                "open_windows": sum(len(b.open) for b in self.buffers.values()),
-                "inflight_windows": len(self.inflight),
-                "unpublished_results": self.store.count_unpublished(),
-                "backpressure_s": None if self.backpressure_since is None else round(
-                    time.monotonic() - self.backpressure_since, 3)}
 
     # windows -----------------------------------------------------------------------------
     def _deaf(self) -> bool:
@@ -281,14 +269,14 @@ class Gateway:
         try:
             result = await self.inferencer.infer(win, stream.deadline_ms / 1000)
         except Exception as exc:  # one bad window must never take the daemon down
-            reason, detail = ((exc.reason, exc.detail) if isinstance(exc, TokenizeError)
-                              else ("inference_error", f"{type(exc).__name__}: {exc}"))
-            if not isinstance(exc, TokenizeError):
+            if isinstance(exc, TokenizeError | InferenceError):
+                reason, detail = exc.reason, exc.detail
+            else:
+                reason, detail = "inference_error", f"{type(exc).__name__}: {exc}"
                 log.exception("window %s/%d failed", win.stream, win.seq)
             with self.store.tx():
                 self._deadletter(stream.topics[0], reason, f"window {win.seq}: {detail}", b"")
-                self.store.db.execute("DELETE FROM windows WHERE stream = ? AND window = ?",
-                                      (win.stream, win.seq))
+                self.store.drop_window(win.stream, win.seq)
             self._retire(win)
             return
         with self.store.tx():
@@ -364,8 +352,7 @@ class Gateway:
                 with self.store.tx():
                     self._deadletter(stream, "lost", f"window {seq} was in flight at the last "
                                      "stop but none of its readings are journaled", b"")
-                    self.store.db.execute("DELETE FROM windows WHERE stream = ? AND window = ?",
-                                          (stream, seq))
+                    self.store.drop_window(stream, seq)
                 if buf is not None:
                     buf.rerun.discard(seq)
                 continue

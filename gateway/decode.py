@@ -5,7 +5,10 @@ from __future__ import annotations
 import itertools
 import json
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+
+from paho.mqtt.client import topic_matches_sub
 
 from edgetok.gateway.config import StreamConfig
 
@@ -15,6 +18,8 @@ MAX_READINGS_PER_MESSAGE = 10_000
 # comes from a sensor at another rate. Looser accepts clock drift and jitter; tighter
 # catches smaller rate mistakes (e.g. 10 Hz against 12 Hz is 17 % off).
 RATE_TOLERANCE = 0.15
+# The model computes in float32: a value beyond its range would become inf in the tokenizer.
+FLOAT32_MAX = 3.4028234663852886e38
 
 
 class DecodeError(ValueError):
@@ -43,6 +48,8 @@ def _number(v: object, where: str) -> float:
         raise DecodeError("non_finite", f"{where} is out of float range") from None
     if not math.isfinite(x):
         raise DecodeError("non_finite", f"{where} is {x}")
+    if abs(x) > FLOAT32_MAX:
+        raise DecodeError("out_of_range", f"{where} is {x:.3g}, beyond float32")
     return x
 
 
@@ -96,6 +103,20 @@ def decode_json(payload: bytes, stream: StreamConfig, now: float) -> list[Readin
         raise DecodeError("future", f"timestamp {hi:.3f} is more than "
                           f"{stream.max_future_s:.0f}s ahead of the gateway clock")
     return [Reading(stamps[i], {c: columns[c][i] for c in present}) for i in range(n)]
+
+
+def admit(topic: str, payload: bytes, streams: Sequence[StreamConfig],
+          accepts: Callable[[str, float], bool], now: float
+          ) -> tuple[StreamConfig, list[Reading], int]:
+    """Route and decode one message: its stream, the readings still wanted, and how many
+    came too late (their windows have closed). DecodeError if it is no input at all."""
+    stream = next((s for s in streams if any(topic_matches_sub(f, topic) for f in s.topics)),
+                  None)
+    if stream is None:
+        raise DecodeError("unknown_topic", "matches no stream")
+    readings = decode_json(payload, stream, now)
+    fresh = [r for r in readings if accepts(stream.name, r.ts)]
+    return stream, fresh, len(readings) - len(fresh)
 
 
 def _check_rate(stamps: list[float], stream: StreamConfig) -> None:

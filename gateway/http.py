@@ -21,7 +21,6 @@ from edgetok.gateway.models import (
     DecisionInfo,
     JournalInfo,
     MqttInfo,
-    Readiness,
     ResultsPage,
     Status,
     StreamInfo,
@@ -38,6 +37,7 @@ from edgetok.web import (
     json_errors,
     metrics_response,
     model_response,
+    readiness_response,
     start,
     tls_context,
 )
@@ -238,10 +238,7 @@ async def healthz(_: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     """GET /readyz: 200 when every readiness check passes, else 503 naming the failing ones."""
-    checks = _gw(request).health.checks()
-    failing = [k for k, ok in checks.items() if not ok]
-    return model_response(Readiness(ready=not failing, failing=failing, checks=checks),
-                          status=503 if failing else 200)
+    return readiness_response(_gw(request).health.checks())
 
 
 async def metrics(request: web.Request) -> web.Response:

@@ -58,6 +58,15 @@ class UplinkState:
     fallbacks: int = 0
 
 
+class InferenceError(RuntimeError):
+    """A window's model output is unusable; `reason` is a short stable code."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        self.reason = reason
+        self.detail = detail
+        super().__init__(f"{reason}: {detail}")
+
+
 def softmax(logits: np.ndarray) -> np.ndarray:
     """Numerically stable softmax of a 1-D array."""
     z = np.exp(logits - logits.max())
@@ -80,6 +89,13 @@ class Inferencer:
         # never created concurrently.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ort")
         self.head_ms: dict[str, float] = {}
+        # Open the fallback now: the first window that needs it is already late, and must
+        # not also pay for creating a session.
+        fallback = self.manifest.device_variant(
+            self.manifest.variant(decision.variant).pruning_ratio)
+        for part in ("head", "tail"):
+            if getattr(fallback, part):
+                runtime.session(fallback.id, part)
 
     def on_reply(self, reply: TailReply) -> None:
         """Resolve the window awaiting this downlink reply (late replies are counted)."""
@@ -151,7 +167,12 @@ class Inferencer:
                 variant = fallback
                 where = "device-fallback"
         assert logits is not None
-        probs = softmax(np.asarray(logits, dtype=np.float64).reshape(-1))
+        flat = np.asarray(logits, dtype=np.float64).reshape(-1)
+        if flat.size != len(self.manifest.labels) or not np.isfinite(flat).all():
+            # A NaN score would be stored as null and break every reader of the result.
+            raise InferenceError("bad_output", f"{flat.size} logits from {variant.id}, "
+                                 f"finite: {bool(np.isfinite(flat).all())}")
+        probs = softmax(flat)
         labels = self.manifest.labels
         total_ms = (time.monotonic() - win.closed_mono) * 1000
         return Result(

@@ -6,6 +6,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from edgetok.web import Alive as Alive
+from edgetok.web import Readiness as Readiness
+
 Where = Literal["split", "device", "server", "device-fallback"]
 
 
@@ -75,20 +78,6 @@ class StreamsPage(_Out):
     """All streams."""
 
     streams: list[StreamInfo] = Field(description="Configured streams, in config order.")
-
-
-class Alive(_Out):
-    """GET /healthz: the process answers."""
-
-    status: Literal["alive"] = Field(description="Always 'alive'; the 200 is the answer.")
-
-
-class Readiness(_Out):
-    """GET /readyz: 200 when every check passes, else 503 listing the failing ones."""
-
-    ready: bool = Field(description="True when every check passes.")
-    failing: list[str] = Field(description="Names of the failing checks.")
-    checks: dict[str, bool] = Field(description="Every check and whether it passes.")
 
 
 class BundleInfo(_Out):

@@ -42,6 +42,11 @@ PAYLOAD_HEAD_BYTES = 128
 SEEN_KEEP = 50_000
 # Prune the digest table once it is this far over SEEN_KEEP (amortises the DELETE).
 SEEN_SLACK = 5_000
+# Dead letters kept (published or not): a sensor spewing garbage must not fill the disk.
+# At most ~250 bytes each, so about 25 MB; the oldest go first, and a metric counts them.
+DEADLETTER_KEEP = 100_000
+# Check that bound every this many dead letters (amortises the DELETE).
+DEADLETTER_PRUNE_EVERY = 1_000
 
 
 class Store:
@@ -57,6 +62,7 @@ class Store:
         self._migrate()
         self._journal_rows = self.db.execute("SELECT count(*) FROM readings").fetchone()[0]
         self._seen_rows = self.db.execute("SELECT count(*) FROM seen").fetchone()[0]
+        self.deadletters_pruned = 0
 
     def _migrate(self) -> None:
         """Add columns that databases written by older versions lack."""
@@ -107,6 +113,10 @@ class Store:
         self.db.execute("INSERT OR IGNORE INTO windows VALUES (?, ?, ?)",
                         (stream, window, time.time()))
 
+    def drop_window(self, stream: str, window: int) -> None:
+        """Forget a handed-over window that will get no result (it was dead-lettered)."""
+        self.db.execute("DELETE FROM windows WHERE stream = ? AND window = ?", (stream, window))
+
     def readings(self, stream: str, start: float, end: float) -> list[tuple[float, dict]]:
         """Journaled readings of a stream in [start, end)."""
         cur = self.db.execute("SELECT ts, vals FROM readings WHERE stream = ? AND ts >= ? "
@@ -145,7 +155,13 @@ class Store:
 
     @property
     def journal_rows(self) -> int:
+        """Readings journaled, an upper bound (a merged reading counts as new)."""
         return int(self._journal_rows)
+
+    def recount_journal(self) -> int:
+        """The exact number of journaled readings (a full scan: only near the bound)."""
+        self._journal_rows = self.db.execute("SELECT count(*) FROM readings").fetchone()[0]
+        return self.journal_rows
 
     # results -----------------------------------------------------------------------------
     def has_result(self, stream: str, window: int) -> bool:
@@ -211,7 +227,12 @@ class Store:
             "INSERT INTO deadletters (ts, topic, reason, detail, payload_head, payload_bytes) "
             "VALUES (?, ?, ?, ?, ?, ?)",
             (time.time(), topic, reason, detail, payload[:PAYLOAD_HEAD_BYTES], len(payload)))
-        return int(cur.lastrowid or 0)
+        new_id = int(cur.lastrowid or 0)
+        if new_id % DEADLETTER_PRUNE_EVERY == 0:
+            gone = self.db.execute("DELETE FROM deadletters WHERE id <= ?",
+                                   (new_id - DEADLETTER_KEEP,)).rowcount
+            self.deadletters_pruned += gone
+        return new_id
 
     def deadletter_counts(self) -> dict[str, int]:
         """Dead letters by reason."""

@@ -20,7 +20,7 @@ from harness import gateway_config, server_config
 from edgetok.procs import to_toml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-from testbed import Testbed, available  # noqa: E402
+from testbed import Testbed, available
 
 pytestmark = [pytest.mark.slow, pytest.mark.root]
 

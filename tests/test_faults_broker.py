@@ -104,16 +104,18 @@ def test_results_stored_while_the_broker_is_down_are_published_in_order(
         wait_for(lambda: db_query(tmp_path, "SELECT count(*) FROM results WHERE "
                                   "published = 0")[0][0] >= n - 1, what="results stored")
         mosquitto.start()
-        t_back = time.monotonic()
-        wait_for(lambda: len(collector.on(f"edgetok/{GW}/results/")) >= n, what="publication")
-        publish_s = time.monotonic() - t_back
+        # Those stored during the outage go out on reconnect; the last window was still
+        # open (silence while disconnected is not idleness) and closes afterwards.
+        stored_s = wait_for(lambda: len(collector.on(f"edgetok/{GW}/results/")) >= n - 1,
+                            what="publication of the stored results")
+        wait_for(lambda: len(collector.on(f"edgetok/{GW}/results/")) >= n, what="the last")
         got = [json.loads(p) for p in collector.on(f"edgetok/{GW}/results/")]
         ids = [r["id"] for r in got]
         assert ids == sorted(ids), "results were published out of order"
         assert sorted({r["window"] for r in got}) == [plan.window_seq(j) for j in range(n)]
         assert db_query(tmp_path, "SELECT count(*) FROM results WHERE published = 0") == [(0,)]
         report("store_and_forward", results=n, published_after_restart=len(got),
-               publish_after_broker_back_s=round(publish_s, 2))
+               stored_published_after_broker_back_s=round(stored_s, 2))
     finally:
         collector.stop()
         assert gw.stop() == 0

@@ -255,10 +255,12 @@ def _chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-@pytest.mark.skipif(_chromium() is None, reason="needs Debian's chromium package")
+# Skipped on a developer machine without a browser; CI installs chromium, so there it fails.
+@pytest.mark.skipif(_chromium() is None and not os.environ.get("CI"),
+                    reason="needs Debian's chromium package")
 def test_dashboard_renders_results_decision_and_health(live: Live, tmp_path: Path) -> None:
     chromium = _chromium()
-    assert chromium is not None
+    assert chromium is not None, "apt-get install chromium"
     code, ctype, page = live.text("/")
     assert code == 200 and ctype.startswith("text/html") and "<script" in page
     base = [chromium, "--headless", "--no-sandbox", "--disable-gpu",
@@ -289,7 +291,7 @@ def test_schemathesis_finds_no_server_errors_or_schema_violations(live: Live,
          "--checks", "all", "--max-examples", "15", "--seed", "1",
          "--exclude-path", "/v1/results/stream", "--report", "junit",
          "--report-junit-path", str(report)],
-        capture_output=True, text=True, timeout=240)
+        capture_output=True, text=True, timeout=240, cwd=tmp_path)  # cache out of the repo
     assert run.returncode == 0, run.stdout[-4000:]
     assert "No issues found" in run.stdout
     assert report.read_text().count("<testcase ") >= 7

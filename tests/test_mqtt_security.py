@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import subprocess
 import time
 from collections.abc import Iterator
@@ -57,7 +58,7 @@ def secure(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureBroker]:
     # Later settings win: the fixture's base config allows anonymous clients, this forbids it.
     extra = (f"allow_anonymous false\npassword_file {passwd}\n"
              f"listener {tls_port} 127.0.0.1\ncafile {pki.ca}\ncertfile {pki.server_cert}\n"
-             f"keyfile {pki.server_key}\nrequire_certificate true\ntls_version tlsv1.2\n")
+             f"keyfile {pki.server_key}\nrequire_certificate true\n")
     broker = Broker(port=free_port(), workdir=work / "broker", extra_conf=extra)
     broker.start()
     try:
@@ -74,7 +75,8 @@ async def _try_connect(settings: MqttSettings, password: str | None) -> tuple[bo
     task = asyncio.create_task(session.run())
     try:
         async with asyncio.timeout(20):
-            while not session.connected.is_set() and session.last_error is None:
+            # last_error is a plain attribute, not an event: polling it is the only way.
+            while not session.connected.is_set() and session.last_error is None:  # noqa: ASYNC110
                 await asyncio.sleep(0.02)
         return session.connected.is_set(), session.last_error
     finally:
@@ -82,26 +84,35 @@ async def _try_connect(settings: MqttSettings, password: str | None) -> tuple[bo
         await task
 
 
+# paho-mqtt 2.2.0 does not close its SSLSocket when the TLS handshake fails (client.py,
+# _ssl_wrap_socket); the garbage collector does, with a ResourceWarning that is not ours.
+PAHO_TLS_LEAK = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+
 CASES = [
-    # (name, tls, ca, client cert, password, connects, error fragment)
-    ("password over plain TCP", False, True, True, PASSWORD, True, None),
-    ("wrong password", False, True, True, "nope", False, "not authorized"),
-    ("no password", False, True, True, None, False, "not authorized"),
-    ("TLS with CA, client cert and password", True, True, True, PASSWORD, True, None),
-    ("TLS without our CA", True, False, True, PASSWORD, False, "certificate verify failed"),
-    ("TLS without a client cert", True, True, False, PASSWORD, False, ""),
+    # (tls, ca, client cert, password, connects, error fragment)
+    pytest.param(False, True, True, PASSWORD, True, None, id="password over plain TCP"),
+    pytest.param(False, True, True, "nope", False, "not authorized", id="wrong password"),
+    pytest.param(False, True, True, None, False, "not authorized", id="no password"),
+    pytest.param(True, True, True, PASSWORD, True, None,
+                 id="TLS with CA, client cert and password"),
+    pytest.param(True, False, True, PASSWORD, False, "certificate verify failed",
+                 id="TLS without our CA", marks=PAHO_TLS_LEAK),
+    # mosquitto drops the connection after the handshake; paho only notices at its connect
+    # timeout (10 s), so the error a client sees is a timeout, and mosquitto's log says why.
+    pytest.param(True, True, False, PASSWORD, False, "timed out", id="TLS without a client cert",
+                 marks=[PAHO_TLS_LEAK, pytest.mark.slow]),
 ]
 
 
 @pytest.mark.asyncio
-@pytest.mark.parametrize(("name", "tls", "ca", "cert", "password", "connects", "error"),
-                         CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize(("tls", "ca", "cert", "password", "connects", "error"), CASES)
 async def test_session_connects_only_with_the_right_credentials(
-        secure: SecureBroker, name: str, tls: bool, ca: bool, cert: bool,
-        password: str | None, connects: bool, error: str | None) -> None:
+        secure: SecureBroker, tls: bool, ca: bool, cert: bool, password: str | None,
+        connects: bool, error: str | None) -> None:
     settings = MqttSettings.model_validate(secure.settings(tls=tls, ca=ca, client_cert=cert))
     ok, last_error = await _try_connect(settings, password)
-    assert ok is connects, (name, last_error)
+    gc.collect()  # a leaked socket (see PAHO_TLS_LEAK) is reported in this test, not a later one
+    assert ok is connects, last_error
     if error is None:
         assert last_error is None
     else:

@@ -304,7 +304,10 @@ def test_ready_only_after_broker_connects(
     events = {e["event"]: e for e in unit.events()}
     active_at = int(props["ActiveEnterTimestampMonotonic"]) / 1e6
     # Same clock (CLOCK_MONOTONIC) on both sides: the order is what matters, not the gaps.
-    assert broker_up <= events["mqtt_connected"]["t"] <= events["ready_sent"]["t"] <= active_at
+    # "ready_sent" is printed after notify() returns, so systemd may already have acted on it;
+    # what must hold is broker up -> connected -> active, and connected before READY.
+    assert broker_up <= events["mqtt_connected"]["t"] <= active_at
+    assert events["mqtt_connected"]["t"] <= events["ready_sent"]["t"]
     assert props["StatusText"] == "probe: broker connected, model loaded"
     assert int(props["MainPID"]) == events["start"]["pid"]
 

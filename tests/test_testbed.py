@@ -23,11 +23,13 @@ needs_testbed = pytest.mark.skipif(WHY is not None, reason=f"test bed unavailabl
 
 
 def _netns() -> set[str]:
+    """Network namespaces that exist now."""
     out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     return {line.split()[0] for line in out.splitlines() if line.strip()}
 
 
 def _dead_pid() -> int:
+    """A pid whose process has exited: a unique tag whose owner is dead."""
     proc = subprocess.Popen(["true"])
     proc.wait()
     return proc.pid
@@ -35,6 +37,7 @@ def _dead_pid() -> int:
 
 @pytest.fixture
 def bed() -> Iterator[Testbed]:
+    """A one-gateway test bed, always torn down."""
     tb = Testbed(1, tag=str(_dead_pid()))
     try:
         yield tb.up()
@@ -43,6 +46,7 @@ def bed() -> Iterator[Testbed]:
 
 
 def _until(cond: object, timeout: float = 5.0) -> bool:
+    """Poll a condition until it holds or the timeout passes."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if cond():  # type: ignore[operator]
@@ -53,6 +57,7 @@ def _until(cond: object, timeout: float = 5.0) -> bool:
 
 @needs_testbed
 def test_link_is_private_shaped_and_reachable(bed: Testbed, tmp_path: Path) -> None:
+    """The veth joins the namespaces, tbf shapes it, and the host sees none of it."""
     host = bed.hosts[0]
     assert {host.netns, bed.server_ns} <= _netns()
     bed.set_rate(0, 2.0)
@@ -71,6 +76,7 @@ def test_link_is_private_shaped_and_reachable(bed: Testbed, tmp_path: Path) -> N
 
 @needs_testbed
 def test_cpu_quota_caps_the_process_and_follows_the_actuator_file(bed: Testbed) -> None:
+    """A process started in a gateway joins its cgroup; quota and actuator bridge apply."""
     host = bed.hosts[0]
     bed.set_cpu(0, 0.25)
     proc = bed.popen(host.netns, ["sleep", "30"], cgroup=host.cpu)
@@ -84,6 +90,7 @@ def test_cpu_quota_caps_the_process_and_follows_the_actuator_file(bed: Testbed) 
 
 
 def _quota(g: CpuGroup) -> int:
+    """The cgroup's CPU quota in microseconds per period."""
     if g.version == "v2":
         return int((g.path / "cpu.max").read_text().split()[0])
     return int((g.path / "cpu.cfs_quota_us").read_text())
@@ -91,6 +98,7 @@ def _quota(g: CpuGroup) -> int:
 
 @needs_testbed
 def test_teardown_runs_when_the_body_fails() -> None:
+    """An exception inside the test bed still removes namespaces, cgroups and processes."""
     tb = Testbed(2, tag=str(_dead_pid()))
     with pytest.raises(RuntimeError, match="boom"), tb:
         proc = tb.popen(tb.hosts[1].netns, ["sleep", "30"], cgroup=tb.hosts[1].cpu)
@@ -103,6 +111,7 @@ def test_teardown_runs_when_the_body_fails() -> None:
 
 @needs_testbed
 def test_cleanup_removes_what_a_dead_owner_left() -> None:
+    """--cleanup removes namespaces and cgroups of a test bed whose owner died."""
     tag = str(_dead_pid())
     tb = Testbed(1, tag=tag).up()
     tb._closed = True  # the owner "dies" without tearing down
@@ -116,6 +125,7 @@ def test_cleanup_removes_what_a_dead_owner_left() -> None:
 
 
 def test_unavailable_reason_is_reported_without_root(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without root the reason to skip is said plainly."""
     import testbed.net as net
 
     monkeypatch.setattr(net.os, "geteuid", lambda: 1000)

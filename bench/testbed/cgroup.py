@@ -42,6 +42,7 @@ class CpuGroup:
     """One cgroup that caps a process tree at a share of one core."""
 
     def __init__(self, name: str, bridge_dir: Path | None = None) -> None:
+        """Name the cgroup in whichever hierarchy has the cpu controller."""
         self.version = detect()
         if self.version is None:
             raise CgroupError("no cgroup cpu controller (neither v2 cpu.max nor v1 cpu)")
@@ -65,6 +66,7 @@ class CpuGroup:
 
     @property
     def procs_file(self) -> Path:
+        """The file a process joins the cgroup through."""
         return self.path / "cgroup.procs"
 
     def set_share(self, share: float | None) -> None:
@@ -92,6 +94,7 @@ class CpuGroup:
         return self.bridge_dir
 
     def _start_bridge(self) -> None:
+        """Create the cpu.max bridge file and the thread that mirrors it."""
         assert self.bridge_dir is not None
         self.bridge_dir.mkdir(parents=True, exist_ok=True)
         f = self.bridge_dir / "cpu.max"
@@ -101,6 +104,7 @@ class CpuGroup:
         self._bridge.start()
 
     def _mirror(self, f: Path) -> None:
+        """Apply each new write to the bridge file as a CPU share."""
         seen = f.stat().st_mtime_ns
         while not self._stop.wait(BRIDGE_POLL_S):
             try:
@@ -115,6 +119,7 @@ class CpuGroup:
                 log.debug("cpu.max bridge: %s", exc)
 
     def pids(self) -> list[int]:
+        """Processes in the cgroup now."""
         try:
             return [int(x) for x in self.procs_file.read_text().split()]
         except OSError:

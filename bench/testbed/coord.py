@@ -44,6 +44,7 @@ async def serve(cfg: ControllerConfig, bundle: Path, host: str, port: int) -> No
         await client.subscribe(telemetry_filter(PREFIX), qos=0)
 
         async def tick() -> None:
+            """Re-solve every TICK_S and publish what changed, retained."""
             while True:
                 for d in ctl.step(time.time()):
                     await client.publish(Topics(PREFIX, d.gateway).control,

@@ -54,6 +54,7 @@ class Driver:
     """Replays to N gateways and records everything the broker shows."""
 
     def __init__(self, args: argparse.Namespace) -> None:
+        """Load the dataset, repeat it to the needed length and lay it on the time grid."""
         self.args = args
         self.gateways: list[str] = args.gateways.split(",")
         x, labels = load_dataset(args.dataset, "test")
@@ -75,9 +76,11 @@ class Driver:
         self.done = asyncio.Event()
 
     def seq(self, j: int) -> int:
+        """The gateway's window number of replayed window j."""
         return round(self.base_ts / self.window_s) + j
 
     async def _listen(self, client: Any) -> None:
+        """Record statuses, results, frame sizes and decisions as the broker delivers them."""
         async for msg in client.messages:
             topic = str(msg.topic)
             parts = topic.split("/")
@@ -103,6 +106,7 @@ class Driver:
                 log.warning("unreadable message on %s: %s", topic, exc)
 
     async def _feed(self, client: Any, g: int, gw: str, t0: float) -> None:
+        """Publish one gateway's windows at the fixed rate, recording each publish time."""
         a = self.args
         period = 1.0 / a.window_rate
         offset = g * period / len(self.gateways)  # stagger gateways within a period
@@ -118,6 +122,7 @@ class Driver:
                               "label": self.labels[j], "warmup": j < a.warmup})
 
     async def run(self) -> dict[str, Any]:
+        """Wait for the gateways, replay, collect until every result is in or time is up."""
         import aiomqtt
 
         from edgetok.mqttlink import NODELAY

@@ -56,7 +56,8 @@ def summarise(data: RunData) -> dict[str, Any]:
         p = d["tx_power_w"] if tx_on and d and d["tx_power_w"] > 0 else P_MAX_W
         mbit = _rate_at(data.rate_log, sent["t_pub"])
         r_bps = rate_for(p, mbit * 1e6) if tx_on else mbit * 1e6
-        nbytes = frames.get(key, 0) if r["where"] in ("split", "server") else 0
+        # A frame sent before a fallback cost its transmit energy all the same.
+        nbytes = frames.get(key, 0)
         # E = κ·C·f² + p·S/r(p), with C = measured head seconds × the clock in force.
         cycles = r["latency_ms"]["head"] / 1000 * f
         e_mj = (KAPPA * cycles * f * f + p * nbytes * 8 / r_bps) * 1000
@@ -86,4 +87,5 @@ def summarise(data: RunData) -> dict[str, Any]:
 
 
 def _r(x: float) -> float | None:
+    """Round for JSON; None for NaN or infinity."""
     return None if not np.isfinite(x) else round(float(x), 3)

@@ -94,6 +94,7 @@ class Testbed:
     __test__ = False  # not a pytest test class, despite the name
 
     def __init__(self, gateways: int = 1, tag: str | None = None) -> None:
+        """Plan a test bed; nothing is created before up()."""
         if not 1 <= gateways <= 250:
             raise ValueError("1..250 gateways (one /30 per gateway under 10.77.0.0/16)")
         self.tag = tag or str(os.getpid())
@@ -127,6 +128,7 @@ class Testbed:
         return self
 
     def _add_gateway(self, i: int) -> Host:
+        """Namespace, veth pair, addresses and CPU group of gateway i."""
         ns = f"{PREFIX}-gw-{self.tag}-{i}"
         gw_addr, srv_addr = f"{SUBNET}.{i}.1", f"{SUBNET}.{i}.2"
         run(["ip", "netns", "add", ns])
@@ -162,6 +164,7 @@ class Testbed:
         self.hosts[i].cpu.set_share(share)
 
     def qdisc(self, i: int) -> str:
+        """The queueing discipline on gateway i's uplink, as tc shows it."""
         return run(["ip", "netns", "exec", self.hosts[i].netns, "tc", "qdisc", "show", "dev",
                     GW_IF]).stdout.strip()
 
@@ -243,6 +246,7 @@ class Testbed:
 
     # teardown ----------------------------------------------------------------------------
     def _on_sigterm(self, signum: int, frame: object) -> None:
+        """Tear down on SIGTERM, then exit."""
         self.close()
         raise SystemExit(128 + signum)
 
@@ -270,9 +274,11 @@ class Testbed:
         log.info("test bed %s torn down", self.tag)
 
     def __enter__(self) -> Testbed:
+        """Bring the test bed up."""
         return self.up()
 
     def __exit__(self, *exc: object) -> None:
+        """Tear the test bed down, whatever happened inside."""
         self.close()
 
 
@@ -292,6 +298,7 @@ def _kill_netns(ns: str) -> None:
 
 
 def _alive(pid: int) -> bool:
+    """Whether a process with this pid exists."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

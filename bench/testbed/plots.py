@@ -11,11 +11,13 @@ STYLE = {"joint": ("C0", "o"), "device-only": ("C1", "s"), "server-only": ("C2",
 
 
 def _group(doc: dict[str, Any], group: str) -> list[dict[str, Any]]:
+    """Scenarios of one plot group."""
     return [sc for sc in doc["scenarios"].values() if sc["group"] == group]
 
 
 def _series(scs: list[dict[str, Any]], key: str, pol: str, metric: str
             ) -> tuple[list[float], list[float]]:
+    """One policy's metric against a scenario parameter, sorted by that parameter."""
     xs, ys = [], []
     for sc in sorted(scs, key=lambda s: s[key]):
         m = sc["runs"].get(pol)
@@ -28,8 +30,8 @@ def _series(scs: list[dict[str, Any]], key: str, pol: str, metric: str
     return xs, ys
 
 
-def plot_all(doc: dict[str, Any], out: Path) -> list[Path]:
-    """Write e2e_link.png, e2e_load.png, e2e_cpu.png and e2e_trace.png (those with data)."""
+def plot_all(doc: dict[str, Any], out: Path, stem: str = "e2e") -> list[Path]:
+    """Write <stem>_link.png, _cpu.png, _load.png and _trace.png (those with data)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -68,10 +70,11 @@ def plot_all(doc: dict[str, Any], out: Path) -> list[Path]:
             ax.grid(alpha=0.3)
         a1.legend(fontsize=7, ncol=2)
         a2.legend(fontsize=7)
+        act = "actuators on" if doc.get("actuators") else "full clock and power"
         fig.suptitle(f"edgetok test bed: {group} (deadline {deadline:g} ms, "
-                     f"{doc['window_rate_per_gateway']:g} windows/s per gateway)")
+                     f"{doc['window_rate_per_gateway']:g} windows/s per gateway, {act})")
         fig.tight_layout()
-        path = out / f"e2e_{group}.png"
+        path = out / f"{stem}_{group}.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)
         written.append(path)
@@ -95,7 +98,7 @@ def plot_all(doc: dict[str, Any], out: Path) -> list[Path]:
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
         fig.tight_layout()
-        path = out / "e2e_trace.png"
+        path = out / f"{stem}_trace.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)
         written.append(path)

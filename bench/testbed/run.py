@@ -72,6 +72,7 @@ class RunSpec:
 
     @property
     def f_max_hz(self) -> float:
+        """The emulated device's top clock: its CPU share times one core's clock."""
         return self.cpu_share * self.nominal_hz
 
 
@@ -165,10 +166,12 @@ def server_config(spec: RunSpec) -> dict[str, Any]:
 
 
 def _python(module: str, *args: str) -> list[str]:
+    """argv for `python -m module args...` with this interpreter."""
     return [sys.executable, "-m", module, *args]
 
 
 def _env() -> dict[str, str]:
+    """Environment for helper modules run from bench/."""
     return {"PYTHONPATH": str(BENCH), "PYTHONUNBUFFERED": "1"}
 
 
@@ -176,11 +179,13 @@ class Run:
     """Starts the processes of one run, replays, and always stops what it started."""
 
     def __init__(self, tb: Testbed, spec: RunSpec, workdir: Path, run_id: int) -> None:
+        """A run with gateway ids unique to it (retained decisions never leak across runs)."""
         self.tb, self.spec, self.dir = tb, spec, workdir
         self.ids = [f"g{i}-r{run_id}" for i in range(spec.gateways)]
         self.rate_log: list[tuple[float, float]] = []
 
     def _configure_links(self) -> None:
+        """Set every gateway's link rate and CPU share for the start of the run."""
         s = self.spec
         first = s.trace[0][1] if s.trace else s.link_mbit
         for i in range(s.gateways):
@@ -189,9 +194,11 @@ class Run:
         self.rate_log.append((time.time(), first))
 
     def _wait_http(self, netns: str, port: int, proc: subprocess.Popen[bytes]) -> None:
+        """Wait until the process's HTTP port accepts connections inside `netns`."""
         self.tb.wait_tcp(netns, "127.0.0.1", port, proc, timeout=60)
 
     def _trace(self, started: float, stop: threading.Event) -> None:
+        """Step the link rate of every gateway along the trace, from the replay start."""
         for at, mbit in self.spec.trace:
             if stop.wait(max(started + at - time.time(), 0)):
                 return
@@ -201,6 +208,7 @@ class Run:
             log.info("trace: uplink now %.1f Mbit/s", mbit)
 
     def execute(self) -> RunData:
+        """Start server, coordinator and gateways, replay, stop everything, return the data."""
         s, tb = self.spec, self.tb
         self.dir.mkdir(parents=True, exist_ok=True)
         self._configure_links()
@@ -260,6 +268,11 @@ class Run:
             # Gateways first: they drain in-flight windows while the server still answers.
             for name, proc in reversed(started):
                 codes[name] = tb.stop(proc)
+        # What the metrics need besides driver.json, so a kept run can be re-analysed.
+        (self.dir / "run.json").write_text(json.dumps(
+            {"spec": {k: str(v) if isinstance(v, Path) else v
+                      for k, v in ((f, getattr(s, f)) for f in s.__slots__)},
+             "wire_bytes": wire, "rate_log": self.rate_log, "exit_codes": codes}))
         return RunData(s, data, wire, self.rate_log, self.dir, codes)
 
 

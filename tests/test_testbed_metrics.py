@@ -1,0 +1,96 @@
+"""The e2e figures: latency from publish to stored, deadline hits, accuracy, model energy."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+
+from testbed.metrics import summarise  # noqa: E402
+from testbed.run import (  # noqa: E402
+    KAPPA,
+    P_MAX_W,
+    RunData,
+    RunSpec,
+    gain_for,
+    rate_for,
+)
+
+
+def _spec(**kw: object) -> RunSpec:
+    """A run spec with test defaults."""
+    base: dict[str, object] = dict(
+        name="t", policy="joint", gateways=1, link_mbit=2.0, cpu_share=0.5, deadline_ms=100.0,
+        window_rate=2.0, windows=3, warmup=1, bundle=Path("unused"), nominal_hz=2e9,
+        coordinator="server", actuators=False)
+    base.update(kw)
+    return RunSpec(**base)
+
+
+def _result(window: int, created: float, label: str, where: str, head_ms: float) -> dict:
+    """A stored result as the gateway publishes it."""
+    return {"gateway": "g0", "window": window, "created_ts": created, "label": label,
+            "where": where, "variant": {"id": "r0.00-s2", "precision": "fp16"},
+            "latency_ms": {"queue": 0.1, "head": head_ms, "uplink": 1.0, "tail": 1.0,
+                           "total": 3.0}}
+
+
+def _data(spec: RunSpec) -> RunData:
+    """Four windows: one warm-up, one on time, one late and wrong, one missing."""
+    sent = [{"gateway": "g0", "window": w, "t_pub": 1000.0 + w, "label": lab, "warmup": w == 0}
+            for w, lab in enumerate(["walking", "running", "walking", "standing"])]
+    results = [_result(0, 1000.5, "walking", "split", 1.0),     # warm-up: ignored
+               _result(1, 1001.020, "running", "split", 2.0),   # 20 ms, right
+               _result(2, 1002.250, "Running", "device-fallback", 4.0)]  # 250 ms, wrong
+    # window 3 never produced a result: a miss
+    return RunData(spec, {"started": 1000.0, "sent": sent, "results": results,
+                          "frames": [{"gateway": "g0", "window": 1, "bytes": 1000},
+                                     {"gateway": "g0", "window": 2, "bytes": 1000}],
+                          "decisions": []},
+                   wire_bytes=[5000], rate_log=[(0.0, spec.link_mbit)])
+
+
+def test_latency_hits_accuracy_and_missing_windows() -> None:
+    """Latency is stored minus published; misses and wrong labels count."""
+    m = summarise(_data(_spec()))
+    assert m["windows"] == 3 and m["missing"] == 1
+    lat = [r["latency_ms"] for r in m["per_window"]]
+    assert lat == pytest.approx([20.0, 250.0], abs=1e-6)
+    assert m["hit_rate"] == pytest.approx(1 / 3, abs=1e-3)
+    assert m["accuracy"] == 0.5  # labels compare case-insensitively; 'Running' != 'walking'
+    assert m["where"] == {"split": 1, "device-fallback": 1}
+    assert m["uplink_wire_bytes"] == 5000
+
+
+def test_energy_is_the_system_model_on_measured_time_and_bytes() -> None:
+    """E = κ·C·f² + p·S/r with measured head time, frame bytes and the link rate."""
+    spec = _spec()
+    m = summarise(_data(spec))
+    f = spec.f_max_hz  # actuators off: the full clock of the emulated device
+    rate = spec.link_mbit * 1e6
+    want = [(KAPPA * (h / 1000 * f) * f**2 + P_MAX_W * 1000 * 8 / rate) * 1000
+            for h in (2.0, 4.0)]
+    assert [r["energy_mj"] for r in m["per_window"]] == pytest.approx(want, rel=1e-3)
+
+
+def test_decisions_in_force_set_clock_and_power_when_actuators_run() -> None:
+    """With actuators, the decision's clock and power (and r(p)) enter the energy."""
+    spec = _spec(actuators=True)
+    data = _data(spec)
+    data.driver["decisions"] = [{"gateway": "g0", "epoch": 1, "seq": 1, "received_ts": 999.0,
+                                 "cpu_hz": 0.5e9, "tx_power_w": 0.01}]
+    m = summarise(data)
+    f, p = 0.5e9, 0.01
+    want = (KAPPA * (2.0 / 1000 * f) * f**2 + p * 1000 * 8 / rate_for(p, 2e6)) * 1000
+    assert m["per_window"][0]["energy_mj"] == pytest.approx(want, rel=1e-3)
+
+
+def test_full_power_gives_the_scenario_rate() -> None:
+    """At p_max the emulated channel gives the scenario rate; less power, less rate."""
+    assert rate_for(P_MAX_W, 7e6) == pytest.approx(7e6, rel=1e-9)
+    assert rate_for(P_MAX_W / 10, 7e6) < 7e6
+    assert gain_for(20e6) > gain_for(1e6)
