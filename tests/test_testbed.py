@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import os
 import subprocess
 import sys
 import time
@@ -35,10 +37,18 @@ def _dead_pid() -> int:
     return proc.pid
 
 
+_beds = itertools.count()
+
+
+def _tag() -> str:
+    """A tag owned by this (live) process, so a parallel --cleanup leaves it alone."""
+    return f"{os.getpid()}t{next(_beds)}"
+
+
 @pytest.fixture
 def bed() -> Iterator[Testbed]:
     """A one-gateway test bed, always torn down."""
-    tb = Testbed(1, tag=str(_dead_pid()))
+    tb = Testbed(1, tag=_tag())
     try:
         yield tb.up()
     finally:
@@ -99,7 +109,7 @@ def _quota(g: CpuGroup) -> int:
 @needs_testbed
 def test_teardown_runs_when_the_body_fails() -> None:
     """An exception inside the test bed still removes namespaces, cgroups and processes."""
-    tb = Testbed(2, tag=str(_dead_pid()))
+    tb = Testbed(2, tag=_tag())
     with pytest.raises(RuntimeError, match="boom"), tb:
         proc = tb.popen(tb.hosts[1].netns, ["sleep", "30"], cgroup=tb.hosts[1].cpu)
         raise RuntimeError("boom")
@@ -117,7 +127,12 @@ def test_cleanup_removes_what_a_dead_owner_left() -> None:
     tb._closed = True  # the owner "dies" without tearing down
     left = {tb.hosts[0].netns, tb.server_ns}
     assert left <= _netns()
-    removed = cleanup()
+    live = Testbed(1, tag=_tag()).up()
+    try:
+        removed = cleanup()
+        assert live.server_ns in _netns()  # its owner (this process) is alive
+    finally:
+        live.close()
     assert left <= set(removed)
     assert not left & _netns()
     assert not tb.hosts[0].cpu.path.exists()

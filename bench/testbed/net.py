@@ -41,11 +41,27 @@ TBF_LATENCY_MS = 500
 # Token bucket depth: at least two full frames so a lone packet is never held back, and
 # ~1 ms of the rate above that so high rates are not limited by timer resolution.
 TBF_MIN_BURST_BYTES = 2 * 1514
-_NS_RE = re.compile(rf"^{PREFIX}-(?:gw|srv)-(\d+)(?:-\d+)?$")
+# A tag is the owner's pid, optionally with a suffix for several test beds per process.
+_TAG_RE = re.compile(r"^(\d+)(?:t\d+)?$")
+_NS_RE = re.compile(rf"^{PREFIX}-(?:gw|srv)-(\d+(?:t\d+)?)(?:-\d+)?$")
 
 
 class TestbedError(RuntimeError):
     """A namespace, link or process could not be set up."""
+
+
+def owner_of(tag: str) -> int | None:
+    """The pid that owns a test bed tag, or None if the tag is not one of ours."""
+    m = _TAG_RE.match(tag)
+    return int(m.group(1)) if m else None
+
+
+def _orphan(tag: str, only: str | None) -> bool:
+    """Whether `--cleanup [--tag only]` should remove the test bed with this tag."""
+    owner = owner_of(tag)
+    if owner is None:
+        return False
+    return tag == only if only is not None else not _alive(owner)
 
 
 def run(argv: list[str], check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -98,6 +114,8 @@ class Testbed:
         if not 1 <= gateways <= 250:
             raise ValueError("1..250 gateways (one /30 per gateway under 10.77.0.0/16)")
         self.tag = tag or str(os.getpid())
+        if owner_of(self.tag) is None:
+            raise ValueError(f"tag {self.tag!r}: use the owner's pid, optionally + 't<n>'")
         self.n = gateways
         self.server_ns = f"{PREFIX}-srv-{self.tag}"
         self.state = STATE_DIR / self.tag
@@ -317,10 +335,7 @@ def cleanup(tag: str | None = None) -> list[str]:
             continue
         ns = line.split()[0]
         m = _NS_RE.match(ns)
-        if m is None:
-            continue
-        owner = m.group(1)
-        if (tag is not None and owner != tag) or (tag is None and _alive(int(owner))):
+        if m is None or not _orphan(m.group(1), tag):
             continue
         _kill_netns(ns)
         removed.append(ns)
@@ -329,15 +344,12 @@ def cleanup(tag: str | None = None) -> list[str]:
     except CgroupError:
         groups = []
     for g in groups:
-        owner = g.name.split("-")[1]
-        if owner.isdigit() and ((tag is not None and owner == tag)
-                                or (tag is None and not _alive(int(owner)))):
+        if _orphan(g.name.split("-")[1], tag):
             CpuGroup(g.name).remove()
             removed.append(str(g))
     if STATE_DIR.is_dir():
         for d in STATE_DIR.iterdir():
-            if d.name.isdigit() and ((tag is not None and d.name == tag)
-                                     or (tag is None and not _alive(int(d.name)))):
+            if _orphan(d.name, tag):
                 for f in sorted(d.rglob("*"), reverse=True):
                     f.unlink() if f.is_file() else f.rmdir()
                 d.rmdir()
