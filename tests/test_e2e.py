@@ -117,3 +117,44 @@ def test_two_servers_share_the_uplink(tmp_path: Path, mosquitto: Broker,
         assert gw.stop() == 0
         for s in servers:
             assert s.stop() == 0
+
+
+def test_channels_from_two_topics_merge_into_one_window(tmp_path: Path, mosquitto: Broker,
+                                                        tiny_bundle: Path) -> None:
+    """Accelerometer and gyroscope arrive on separate topics; windows hold all six channels."""
+    import asyncio
+
+    import aiomqtt
+
+    from edgetok.replay import DEFAULT_CHANNELS
+
+    cfg = gateway_config(tmp_path, tiny_bundle, mosquitto.port, free_port(),
+                         variant="r0.00-s2", stream_extra={"topics": ["imu/acc", "imu/gyr"]})
+    gw = spawn("gateway", cfg, tmp_path, "gateway").start()
+    plan = basicmotions_plan(limit=6)
+
+    async def publish() -> None:
+        async with aiomqtt.Client("127.0.0.1", mosquitto.port) as client:
+            for j in range(len(plan.x)):
+                ts = [round(float(t), 6) for t in plan.timestamps(j)]
+                for topic, chans in (("imu/gyr", range(3, 6)), ("imu/acc", range(3))):
+                    doc: dict[str, object] = {"ts": ts}
+                    doc.update({DEFAULT_CHANNELS[c]: [float(v) for v in plan.x[j, c]]
+                                for c in chans})
+                    await client.publish(topic, json.dumps(doc), qos=1)
+
+    try:
+        asyncio.run(publish())
+        rows = wait_results(gw, len(plan.x))
+        assert sorted(r["window"] for r in rows) == [plan.window_seq(j)
+                                                     for j in range(len(plan.x))]
+        logits = offline_predictions(tiny_bundle, plan)
+        labels = json.loads((tiny_bundle / "manifest.json").read_text())["labels"]
+        by_seq = {r["window"]: r for r in rows}
+        for j in range(len(plan.x)):
+            expected = logits[j] - logits[j].max()
+            probs = np.exp(expected) / np.exp(expected).sum()
+            got = by_seq[plan.window_seq(j)]["scores"]
+            np.testing.assert_allclose([got[lab] for lab in labels], probs, atol=1e-4)
+    finally:
+        assert gw.stop() == 0
