@@ -24,8 +24,11 @@ log = logging.getLogger(__name__)
 
 CPUFREQ = Path("/sys/devices/system/cpu")
 CGROUP_ROOT = Path("/sys/fs/cgroup")
-# cpu.max period: 100 ms is the kernel default and keeps quota rounding under 1%.
-CPU_PERIOD_US = 100_000
+# Quota period: at the kernel's default 100 ms a head of a few ms runs at full speed and is
+# then throttled, which is not what a slower clock does; 10 ms spreads the quota finely
+# enough to look like one, at a little more scheduler work.
+CPU_PERIOD_US = 10_000
+MTU_BYTES = 1500
 
 Mode = Literal["auto", "real", "emulated", "off"]
 
@@ -35,8 +38,9 @@ class ActuatorSettings(Strict):
 
     cpu_mode: Mode = Field("auto", description="auto: real cpufreq if writable, else an "
                            "emulated cgroup quota if `cgroup` is set, else off.")
-    cgroup: Path | None = Field(None, description="cgroup v2 directory whose cpu.max the "
-                                "emulated mode writes (the gateway must run inside it).")
+    cgroup: Path | None = Field(None, description="cgroup directory whose CPU quota the "
+                                "emulated mode writes: cpu.max (v2) or cpu.cfs_quota_us (v1). "
+                                "The gateway must run inside it.")
     nominal_hz: float = Field(2.0e9, gt=0, description="The CPU's clock when nothing sets "
                               "it; the emulated quota treats it as one full core.")
     tx_mode: Mode = Field("auto", description="auto: iw on a wireless `interface`, else tc tbf "
@@ -76,7 +80,8 @@ class Actuators:
     def _pick_cpu(self) -> str:
         want = self.s.cpu_mode
         real_ok = bool(self._cpu_files()) and all(_writable(f) for f in self._cpu_files())
-        emu_ok = self.s.cgroup is not None and _writable(self.s.cgroup / "cpu.max")
+        emu_ok = self.s.cgroup is not None and (
+            _writable(self.s.cgroup / "cpu.max") or _writable(self.s.cgroup / "cpu.cfs_quota_us"))
         if want in ("auto", "real") and real_ok:
             return "real"
         if want in ("auto", "emulated") and emu_ok:
@@ -124,8 +129,12 @@ class Actuators:
                     f.write_text(str(int(hz / 1000)))  # sysfs takes kHz
             elif self.cpu_mode == "emulated" and self.s.cgroup is not None:
                 share = min(max(hz / self.s.nominal_hz, 0.01), 64.0)
-                (self.s.cgroup / "cpu.max").write_text(
-                    f"{int(share * CPU_PERIOD_US)} {CPU_PERIOD_US}")
+                quota = int(share * CPU_PERIOD_US)
+                if (self.s.cgroup / "cpu.max").exists():  # cgroup v2
+                    (self.s.cgroup / "cpu.max").write_text(f"{quota} {CPU_PERIOD_US}")
+                else:  # cgroup v1 cpu controller
+                    (self.s.cgroup / "cpu.cfs_period_us").write_text(str(CPU_PERIOD_US))
+                    (self.s.cgroup / "cpu.cfs_quota_us").write_text(str(quota))
             self.cpu_hz = hz
         except OSError as exc:
             self.errors.append(f"cpu: {exc}")
@@ -139,9 +148,12 @@ class Actuators:
             mbm = round(10 * math.log10(p_w * 1000) * 100)
             cmd = ["iw", "dev", iface, "set", "txpower", "fixed", str(mbm)]
         else:
-            kbit = max(int(rate_bps(p_w, self.s) / 1000), 8)
+            bps = max(rate_bps(p_w, self.s), 8000.0)
+            # A fixed large bucket lets small frames pass at line speed, so measured goodput
+            # would overstate r(p); two MTUs or 1 ms of the rate, whichever is larger.
+            burst = max(2 * MTU_BYTES, int(bps / 8 / 1000))
             cmd = ["tc", "qdisc", "replace", "dev", iface, "root", "tbf", "rate",
-                   f"{kbit}kbit", "burst", "32kbit", "latency", "400ms"]
+                   f"{int(bps)}bit", "burst", str(burst), "latency", "400ms"]
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=5)
         if out.returncode != 0:
             self.errors.append(f"tx: {' '.join(cmd)}: {out.stderr.strip()}")

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -21,14 +23,13 @@ from testbed.run import (  # noqa: E402
 )
 
 
-def _spec(**kw: object) -> RunSpec:
+def _spec(**kw: Any) -> RunSpec:
     """A run spec with test defaults."""
-    base: dict[str, object] = dict(
-        name="t", policy="joint", gateways=1, link_mbit=2.0, cpu_share=0.5, deadline_ms=100.0,
-        window_rate=2.0, windows=3, warmup=1, bundle=Path("unused"), nominal_hz=2e9,
-        coordinator="server", actuators=False)
-    base.update(kw)
-    return RunSpec(**base)
+    base = RunSpec(name="t", policy="joint", gateways=1, link_mbit=2.0, cpu_share=0.5,
+                   deadline_ms=100.0, window_rate=2.0, windows=3, warmup=1,
+                   bundle=Path("unused"), nominal_hz=2e9, coordinator="server",
+                   actuators=False)
+    return replace(base, **kw)
 
 
 def _result(window: int, created: float, label: str, where: str, head_ms: float) -> dict:

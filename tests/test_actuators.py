@@ -1,0 +1,75 @@
+"""Actuators: modes are detected honestly, and the emulated CPU clock is a real cgroup quota."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from edgetok.gateway.actuators import (
+    CPU_PERIOD_US,
+    Actuators,
+    ActuatorSettings,
+    rate_bps,
+)
+
+V1_CPU = Path("/sys/fs/cgroup/cpu")
+V2_ROOT = Path("/sys/fs/cgroup")
+
+
+def test_without_hardware_both_actuators_report_off_and_defaults() -> None:
+    a = Actuators(ActuatorSettings(cgroup=None, interface=None))
+    a.apply(1.0e9, 0.05)
+    st = a.status()
+    assert st["cpu"] == {"mode": "off", "hz": 2.0e9}  # the nominal clock, nothing was set
+    assert st["tx"]["mode"] == "off" and st["tx"]["power_w"] == 0.1
+    assert a.effective_tx_power_w() == 0.1
+
+
+def test_a_mode_that_is_impossible_here_is_reported() -> None:
+    a = Actuators(ActuatorSettings(tx_mode="real", interface="no-such-if0"))
+    assert a.tx_mode == "off"
+    assert any("no-such-if0" in e for e in a.status()["errors"])  # type: ignore[union-attr]
+
+
+def test_shannon_rate_grows_with_power() -> None:
+    s = ActuatorSettings()
+    rates = [rate_bps(p, s) for p in (0.001, 0.01, 0.1)]
+    assert rates == sorted(rates) and rates[0] > 0
+
+
+@pytest.fixture
+def cgroup() -> Iterator[Path]:
+    """A fresh real CPU cgroup (v2 if the cpu controller is there, else v1)."""
+    if os.geteuid() != 0:
+        pytest.skip("creating a cgroup needs root")
+    v2 = (V2_ROOT / "cgroup.controllers").is_file() and "cpu" in (
+        V2_ROOT / "cgroup.controllers").read_text().split()
+    parent = V2_ROOT if v2 else V1_CPU
+    if not v2 and not (V1_CPU / "cpu.cfs_quota_us").exists():
+        pytest.skip("no cgroup cpu controller here")
+    path = parent / f"etk-test-{uuid.uuid4().hex[:8]}"
+    try:
+        path.mkdir()
+    except OSError as exc:
+        pytest.skip(f"cannot create a cgroup: {exc}")
+    yield path
+    path.rmdir()
+
+
+@pytest.mark.root
+def test_emulated_clock_writes_a_proportional_cpu_quota(cgroup: Path) -> None:
+    a = Actuators(ActuatorSettings(cpu_mode="emulated", cgroup=cgroup, nominal_hz=2.0e9))
+    assert a.cpu_mode == "emulated"
+    a.apply(0.5e9, 0.0)
+    if (cgroup / "cpu.max").exists():
+        quota, period = (cgroup / "cpu.max").read_text().split()
+    else:
+        quota = (cgroup / "cpu.cfs_quota_us").read_text().strip()
+        period = (cgroup / "cpu.cfs_period_us").read_text().strip()
+    assert int(period) == CPU_PERIOD_US
+    assert int(quota) == CPU_PERIOD_US // 4  # a quarter of the nominal clock
+    assert a.effective_cpu_hz() == 0.5e9
