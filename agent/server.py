@@ -177,12 +177,13 @@ class TailServer:
 
     async def run(self) -> None:
         """Serve until `stopping` is set."""
+        # Bind first: a taken port is a plain start-up error, before any task exists.
+        runner = await serve_http(self)
         async with asyncio.TaskGroup() as tg:
             mqtt_task = tg.create_task(self.session.run())
             workers = [tg.create_task(self._worker()) for _ in range(self.cfg.workers)]
             if self.controller is not None:
                 workers.append(tg.create_task(self._coordinate()))
-            runner = await serve_http(self)
             workers.append(tg.create_task(self.health.run()))  # READY=1, WATCHDOG=1
             await self.stopping.wait()
             self.health.stopping()

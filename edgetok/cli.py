@@ -197,5 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     except BundleError as exc:
         print(f"bundle problem: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # e.g. the HTTP port is taken, or a path is not writable
+        print(f"edgetok {args.command}: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130

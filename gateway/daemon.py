@@ -371,13 +371,14 @@ class Gateway:
         """Run until `stopping` is set, then drain and exit."""
         from edgetok.gateway.http import serve
 
+        # Bind first: a taken port is a plain start-up error, before any task exists.
+        runner = await serve(self)
         async with asyncio.TaskGroup() as tg:
             self.tg = tg
             mqtt_task = tg.create_task(self.session.run())
             workers = [tg.create_task(c) for c in (self._ingest(), self._closer(),
                                                   self._publisher(), self.control.run())]
             self.recover()
-            runner = await serve(self)
             health = tg.create_task(self.health.run())  # READY=1, STATUS=, WATCHDOG=1
             await self.stopping.wait()
             self.health.stopping()

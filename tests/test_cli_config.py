@@ -127,3 +127,22 @@ def test_runtime_imports_without_torch() -> None:
                          timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
+
+
+def test_a_taken_http_port_is_a_clear_start_up_error(tmp_path: Path, tiny_bundle: Path) -> None:
+    import socket
+
+    from harness import gateway_config
+
+    from edgetok.procs import free_port, to_toml
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cfg = tmp_path / "gw.toml"
+        cfg.write_text(to_toml(gateway_config(tmp_path, tiny_bundle, free_port(), port)))
+        out = run_cli("gateway", "--config", str(cfg))
+    assert out.returncode == 1
+    assert "address already in use" in out.stderr
+    assert "Traceback" not in out.stderr
