@@ -46,6 +46,12 @@ class StreamConfig(Strict):
                                "reading is still accepted before the window closes.")
     idle_close_s: float = Field(2.0, gt=0, description="Close a window whose stream has been "
                                 "silent this long (the end of a burst or replay).")
+    min_coverage: float = Field(0.5, ge=0, le=1, description="Fraction of a window's samples "
+                                "that must have arrived for the idle rule to close it; a "
+                                "sparser window (a stalled link, not a finished burst) waits "
+                                "for `sparse_close_s` of silence instead.")
+    sparse_close_s: float = Field(10.0, gt=0, description="Silence after which even a sparse "
+                                  "window closes (it is never dropped).")
     tokenizer: TokenizerConfig | None = Field(None, description="Tokenizer; default: the one "
                                               "the bundle was trained with.")
     max_payload_bytes: int = Field(256 * 1024, gt=0, description="Larger payloads are "

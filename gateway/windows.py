@@ -84,10 +84,28 @@ class WindowBuffer:
         self.last_arrival = max(self.last_arrival, now_mono)
 
     def due(self, now_mono: float) -> list[int]:
-        """Open windows that should close now: passed by the watermark, or the stream idles."""
-        idle = now_mono - self.last_arrival >= self.cfg.idle_close_s
+        """Open windows that should close now: passed by the watermark, or the stream idles.
+
+        Idling closes a window only if enough of it arrived: a stalled link looks like
+        silence too, and closing then would infer on a fragment and turn the rest late.
+        """
+        silent = now_mono - self.last_arrival
         late = self.cfg.lateness_ms / 1000.0
-        return sorted(k for k in self.open if idle or self.watermark >= self.bounds(k)[1] + late)
+        def ready(k: int) -> bool:
+            start, end = self.bounds(k)
+            if self.watermark >= end + late:
+                return True
+            return silent >= self.cfg.idle_close_s and (
+                silent >= self.cfg.sparse_close_s
+                or self.coverage(start, end) >= self.cfg.min_coverage)
+
+        return sorted(k for k in self.open if ready(k))
+
+    def coverage(self, start: float, end: float) -> float:
+        """Fraction of the samples in [start, end) that have a reading."""
+        lo = start - 0.5 / self.cfg.rate_hz
+        n = sum(1 for t in self.readings if lo <= t < end)
+        return n / self.cfg.window
 
     def close(self, k: int, now_mono: float) -> ClosedWindow:
         """Cut window k out of the buffer and align it onto the sample grid."""

@@ -130,7 +130,8 @@ async def test_windows_cut_off_out_of_order_are_rerun(tmp_path: Path, tiny_bundl
 @pytest.mark.asyncio
 async def test_ack_only_after_commit_and_redelivery_is_not_a_second_result(
         tmp_path: Path, tiny_bundle: Path) -> None:
-    cfg = config(tmp_path, tiny_bundle)
+    # The 3-reading tail window must close by idling here: no coverage floor.
+    cfg = config(tmp_path, tiny_bundle, stream={"min_coverage": 0.0})
     payloads = window_messages(range(K0, K0 + 2))
     gw = Gateway(cfg)
     acked: list[int] = []
