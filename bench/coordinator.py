@@ -136,8 +136,10 @@ class GatewaySide:
         if not self.server_ok and now < self.next_probe:  # server marked down: skip it
             return head_s, 0.0, True
         self.next_probe = now + PROBE_INTERVAL_S
+        if reserve_s >= deadline_s - head_s:  # a fallback could not make it: no reserve
+            reserve_s = 0.0
         cutoff = deadline_s - reserve_s  # relative to the window's close
-        if cutoff - head_s <= 0:  # no time left to send: nothing transmitted, state kept
+        if cutoff - head_s <= 0:  # the head alone used the deadline: nothing transmitted
             return head_s, 0.0, True
         if lat_s <= cutoff:
             self.server_ok = True
@@ -185,7 +187,9 @@ def gateway_step(table: OptionTable, env: Environment, side: GatewaySide, o: int
         tx_s = float(table.bits[o] / rate_bps(p, env))
         rows = []
         for k in range(w):
-            reserve = side.reserve_s(dev_id, dev_profile_ms[dev_id])
+            # Inferencer.fallback_reserve_s: the profile, slowed to the decided clock.
+            reserve = side.reserve_s(dev_id, max(dev_profile_ms[dev_id],
+                                                 float(table.c_head[dv] / f) * 1e3))
             end, radio_j, fell = side.window(now + k / WINDOWS_PER_S, float(c[o] / f), lat,
                                              tx_s, p, reserve, env.deadline_s)
             if fell:

@@ -18,6 +18,14 @@ CONTROL_VERSION = 1
 # Payloads are small JSON; a bound stops a hostile message from making us parse megabytes.
 MAX_CONTROL_BYTES = 256 * 1024
 
+# The gateway's deadline fallback, shared so that the coordinator plans with the same rule:
+# the server's reply must arrive by the deadline minus FALLBACK_MARGIN x the on-device run
+# time, minus FALLBACK_SLACK_S, or the gateway gives up and runs the device variant.
+# More margin falls back earlier than needed; less risks a fallback that misses the deadline.
+FALLBACK_MARGIN = 1.5
+# Event-loop and thread hand-over costs that the measured run time does not show.
+FALLBACK_SLACK_S = 0.01
+
 PolicyName = Literal["joint", "device-only", "server-only", "fixed-split"]
 POLICY_NAMES: tuple[PolicyName, ...] = ("joint", "device-only", "server-only", "fixed-split")
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from edgetok.aio import within
+from edgetok.control import FALLBACK_MARGIN, FALLBACK_SLACK_S
 from edgetok.frames import FrameHeader, Precision, TailReply, encode_frame
 from edgetok.gateway.models import Latency, Result, VariantRef, Where
 from edgetok.gateway.windows import ClosedWindow
@@ -24,12 +25,8 @@ log = logging.getLogger(__name__)
 # After the server misses a deadline, only every PROBE_INTERVAL_S do we try it again; the
 # other windows go straight to the device instead of each waiting out a full deadline.
 PROBE_INTERVAL_S = 2.0
-# The server is given the deadline minus the expected on-device run times this margin, so a
-# fallback still finishes within the deadline. More margin falls back earlier than needed
-# (more device-fallback results on a slow link); less risks missing the deadline.
-FALLBACK_MARGIN = 1.5
-# Added to the reserve: event-loop and thread hand-over costs the run time does not show.
-FALLBACK_SLACK_S = 0.01
+# FALLBACK_MARGIN and FALLBACK_SLACK_S (edgetok.control) size the time kept back from the
+# server for an on-device run; the coordinator plans with the same rule.
 
 Publish = Callable[[bytes, float], Awaitable[bool]]
 
@@ -125,8 +122,12 @@ class Inferencer:
     def fallback_reserve_s(self, fallback: Variant) -> float:
         """Time to keep back from the server for an on-device run of `fallback`."""
         est = self.head_ms.get(fallback.id)
-        if est is None:  # not run yet here: the bundle's profile is the best guess
+        if est is None:  # not run yet here: the bundle's profile is the best guess,
             est = fallback.profile.head_ms_1t + fallback.profile.tail_ms_1t
+            clock = self.decision.extra.get("cpu_hz")
+            if isinstance(clock, int | float) and clock > 0:
+                # ... slowed to the clock in force when that is below the profiling clock.
+                est *= max(1.0, self.manifest.reference_hz / clock)
         return est / 1000 * FALLBACK_MARGIN + FALLBACK_SLACK_S
 
     async def infer(self, win: ClosedWindow, deadline_s: float) -> Result:
@@ -148,8 +149,12 @@ class Inferencer:
             feats = tokens
             if variant.head:
                 feats, head_ms = await self._run(variant.id, "head", tokens)
-            cutoff = deadline_mono - self.fallback_reserve_s(
-                self.manifest.device_variant(variant.pruning_ratio))
+            reserve = self.fallback_reserve_s(self.manifest.device_variant(
+                variant.pruning_ratio))
+            if reserve >= deadline_mono - time.monotonic():
+                # A fallback could not make the deadline anyway: give the server all of it.
+                reserve = 0.0
+            cutoff = deadline_mono - reserve
             reply, uplink_ms = await self._remote(win, variant, dec.precision, feats, cutoff)
             if reply is not None and reply.error is None:
                 logits = np.asarray(reply.logits, dtype=np.float32)[None, :]

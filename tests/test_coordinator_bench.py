@@ -52,12 +52,16 @@ def test_late_reply_gives_up_at_cutoff_and_skips_server_until_probe() -> None:
     assert not fell and side.server_ok and radio_j == pytest.approx(P * TX)
 
 
-def test_reserve_beyond_deadline_never_transmits() -> None:
-    """When the reserve eats the whole deadline nothing is sent and health is unchanged."""
+def test_reserve_beyond_deadline_gives_the_server_the_whole_deadline() -> None:
+    """When a fallback could not make the deadline, nothing is kept back from the server."""
     side = GatewaySide(slack_s=DEADLINE)
     reserve = side.reserve_s("dev", 1.0)
+    assert reserve >= DEADLINE
     end, radio_j, fell = side.window(0.0, HEAD, 0.2, TX, P, reserve, DEADLINE)
-    assert fell and radio_j == 0.0 and end == pytest.approx(HEAD) and side.server_ok
+    assert not fell and end == pytest.approx(0.2) and radio_j == pytest.approx(P * TX)
+    # A reply later than the deadline is given up at the deadline itself.
+    end, radio_j, fell = side.window(0.0, HEAD, DEADLINE * 2, TX, P, reserve, DEADLINE)
+    assert fell and end == pytest.approx(DEADLINE)
 
 
 def test_reserve_follows_measured_run_time() -> None:

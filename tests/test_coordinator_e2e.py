@@ -11,6 +11,7 @@ import os
 import sqlite3
 import sys
 import time
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +37,12 @@ def _skip_reason() -> str | None:
 def _results(db: Path) -> list[dict[str, Any]]:
     if not db.exists():
         return []
-    with sqlite3.connect(db) as con:
-        return [json.loads(b) for (b,) in con.execute("SELECT body FROM results ORDER BY id")]
+    try:
+        with closing(sqlite3.connect(db, timeout=5)) as con:
+            rows = con.execute("SELECT body FROM results ORDER BY id").fetchall()
+    except sqlite3.OperationalError:  # the gateway is still creating its schema
+        return []
+    return [json.loads(b) for (b,) in rows]
 
 
 def _wait(db: Path, n: int, timeout: float = 90) -> list[dict[str, Any]]:

@@ -232,3 +232,30 @@ def test_latency_margin_is_for_planning_only() -> None:
     d = ctl.decide("gw1", 0.0)
     assert d is not None and d.feasible
     assert d.latency_ms <= 60.0 * 0.8 * (1 + 1e-9)
+
+
+def test_plans_keep_back_the_gateways_fallback_reserve() -> None:
+    """A transmitting decision leaves the gateway time to fall back within the deadline."""
+    from edgetok.control import FALLBACK_MARGIN, FALLBACK_SLACK_S
+
+    fast = synthetic_manifest(num_layers=4, ratios=(0.0, 0.5), layer_ms=1.0)
+    ctl = OnlineController(config(policy="server-only",
+                                  budget={"deadline_ms": 60.0, "privacy_min_split": 0}), fast)
+    Sim(ctl).report("gw1", 0.0, gain(20e6))
+    env, _ = ctl.environment("gw1", 0.0)
+    reserve = ctl.fallback_reserve(env)
+    table = ctl.table
+    for i, o in enumerate(table.options):
+        if o.split == table.num_layers:
+            assert reserve[i] == 0.0
+            continue
+        dev = next(d for d in table.options
+                   if d.split == table.num_layers and d.pruning_ratio == o.pruning_ratio)
+        want = FALLBACK_MARGIN * dev.c_head * env.compute_scale / env.f_max_hz \
+            + FALLBACK_SLACK_S
+        assert reserve[i] == pytest.approx(want if want < env.deadline_s else 0.0)
+    d = ctl.decide("gw1", 0.0)
+    assert d is not None and d.split == 0 and d.feasible
+    i = table.index(d.variant, d.precision)
+    assert reserve[i] > 0
+    assert d.latency_ms / 1000 + reserve[i] <= env.deadline_s * (1 + 1e-6)

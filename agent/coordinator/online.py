@@ -24,7 +24,7 @@ from edgetok.agent.coordinator.model import (
 )
 from edgetok.agent.coordinator.policies import make_policy
 from edgetok.agent.coordinator.solver import FEAS_RTOL, Solution, rank, solve_options
-from edgetok.control import Decision, Telemetry
+from edgetok.control import FALLBACK_MARGIN, FALLBACK_SLACK_S, Decision, Telemetry
 from edgetok.models.bundle import Manifest
 
 log = logging.getLogger(__name__)
@@ -104,6 +104,13 @@ class OnlineController:
         self.server_queue = Ewma(config.ewma_alpha)
         self.gateways: dict[str, GatewayState] = {}
         self._head_cycles = {o.variant: o.c_head for o in self.table.options if o.c_head > 0}
+        # Cycles of the same-ratio on-device variant behind every transmitting option: what
+        # the gateway would run if the reply came too late.
+        device = {o.pruning_ratio: o.c_head for o in self.table.options
+                  if o.split == self.table.num_layers}
+        self._fallback_cycles = np.array(
+            [device.get(o.pruning_ratio, 0.0) if o.split < self.table.num_layers else 0.0
+             for o in self.table.options])
         self.solves = 0
         self.solve_seconds = 0.0  # wall time inside decide() when it solved: for metrics
 
@@ -232,7 +239,21 @@ class OnlineController:
         deadline = self._deadline(st) * (1.0 - self.config.latency_margin)
         env = self._environment(self._gain(st, now), self._bandwidth(gateway, True),
                                 math.exp(st.log_speed.value(0.0)), wait, deadline)
-        return env, self._queue(gateway, st)
+        return env, self._queue(gateway, st) + self.fallback_reserve(env)
+
+    def fallback_reserve(self, env: Environment) -> np.ndarray:
+        """Per option, the time the gateway keeps back for its fallback (s).
+
+        A reply after deadline − reserve is abandoned, so planning with it folded into the
+        server-side latency never chooses a transmission the gateway would give up on. The
+        device run is sized at f_max; when even that cannot make the deadline, the gateway
+        keeps nothing back and neither does the plan.
+        """
+        run_s = self._fallback_cycles * env.compute_scale / env.f_max_hz
+        reserve = FALLBACK_MARGIN * run_s + FALLBACK_SLACK_S
+        # As on the gateway: when a fallback could not make the deadline, nothing is kept back.
+        useful = (self._fallback_cycles > 0) & (reserve < env.deadline_s)
+        return np.asarray(np.where(useful, reserve, 0.0))
 
     def _deadline(self, st: GatewayState) -> float:
         return st.deadline_s or self.config.budget.deadline_ms / 1000.0
@@ -267,6 +288,7 @@ class OnlineController:
         if not reason:
             return None
         sol = solve_options(self.table, env, queue)
+        reserve = self.fallback_reserve(env)  # planned for, but not latency the window sees
         penalty, margin = self._penalty(st, sol)
         best = int(rank(self.table, sol, self.policy.allowed, penalty)[0])
         cur = st.option
@@ -292,7 +314,8 @@ class OnlineController:
             gateway=gateway, epoch=self.epoch_ms, seq=st.seq, ts=now, bundle=self.table.bundle,
             variant=o.variant, pruning_ratio=o.pruning_ratio, split=o.split,
             precision=o.precision, cpu_hz=float(sol.f[best]), tx_power_w=float(sol.p[best]),
-            latency_ms=float(sol.latency[best]) * 1e3, energy_mj=float(sol.energy[best]) * 1e3,
+            latency_ms=float(sol.latency[best] - reserve[best]) * 1e3,
+            energy_mj=float(sol.energy[best]) * 1e3,
             distortion=o.distortion, accuracy=o.accuracy, feasible=feasible,
             policy=self.policy.name, reason=reason if feasible else "infeasible")
         log.info("gateway %s: %s %s f=%.3g Hz p=%.3g W T=%.1f ms E=%.2f mJ (%s)", gateway,
