@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Iterator
@@ -27,8 +26,6 @@ TAIL_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
 # Queued frames with no frame finished for this long count as a stalled server: readiness
 # fails and watchdog pings stop. A tail is milliseconds; the floor covers a first session load.
 STALL_S = 30.0
-# How often STATUS= is refreshed for `systemctl status`.
-STATUS_INTERVAL_S = 10.0
 
 
 class _StateCollector(Collector):
@@ -128,16 +125,15 @@ class ServerHealth:
         """READY=1 once the broker is connected (bundles load at start), then STATUS= and
         health-driven WATCHDOG=1 until cancelled."""
         srv = self.srv
-        sdnotify.notify(sdnotify.status(self.summary()))
-        await srv.session.connected.wait()
-        sdnotify.notify(sdnotify.READY, sdnotify.status(
-            f"broker connected; bundles {', '.join(sorted(srv.runtimes))} loaded"))
-        log.info("ready: broker connected, %d bundle(s) loaded", len(srv.runtimes))
-        async with asyncio.TaskGroup() as tg:
-            tg.create_task(self.watchdog.run())
-            while True:
-                await asyncio.sleep(STATUS_INTERVAL_S)
-                sdnotify.notify(sdnotify.status(self.summary()))
+
+        def ready() -> str:
+            return f"broker connected; bundles {', '.join(sorted(srv.runtimes))} loaded"
+
+        def sent() -> None:
+            log.info("ready: broker connected, %d bundle(s) loaded", len(srv.runtimes))
+
+        await sdnotify.lifecycle(srv.session.connected, ready, self.summary, self.watchdog,
+                                 on_ready=sent)
 
     def stopping(self) -> None:
         """Tell systemd the stop has begun."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -17,6 +16,7 @@ from edgetok.agent.config import ServerConfig
 from edgetok.agent.coordinator.online import OnlineController
 from edgetok.agent.http import serve_http
 from edgetok.agent.metrics import ServerHealth, ServerMetrics
+from edgetok.aio import stop_on_signals
 from edgetok.control import ControlError, decode_telemetry, encode_decision
 from edgetok.frames import FrameError, TailReply, decode_frame
 from edgetok.models.bundle import BundleError
@@ -207,9 +207,7 @@ async def run_server(cfg: ServerConfig) -> int:
 
     preflight(cfg)  # an exposed API without a token is refused before anything starts
     srv = TailServer(cfg)
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, srv.stopping.set)
+    stop_on_signals(srv.stopping)
     await srv.run()
     return 0
 

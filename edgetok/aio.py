@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 from collections.abc import Awaitable
 from typing import TypeVar
 
@@ -29,3 +30,10 @@ async def within(aw: Awaitable[T], limit_s: float | None) -> T:
     """Await with a time limit (TimeoutError), without wait_for's lost-cancellation race."""
     async with asyncio.timeout(limit_s):
         return await aw
+
+
+def stop_on_signals(event: asyncio.Event) -> None:
+    """SIGTERM and SIGINT only set `event`; the daemon drains and exits on its own."""
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, event.set)

@@ -125,10 +125,6 @@ class MqttSession:
         self.connects = 0
         self.last_error: str | None = None
 
-    def set_announcement(self, messages: Sequence[Outgoing]) -> None:
-        """Replace what is published on every connect (the birth may change)."""
-        self._announce = list(messages)
-
     def _connect_properties(self) -> Properties:
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = self.settings.session_expiry_s

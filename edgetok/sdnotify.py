@@ -176,3 +176,24 @@ class Watchdog:
         while True:
             self.tick()
             await asyncio.sleep(period)
+
+
+# How often STATUS= is refreshed for `systemctl status`; systemd keeps only the last line.
+STATUS_INTERVAL_S = 10.0
+
+
+async def lifecycle(connected: asyncio.Event, ready_status: Callable[[], str],
+                    summary: Callable[[], str], watchdog: Watchdog,
+                    on_ready: Callable[[], None] | None = None) -> None:
+    """STATUS= now, READY=1 once `connected` is set, then STATUS= refreshes and the health
+    watchdog until cancelled: what both daemons tell systemd."""
+    notify(status(summary()))
+    await connected.wait()
+    notify(READY, status(ready_status()))
+    if on_ready is not None:
+        on_ready()
+    async with asyncio.TaskGroup() as tg:
+        tg.create_task(watchdog.run())
+        while True:
+            await asyncio.sleep(STATUS_INTERVAL_S)
+            notify(status(summary()))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 
@@ -187,7 +187,3 @@ def load(path: Path | str) -> GatewayConfig:
     """Read a gateway config file; ConfigError lists every problem."""
     return load_toml(path, GatewayConfig)
 
-
-def dump_example() -> dict[str, Any]:
-    """JSON schema of the config, for documentation."""
-    return GatewayConfig.model_json_schema()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import signal
 import time
 from collections import deque
 from pathlib import Path
@@ -13,7 +12,7 @@ from pathlib import Path
 from pydantic import TypeAdapter
 
 from edgetok import __version__
-from edgetok.aio import wait_event, within
+from edgetok.aio import stop_on_signals, wait_event, within
 from edgetok.frames import FrameError, TailReply
 from edgetok.gateway.actuators import Actuators
 from edgetok.gateway.config import GatewayConfig, StreamConfig
@@ -412,9 +411,7 @@ async def run_gateway(cfg: GatewayConfig) -> int:
 
     preflight(cfg)  # an exposed API without a token is refused before anything starts
     gw = Gateway(cfg)
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, gw.stopping.set)
+    stop_on_signals(gw.stopping)
     await gw.run()
     return 0
 

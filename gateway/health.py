@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from typing import TYPE_CHECKING
@@ -20,8 +19,6 @@ log = logging.getLogger(__name__)
 # abnormal; the floor keeps a slow first ONNX session load from looking like a hang.
 STALL_FLOOR_S = 30.0
 STALL_DEADLINES = 3.0
-# How often STATUS= is refreshed for `systemctl status`; systemd keeps only the last line.
-STATUS_INTERVAL_S = 10.0
 
 
 class Health:
@@ -76,18 +73,17 @@ class Health:
         """READY=1 once the broker is connected (the bundle loaded at start), then STATUS=
         refreshes and health-driven WATCHDOG=1 pings until cancelled."""
         gw = self.gw
-        sdnotify.notify(sdnotify.status(self.summary()))
-        await gw.session.connected.wait()
-        sdnotify.notify(sdnotify.READY, sdnotify.status(
-            f"broker connected; bundle {gw.manifest.bundle_id} loaded; "
-            f"HTTP on port {gw.http_port}"))
-        self.ready_sent = True
-        log.info("ready: broker connected, bundle %s loaded", gw.manifest.bundle_id)
-        async with asyncio.TaskGroup() as tg:
-            tg.create_task(self.watchdog.run())
-            while True:
-                await asyncio.sleep(STATUS_INTERVAL_S)
-                sdnotify.notify(sdnotify.status(self.summary()))
+
+        def ready() -> str:
+            return (f"broker connected; bundle {gw.manifest.bundle_id} loaded; "
+                    f"HTTP on port {gw.http_port}")
+
+        def sent() -> None:
+            self.ready_sent = True
+            log.info("ready: broker connected, bundle %s loaded", gw.manifest.bundle_id)
+
+        await sdnotify.lifecycle(gw.session.connected, ready, self.summary, self.watchdog,
+                                 on_ready=sent)
 
     def stopping(self) -> None:
         """Tell systemd the stop has begun (the drain may take a while)."""

@@ -7,6 +7,7 @@ import re
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import Broker
@@ -26,6 +27,15 @@ from harness import (
 )
 
 pytestmark = pytest.mark.slow
+
+
+def assert_recovered(gw: Any, tmp_path: Path, plan: Any) -> list[dict[str, Any]]:
+    """Every window exactly once, the journal pruned, and no window left in flight."""
+    rows = assert_exactly_once(gw, tmp_path, {plan.window_seq(j) for j in range(WINDOWS)})
+    wait_for(lambda: db_query(tmp_path, "SELECT count(*) FROM readings")[0][0] == 0,
+             what="journal pruned")
+    assert db_query(tmp_path, "SELECT count(*) FROM windows") == [(0,)]
+    return rows
 
 WINDOWS = 40
 
@@ -58,10 +68,7 @@ def test_gateway_sigkill_mid_replay_reruns_from_the_journal(
         t_back = time.time()
         gw.start()  # the replay goes on meanwhile; the broker queues for the gateway
         sent = replay.join()
-        rows = assert_exactly_once(gw, tmp_path, {plan.window_seq(j) for j in range(WINDOWS)})
-        wait_for(lambda: db_query(tmp_path, "SELECT count(*) FROM readings")[0][0] == 0,
-                 what="journal pruned")
-        assert db_query(tmp_path, "SELECT count(*) FROM windows") == [(0,)]
+        rows = assert_recovered(gw, tmp_path, plan)
         counters = status(gw)["counters"]
         report("gateway_sigkill", messages_sent=sent, results=len(rows),
                journal_rows_at_kill=journaled, windows_in_flight_at_kill=in_flight,
@@ -98,10 +105,7 @@ def test_power_loss_five_times_in_one_run(tmp_path: Path, mosquitto: Broker,
             gw.start()
             recover.append(round(time.monotonic() - t0, 2))
         sent = replay.join()
-        rows = assert_exactly_once(gw, tmp_path, {plan.window_seq(j) for j in range(WINDOWS)})
-        wait_for(lambda: db_query(tmp_path, "SELECT count(*) FROM readings")[0][0] == 0,
-                 what="journal pruned")
-        assert db_query(tmp_path, "SELECT count(*) FROM windows") == [(0,)]
+        rows = assert_recovered(gw, tmp_path, plan)
         counters = status(gw)["counters"]
         report("power_loss_x5", messages_sent=sent, results=len(rows),
                windows_rerun=reruns(gw.logtext()),
