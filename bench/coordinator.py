@@ -42,7 +42,7 @@ from edgetok.agent.coordinator.model import (
 )
 from edgetok.agent.coordinator.online import MAX_UTILISATION, OnlineController
 from edgetok.agent.coordinator.solver import TIE_ATOL, grid_options, rank, solve_options
-from edgetok.control import POLICY_NAMES, Telemetry
+from edgetok.control import GUARD_MARGIN, POLICY_NAMES, Telemetry
 from edgetok.gateway.inference import FALLBACK_MARGIN, FALLBACK_SLACK_S, PROBE_INTERVAL_S
 from edgetok.models.bundle import Manifest, read_manifest
 
@@ -130,22 +130,27 @@ class GatewaySide:
         return self.run_ms.get(fallback, profile_ms) / 1000 * FALLBACK_MARGIN + self.slack_s
 
     def window(self, close_s: float, head_s: float, lat_s: float, tx_s: float, p_w: float,
-               reserve_s: float, deadline_s: float) -> tuple[float, float, bool]:
-        """One transmitting window: (time it ends, radio energy J, fell back) after close."""
-        now = close_s + head_s
-        if not self.server_ok and now < self.next_probe:  # server marked down: skip it
-            return head_s, 0.0, True
-        self.next_probe = now + PROBE_INTERVAL_S
+               reserve_s: float, deadline_s: float, guess_s: float
+               ) -> tuple[float, float, bool, bool]:
+        """One transmitting window after its close: (time the server path ends, radio energy J,
+        fell back, head ran). `guess_s` is what the gateway expects the path to take, from
+        its sensed link rate and the server time of recent replies (Inferencer._link_guard)."""
+        now = close_s
+        if not self.server_ok and now < self.next_probe:  # server marked down: skip it all
+            return 0.0, 0.0, True, False
         if reserve_s >= deadline_s - head_s:  # a fallback could not make it: no reserve
             reserve_s = 0.0
         cutoff = deadline_s - reserve_s  # relative to the window's close
+        if guess_s * (1 + GUARD_MARGIN) > cutoff:  # the sensed link is too slow: do not try
+            return 0.0, 0.0, True, False
+        self.next_probe = now + head_s + PROBE_INTERVAL_S
         if cutoff - head_s <= 0:  # the head alone used the deadline: nothing transmitted
-            return head_s, 0.0, True
+            return head_s, 0.0, True, True
         if lat_s <= cutoff:
             self.server_ok = True
-            return lat_s, p_w * tx_s, False
+            return lat_s, p_w * tx_s, False, True
         self.server_ok = False  # reply timed out at the cutoff; the radio sent until then
-        return cutoff, p_w * min(tx_s, cutoff - head_s), True
+        return cutoff, p_w * min(tx_s, cutoff - head_s), True, True
 
 
 def config(policy: str, deadline_ms: float, objective: str) -> ControllerConfig:
@@ -173,28 +178,34 @@ def server_queue_s(table: OptionTable, opts: dict[str, int]) -> float:
 
 
 def gateway_step(table: OptionTable, env: Environment, side: GatewaySide, o: int, dv: int,
-                 dev_profile_ms: dict[str, float], now: float, f: float, p: float,
-                 lat: float, en: float) -> dict[str, float]:
-    """One second of windows of one gateway as built: means over its windows, with fallback."""
+                 dev_profile_ms: dict[str, float], now: float, f: float, p: float, f_fb: float,
+                 lat: float, en: float, server_guess_s: float) -> dict[str, float]:
+    """One second of windows of one gateway as built: means over its windows, with fallback.
+
+    `dv` is the decision's fallback (run at `f_fb`); `server_guess_s` the tail and queueing
+    time the gateway saw on its last replies.
+    """
     c, w = table.c_head * env.compute_scale, int(WINDOWS_PER_S)
-    dev_id, dev_s = table.options[dv].variant, float(c[dv] / f)
-    dev_j, head_j = env.kappa * c[dv] * f**2, env.kappa * c[o] * f**2
+    dev_id, dev_s = table.options[dv].variant, float(c[dv] / f_fb)
+    dev_j, head_j = env.kappa * c[dv] * f_fb**2, env.kappa * c[o] * f**2
     if not table.transmits[o]:
-        for _ in range(w):
-            side.ran(dev_id, dev_s * 1e3)
+        if dv == o:  # the fallback itself is running: the gateway learns its run time
+            side.ran(dev_id, float(c[o] / f) * 1e3)
         rows = [(lat, en, False)] * w
     else:
+        head_s = float(c[o] / f)
         tx_s = float(table.bits[o] / rate_bps(p, env))
+        guess = head_s + tx_s + server_guess_s
         rows = []
         for k in range(w):
-            # Inferencer.fallback_reserve_s: the profile, slowed to the decided clock.
+            # Inferencer.fallback_reserve_s: the profile, slowed to the fallback clock.
             reserve = side.reserve_s(dev_id, max(dev_profile_ms[dev_id],
-                                                 float(table.c_head[dv] / f) * 1e3))
-            end, radio_j, fell = side.window(now + k / WINDOWS_PER_S, float(c[o] / f), lat,
-                                             tx_s, p, reserve, env.deadline_s)
+                                                 float(table.c_head[dv] / f_fb) * 1e3))
+            end, radio_j, fell, ran = side.window(now + k / WINDOWS_PER_S, head_s, lat, tx_s,
+                                                  p, reserve, env.deadline_s, guess)
             if fell:
                 side.ran(dev_id, dev_s * 1e3)
-                rows.append((end + dev_s, head_j + radio_j + dev_j, True))
+                rows.append((end + dev_s, head_j * ran + radio_j + dev_j, True))
             else:
                 rows.append((lat, en, False))
     acc = [table.options[x].accuracy for x in (o, dv)]
@@ -217,9 +228,6 @@ def run_policy(trace: Trace, policy: str, manifest: Manifest, deadline_ms: float
     series = {k: np.full((steps, n), np.nan) for k in
               ("split", "ratio", "bytes", "latency", "energy", "accuracy", "distortion",
                "hit", *(f"fb_{m}" for m in METRICS), "fb_rate")}
-    # The gateway's fallback for each option: the on-device variant at the same ratio.
-    dev = [table.index(manifest.device_variant(o.pruning_ratio).id, DEVICE_PRECISION)
-           for o in table.options]
     dev_profile_ms = {v.id: v.profile.head_ms_1t + v.profile.tail_ms_1t
                       for v in manifest.variants if v.split == table.num_layers}
     sides: dict[int, GatewaySide] = {}
@@ -227,6 +235,7 @@ def run_policy(trace: Trace, policy: str, manifest: Manifest, deadline_ms: float
     cpu_ms: list[float] = []
     gaps: list[dict[str, float]] = []
     done = dict.fromkeys(range(n), 0)
+    prev_queue = SERVER_BASE_MS / 1000
     for t in range(steps):
         now = float(t)
         active = [i for i in range(n) if not math.isnan(trace.rates[t, i])]
@@ -273,8 +282,11 @@ def run_policy(trace: Trace, policy: str, manifest: Manifest, deadline_ms: float
                          ("hit", float(lat[o] <= env.deadline_s * (1 + 1e-9)))):
                 series[k][t, i] = v
             side = sides.setdefault(i, GatewaySide(slack_s))
-            fb = gateway_step(table, env, side, o, dev[o], dev_profile_ms, now, d.cpu_hz,
-                              d.tx_power_w, float(lat[o]), float(en[o]))
+            dv = table.index(d.fallback_variant or manifest.device_variant(
+                d.pruning_ratio).id, DEVICE_PRECISION)
+            fb = gateway_step(table, env, side, o, dv, dev_profile_ms, now, d.cpu_hz,
+                              d.tx_power_w, d.fallback_cpu_hz or d.cpu_hz, float(lat[o]),
+                              float(en[o]), float(table.t_tail[o]) + prev_queue)
             for k, v in fb.items():
                 series[f"fb_{k}"][t, i] = v
             done[i] += int(WINDOWS_PER_S)
@@ -292,6 +304,7 @@ def run_policy(trace: Trace, policy: str, manifest: Manifest, deadline_ms: float
                                   windows_done=done[i], energy_mj=float(en[o] * 1e3),
                                   cell=trace.cells[i]), now)
         ctl.observe_server(queue * 1e3)
+        prev_queue = queue
     return summarise(series, solve_ms, cpu_ms, gaps, ctl)
 
 

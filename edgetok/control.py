@@ -25,6 +25,10 @@ MAX_CONTROL_BYTES = 256 * 1024
 FALLBACK_MARGIN = 1.5
 # Event-loop and thread hand-over costs that the measured run time does not show.
 FALLBACK_SLACK_S = 0.01
+# Before transmitting, the gateway predicts the server path from its sensed link rate and the
+# server time of recent replies; a prediction within this fraction of the cutoff already goes
+# to the device. Larger skips the server more often; smaller lets estimation error miss.
+GUARD_MARGIN = 0.05
 
 PolicyName = Literal["joint", "device-only", "server-only", "fixed-split"]
 POLICY_NAMES: tuple[PolicyName, ...] = ("joint", "device-only", "server-only", "fixed-split")
@@ -57,6 +61,9 @@ class Telemetry(_Wire):
         "nothing was sent in the interval.")
     tx_power_w: float | None = Field(
         None, ge=0, description="Transmit power in force while uplink_bps was measured (W).")
+    link_bps: float | None = Field(
+        None, gt=0, description="Link rate the radio reports now (bit/s: Wi-Fi tx bitrate, or "
+        "the emulated tbf rate); stands in for uplink_bps when no frame was sent.")
     cpu_hz: float | None = Field(None, gt=0, description="Current CPU clock of the head (Hz).")
     head_ms: dict[str, float] = Field(
         default_factory=dict, description="Recent median head latency per variant id (ms), "
@@ -109,6 +116,11 @@ class Decision(_Wire):
     policy: PolicyName = Field(description="Policy that made the decision.")
     reason: str = Field("", description="Why it was (re)made: initial, estimates-moved, "
                         "periodic, infeasible.")
+    fallback_variant: str | None = Field(
+        None, description="On-device variant (split = L) to run when the server cannot answer "
+        "in time; None: the on-device variant of the same pruning ratio.")
+    fallback_cpu_hz: float | None = Field(
+        None, gt=0, description="CPU clock for a fallback run (Hz); None: the decision's.")
 
     def supersedes(self, other: Decision | None) -> bool:
         """True if this decision is newer than `other` (by epoch, then seq)."""

@@ -18,6 +18,7 @@ from typing import Literal
 
 from pydantic import Field
 
+from edgetok.gateway.linksense import SenseMode
 from edgetok.settings import Strict
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,13 @@ class ActuatorSettings(Strict):
     bandwidth_hz: float = Field(20e6, gt=0, description="Emulated channel bandwidth B (Hz).")
     gain: float = Field(1e-7, gt=0, description="Emulated channel gain g.")
     noise_w_per_hz: float = Field(4e-21, gt=0, description="Emulated noise density N0.")
+    link_sense: SenseMode = Field(
+        "auto", description="How the gateway reads its uplink rate now, to skip a transmission "
+        "that cannot make its deadline: iw (Wi-Fi tx bitrate), tc (the tbf rate on "
+        "`interface`), auto (iw on a wireless interface, else tc), off.")
+    link_sense_interval_s: float = Field(
+        0.5, gt=0, description="Seconds between link-rate readings: shorter notices a drop "
+        "sooner, at one `iw`/`tc` process (a few ms of CPU) per reading.")
 
 
 def rate_bps(p_w: float, s: ActuatorSettings) -> float:
@@ -102,6 +110,11 @@ class Actuators:
             return "emulated"
         self.errors.append(f"tx actuator mode {want!r} is not possible on {iface}")
         return "off"
+
+    def set_cpu(self, cpu_hz: float) -> None:
+        """Set only the clock (cheap: one sysfs or cgroup write), e.g. for a fallback run."""
+        if cpu_hz != self.cpu_hz:
+            self._set_cpu(cpu_hz)
 
     def apply(self, cpu_hz: float, tx_power_w: float) -> None:
         """Best effort: failures are recorded and reported, never raised."""

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 from edgetok.control import ControlError, Decision, Telemetry, decode_decision, encode_telemetry
 from edgetok.gateway.actuators import Actuators
 from edgetok.gateway.inference import Decision as Running
+from edgetok.gateway.linksense import LinkSensor
 from edgetok.models.bundle import BundleError
 
 if TYPE_CHECKING:
@@ -30,6 +31,10 @@ class ControlPlane:
     def __init__(self, gw: Gateway, actuators: Actuators) -> None:
         self.gw = gw
         self.actuators = actuators
+        a = actuators.s
+        self.sensor = LinkSensor(a.link_sense, a.interface, a.link_sense_interval_s)
+        gw.inferencer.link_rate = self.sensor.rate_bps
+        gw.inferencer.set_clock = actuators.set_cpu
         self.last: Decision | None = None
         self.rejected = 0
         self.recent: deque[Result] = deque(maxlen=RECENT)
@@ -54,6 +59,9 @@ class ControlPlane:
                 raise ControlError(f"decision names bundle {d.bundle}, loaded is "
                                    f"{gw.manifest.bundle_id}")
             gw.manifest.variant(d.variant)
+            if d.fallback_variant is not None and \
+                    gw.manifest.variant(d.fallback_variant).split != gw.manifest.num_layers:
+                raise ControlError(f"fallback {d.fallback_variant} is not an on-device variant")
         except (ControlError, BundleError) as exc:
             self.rejected += 1
             log.warning("ignoring control message: %s", exc)
@@ -69,12 +77,17 @@ class ControlPlane:
         for part in parts:
             await loop.run_in_executor(gw.inferencer.executor, gw.runtime.session,
                                        d.variant, part)
-        self.actuators.apply(d.cpu_hz, d.tx_power_w)
-        self.last = d
-        gw.inferencer.decision = Running(
+        running = Running(
             d.variant, d.precision, seq=d.seq, source=f"coordinator:{d.policy}",
             extra={"predicted_latency_ms": d.latency_ms, "predicted_energy_mj": d.energy_mj,
-                   "feasible": d.feasible, "cpu_hz": d.cpu_hz, "tx_power_w": d.tx_power_w})
+                   "feasible": d.feasible, "cpu_hz": d.cpu_hz, "tx_power_w": d.tx_power_w},
+            fallback=d.fallback_variant, fallback_hz=d.fallback_cpu_hz)
+        # The fallback must be warm too: the window that needs it is already late.
+        await loop.run_in_executor(gw.inferencer.executor, gw.inferencer.warm,
+                                   gw.inferencer.fallback_of(running))
+        self.actuators.apply(d.cpu_hz, d.tx_power_w)
+        self.last = d
+        gw.inferencer.decision = running
         log.info("decision #%d: %s %s (cpu %.2f GHz, tx %.3f W, predicted %.1f ms)", d.seq,
                  d.variant, d.precision, d.cpu_hz / 1e9, d.tx_power_w, d.latency_ms)
 
@@ -98,7 +111,7 @@ class ControlPlane:
         self._done_mark, self._t_mark = done, now
         return Telemetry(
             gateway=gw.cfg.id, ts=time.time(), uplink_bps=bps,
-            tx_power_w=self.actuators.effective_tx_power_w(),
+            tx_power_w=self.actuators.effective_tx_power_w(), link_bps=self.sensor.rate_bps(),
             cpu_hz=self.actuators.effective_cpu_hz(),
             head_ms={k: round(v, 3) for k, v in gw.inferencer.head_ms.items()},
             queue_depth=len(gw.inflight), windows_per_s=round(rate, 4), windows_done=done,
@@ -107,6 +120,12 @@ class ControlPlane:
             applied_seq=self.last.seq if self.last else None, bundle=gw.manifest.bundle_id)
 
     async def run(self) -> None:
+        """Sense the link and publish telemetry every interval."""
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self.sensor.run())
+            tg.create_task(self._report())
+
+    async def _report(self) -> None:
         """Publish telemetry every interval (QoS 0: a lost report is superseded anyway)."""
         while True:
             await asyncio.sleep(self.gw.cfg.telemetry_interval_s)
@@ -116,4 +135,5 @@ class ControlPlane:
     def status(self) -> dict[str, object]:
         d = self.last
         return {"decision": d.model_dump() if d else None, "rejected": self.rejected,
-                "measured": self.measured(), "actuators": self.actuators.status()}
+                "measured": self.measured(), "actuators": self.actuators.status(),
+                "link": self.sensor.status()}

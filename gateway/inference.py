@@ -8,16 +8,17 @@ import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 
 from edgetok.aio import within
-from edgetok.control import FALLBACK_MARGIN, FALLBACK_SLACK_S
+from edgetok.control import FALLBACK_MARGIN, FALLBACK_SLACK_S, GUARD_MARGIN
 from edgetok.frames import FrameHeader, Precision, TailReply, encode_frame
 from edgetok.gateway.models import Latency, Result, VariantRef, Where
 from edgetok.gateway.windows import ClosedWindow
 from edgetok.models.bundle import Variant
-from edgetok.models.runtime import Runtime
+from edgetok.models.runtime import Part, Runtime
 from edgetok.tokenizers import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -27,8 +28,12 @@ log = logging.getLogger(__name__)
 PROBE_INTERVAL_S = 2.0
 # FALLBACK_MARGIN and FALLBACK_SLACK_S (edgetok.control) size the time kept back from the
 # server for an on-device run; the coordinator plans with the same rule.
+# Smoothing of the reply round trip the link guard predicts from: larger follows a change
+# sooner, smaller rides out one slow reply.
+RTT_ALPHA = 0.3
 
 Publish = Callable[[bytes, float], Awaitable[bool]]
+LinkRate = Callable[[], float | None]
 
 
 @dataclass
@@ -40,6 +45,8 @@ class Decision:
     seq: int = 0
     source: str = "config"
     extra: dict[str, object] = field(default_factory=dict)
+    fallback: str | None = None  # on-device variant for a fallback; None: the same ratio's
+    fallback_hz: float | None = None  # clock for a fallback run; None: leave it
 
 
 @dataclass
@@ -53,6 +60,32 @@ class UplinkState:
     bytes_sent: int = 0
     replies_late: int = 0
     fallbacks: int = 0
+    guarded: int = 0  # windows kept off a link that was sensed too slow for their deadline
+    frame_bits: dict[str, float] = field(default_factory=dict)  # last frame size by key
+    rtt_s: dict[str, float] = field(default_factory=dict)  # smoothed reply round trip by frame
+    rtt_rate: dict[str, float] = field(default_factory=dict)  # sensed rate at those replies
+
+    def learn(self, key: str, rtt_s: float, rate_bps: float | None) -> None:
+        """Fold one reply's round trip (and the link rate sensed then) into the estimates."""
+        old = self.rtt_s.get(key)
+        self.rtt_s[key] = rtt_s if old is None else old + RTT_ALPHA * (rtt_s - old)
+        if rate_bps is not None:
+            r = self.rtt_rate.get(key)
+            self.rtt_rate[key] = rate_bps if r is None else r + RTT_ALPHA * (rate_bps - r)
+
+    def predict(self, key: str, bits: float, rate_bps: float | None) -> float | None:
+        """Expected round trip of a frame of `bits` now; None with nothing to go on.
+
+        The smoothed round trip of earlier replies, plus the extra time the frame needs when
+        the sensed rate has fallen since (and less when it rose).
+        """
+        rtt = self.rtt_s.get(key)
+        then = self.rtt_rate.get(key)
+        if rtt is None:
+            return None if rate_bps is None else bits / rate_bps
+        if rate_bps is None or then is None:
+            return rtt
+        return max(rtt + bits / rate_bps - bits / then, bits / rate_bps)
 
 
 class InferenceError(RuntimeError):
@@ -85,14 +118,27 @@ class Inferencer:
         # One ORT worker: heads run one at a time, as on a small device, and a session is
         # never created concurrently.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ort")
-        self.head_ms: dict[str, float] = {}
+        self.run_ms: dict[tuple[str, Part], float] = {}  # smoothed run time by variant, part
+        # The uplink rate sensed now (gateway/linksense.py) and the CPU clock setter; the
+        # control plane plugs both in when it has them.
+        self.link_rate: LinkRate = lambda: None
+        self.set_clock: Callable[[float], None] | None = None
         # Open the fallback now: the first window that needs it is already late, and must
         # not also pay for creating a session.
-        fallback = self.manifest.device_variant(
-            self.manifest.variant(decision.variant).pruning_ratio)
+        self.warm(self.fallback_of(decision))
+
+    def warm(self, variant: Variant) -> None:
+        """Open the sessions an on-device run of `variant` needs (call from the ORT thread
+        or before the loop runs: sessions are never created concurrently)."""
         for part in ("head", "tail"):
-            if getattr(fallback, part):
-                runtime.session(fallback.id, part)
+            if getattr(variant, part):
+                self.runtime.session(variant.id, part)
+
+    def fallback_of(self, dec: Decision) -> Variant:
+        """The on-device variant a window of `dec` falls back to."""
+        if dec.fallback is not None:
+            return self.manifest.variant(dec.fallback)
+        return self.manifest.device_variant(self.manifest.variant(dec.variant).pruning_ratio)
 
     def on_reply(self, reply: TailReply) -> None:
         """Resolve the window awaiting this downlink reply (late replies are counted)."""
@@ -102,14 +148,53 @@ class Inferencer:
             return
         fut.set_result(reply)
 
-    async def _run(self, variant: str, part: str, x: np.ndarray) -> tuple[np.ndarray, float]:
+    @property
+    def head_ms(self) -> dict[str, float]:
+        """Smoothed head latency by variant id (ms), as telemetry reports it."""
+        return {v: ms for (v, part), ms in self.run_ms.items() if part == "head"}
+
+    async def _run(self, variant: str, part: Part, x: np.ndarray) -> tuple[np.ndarray, float]:
         loop = asyncio.get_running_loop()
         t0 = time.perf_counter()
         out = await loop.run_in_executor(self.executor, self.runtime.run, variant, part, x)
         ms = (time.perf_counter() - t0) * 1000
-        self.head_ms[variant] = ms if variant not in self.head_ms else (
-            0.8 * self.head_ms[variant] + 0.2 * ms)
+        old = self.run_ms.get((variant, part))
+        self.run_ms[(variant, part)] = ms if old is None else 0.8 * old + 0.2 * ms
         return out, ms
+
+    async def _fallback(self, variant: Variant, tokens: np.ndarray) -> tuple[np.ndarray, float]:
+        """An on-device run of the fallback, at the decision's fallback clock if it has one."""
+        dec, boost = self.decision, self.decision.fallback_hz
+        cpu = dec.extra.get("cpu_hz")
+        if boost is None or self.set_clock is None or not isinstance(cpu, int | float):
+            return await self._device(variant, tokens)
+        self.set_clock(boost)
+        try:
+            return await self._device(variant, tokens)
+        finally:
+            if self.decision is dec:  # a newer decision has set its own clock
+                self.set_clock(cpu)
+
+    def _skip_server(self, variant: Variant, precision: Precision, cutoff: float
+                     ) -> Literal["down", "link"] | None:
+        """Why this window should not even try the server, or None.
+
+        "down": a recent reply timed out and the next probe is not due. "link": the head plus
+        the predicted round trip overruns the cutoff. With a sensed link rate that holds for
+        sure; from reply history alone it may be stale, so a due probe still goes out.
+        """
+        up, now = self.uplink, time.monotonic()
+        if not up.server_ok and now < up.next_probe:
+            return "down"
+        key = f"{variant.id}/{precision}"
+        bits = up.frame_bits.get(key) or 8.0 * variant.profile.feature_bytes.get(precision, 0)
+        rate = self.link_rate()
+        rtt = up.predict(key, bits, rate)
+        if rtt is None:
+            return None
+        head_s = self.run_ms.get((variant.id, "head"), 0.0) / 1000 if variant.head else 0.0
+        late = (head_s + rtt) * (1 + GUARD_MARGIN) > cutoff - now
+        return "link" if late and (rate is not None or now < up.next_probe) else None
 
     async def _device(self, variant: Variant, tokens: np.ndarray) -> tuple[np.ndarray, float]:
         """Run the whole model of `variant` (split = L) on the device."""
@@ -121,10 +206,13 @@ class Inferencer:
 
     def fallback_reserve_s(self, fallback: Variant) -> float:
         """Time to keep back from the server for an on-device run of `fallback`."""
-        est = self.head_ms.get(fallback.id)
-        if est is None:  # not run yet here: the bundle's profile is the best guess,
+        parts = [p for p in ("head", "tail") if getattr(fallback, p)]
+        runs = [self.run_ms.get((fallback.id, p)) for p in parts]
+        if all(r is not None for r in runs):
+            est = sum(r for r in runs if r is not None)
+        else:  # not run yet here: the bundle's profile is the best guess,
             est = fallback.profile.head_ms_1t + fallback.profile.tail_ms_1t
-            clock = self.decision.extra.get("cpu_hz")
+            clock = self.decision.fallback_hz or self.decision.extra.get("cpu_hz")
             if isinstance(clock, int | float) and clock > 0:
                 # ... slowed to the clock in force when that is below the profiling clock.
                 est *= max(1.0, self.manifest.reference_hz / clock)
@@ -146,16 +234,19 @@ class Inferencer:
             logits, head_ms = await self._device(variant, tokens)
             where = "device"
         else:
-            feats = tokens
-            if variant.head:
-                feats, head_ms = await self._run(variant.id, "head", tokens)
-            reserve = self.fallback_reserve_s(self.manifest.device_variant(
-                variant.pruning_ratio))
+            fallback = self.fallback_of(dec)
+            reserve = self.fallback_reserve_s(fallback)
             if reserve >= deadline_mono - time.monotonic():
                 # A fallback could not make the deadline anyway: give the server all of it.
                 reserve = 0.0
             cutoff = deadline_mono - reserve
-            reply, uplink_ms = await self._remote(win, variant, dec.precision, feats, cutoff)
+            skip = self._skip_server(variant, dec.precision, cutoff)
+            reply: TailReply | None = None
+            if skip is None:
+                feats = tokens
+                if variant.head:
+                    feats, head_ms = await self._run(variant.id, "head", tokens)
+                reply, uplink_ms = await self._remote(win, variant, dec.precision, feats, cutoff)
             if reply is not None and reply.error is None:
                 logits = np.asarray(reply.logits, dtype=np.float32)[None, :]
                 tail_ms = reply.tail_ms
@@ -166,8 +257,8 @@ class Inferencer:
                     log.warning("server refused window %s/%d: %s", win.stream, win.seq,
                                 reply.error)
                 self.uplink.fallbacks += 1
-                fallback = self.manifest.device_variant(variant.pruning_ratio)
-                logits, fb_ms = await self._device(fallback, tokens)
+                self.uplink.guarded += skip == "link"
+                logits, fb_ms = await self._fallback(fallback, tokens)
                 head_ms += fb_ms
                 variant = fallback
                 where = "device-fallback"
@@ -209,6 +300,8 @@ class Inferencer:
             deadline_ts=time.time() + remaining, sent_ts=time.time(), precision=precision,
             shape=tuple(feats.shape))
         frame = encode_frame(header, feats)
+        link_key = f"{variant.id}/{precision}"
+        up.frame_bits[link_key] = 8.0 * len(frame)
         key = (win.stream, win.seq)
         fut: asyncio.Future[TailReply] = asyncio.get_running_loop().create_future()
         up.pending[key] = fut
@@ -229,7 +322,10 @@ class Inferencer:
         if not up.server_ok:
             log.info("edge server answers again; resuming split inference")
         up.server_ok = True
-        return reply, (time.monotonic() - t0) * 1000
+        rtt_s = time.monotonic() - t0
+        if reply.error is None:
+            up.learn(link_key, rtt_s, self.link_rate())
+        return reply, rtt_s * 1000
 
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)

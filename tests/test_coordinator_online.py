@@ -245,17 +245,30 @@ def test_plans_keep_back_the_gateways_fallback_reserve() -> None:
     env, _ = ctl.environment("gw1", 0.0)
     reserve = ctl.fallback_reserve(env)
     table = ctl.table
+    fb = table.options[ctl.fallback(env)]
+    assert fb.split == table.num_layers
+    want = FALLBACK_MARGIN * fb.c_head * env.compute_scale / env.f_max_hz + FALLBACK_SLACK_S
     for i, o in enumerate(table.options):
-        if o.split == table.num_layers:
-            assert reserve[i] == 0.0
-            continue
-        dev = next(d for d in table.options
-                   if d.split == table.num_layers and d.pruning_ratio == o.pruning_ratio)
-        want = FALLBACK_MARGIN * dev.c_head * env.compute_scale / env.f_max_hz \
-            + FALLBACK_SLACK_S
-        assert reserve[i] == pytest.approx(want if want < env.deadline_s else 0.0)
+        expect = 0.0 if o.split == table.num_layers or want >= env.deadline_s else want
+        assert reserve[i] == pytest.approx(expect)
     d = ctl.decide("gw1", 0.0)
     assert d is not None and d.split == 0 and d.feasible
+    assert d.fallback_variant == fb.variant and d.fallback_cpu_hz == env.f_max_hz
     i = table.index(d.variant, d.precision)
     assert reserve[i] > 0
     assert d.latency_ms / 1000 + reserve[i] <= env.deadline_s * (1 + 1e-6)
+
+
+def test_fallback_is_the_best_device_option_that_makes_the_deadline() -> None:
+    """Least distortion among on-device options fast enough at f_max; else the fastest."""
+    slow = synthetic_manifest(num_layers=4, ratios=(0.0, 0.5, 0.75), layer_ms=10.0)
+    for deadline_ms in (1000.0, 30.0, 0.01):
+        ctl = OnlineController(config(budget={"deadline_ms": deadline_ms}), slow)
+        env, _ = ctl.environment("gw1", 0.0)
+        table = ctl.table
+        dev = [i for i, o in enumerate(table.options) if o.split == table.num_layers]
+        run = {i: table.c_head[i] * env.compute_scale / env.f_max_hz for i in dev}
+        fits = [i for i in dev if run[i] <= env.deadline_s]
+        want = (min(fits, key=lambda i: (table.distortion[i], table.c_head[i])) if fits
+                else min(dev, key=lambda i: table.c_head[i]))
+        assert ctl.fallback(env) == want, deadline_ms

@@ -23,7 +23,7 @@ from edgetok.agent.coordinator.model import (
     options_from_manifest,
 )
 from edgetok.agent.coordinator.policies import make_policy
-from edgetok.agent.coordinator.solver import FEAS_RTOL, Solution, rank, solve_options
+from edgetok.agent.coordinator.solver import FEAS_RTOL, TIE_ATOL, Solution, rank, solve_options
 from edgetok.control import FALLBACK_MARGIN, FALLBACK_SLACK_S, Decision, Telemetry
 from edgetok.models.bundle import Manifest
 
@@ -104,13 +104,7 @@ class OnlineController:
         self.server_queue = Ewma(config.ewma_alpha)
         self.gateways: dict[str, GatewayState] = {}
         self._head_cycles = {o.variant: o.c_head for o in self.table.options if o.c_head > 0}
-        # Cycles of the same-ratio on-device variant behind every transmitting option: what
-        # the gateway would run if the reply came too late.
-        device = {o.pruning_ratio: o.c_head for o in self.table.options
-                  if o.split == self.table.num_layers}
-        self._fallback_cycles = np.array(
-            [device.get(o.pruning_ratio, 0.0) if o.split < self.table.num_layers else 0.0
-             for o in self.table.options])
+        self._device_options = np.flatnonzero(~self.table.transmits)
         self.solves = 0
         self.solve_seconds = 0.0  # wall time inside decide() when it solved: for metrics
 
@@ -159,10 +153,13 @@ class OnlineController:
             st.cell = t.cell
         if t.deadline_ms is not None:
             st.deadline_s = t.deadline_ms / 1000.0
-        if t.uplink_bps is not None:
+        # Measured goodput first; the radio's own rate when nothing was sent (the gateway
+        # kept its frames off a link too slow for them, or runs everything on the device).
+        bps = t.uplink_bps if t.uplink_bps is not None else t.link_bps
+        if bps is not None:
             p = t.tx_power_w or (st.decision.tx_power_w if st.decision else 0.0)
             p = p or self.config.link.p_max_w
-            g = gain_from_rate(t.uplink_bps, p, self._bandwidth(t.gateway, True),
+            g = gain_from_rate(bps, p, self._bandwidth(t.gateway, True),
                                self.config.link.noise_w_per_hz)
             if g > 0:
                 st.log_gain.update(math.log(g), self.config.gain_alpha_down)
@@ -241,7 +238,23 @@ class OnlineController:
                                 math.exp(st.log_speed.value(0.0)), wait, deadline)
         return env, self._queue(gateway, st) + self.fallback_reserve(env)
 
-    def fallback_reserve(self, env: Environment) -> np.ndarray:
+    def fallback(self, env: Environment) -> int:
+        """The on-device option a gateway runs when the server cannot answer in time.
+
+        The least distortion among those that finish within the deadline at f_max (the gateway
+        raises its clock for a fallback run), the fewest cycles breaking ties; when none does,
+        simply the fastest. One per gateway, whatever the transmitting option.
+        """
+        dev = self._device_options
+        c = self.table.c_head[dev]
+        run_s = c * env.compute_scale / env.f_max_hz + env.local_wait_s
+        ok = dev[run_s <= env.deadline_s]
+        if ok.size == 0:
+            return int(dev[np.argmin(c)])
+        order = np.lexsort((self.table.c_head[ok], np.round(self.table.distortion[ok] / TIE_ATOL)))
+        return int(ok[order[0]])
+
+    def fallback_reserve(self, env: Environment, fallback: int | None = None) -> np.ndarray:
         """Per option, the time the gateway keeps back for its fallback (s).
 
         A reply after deadline − reserve is abandoned, so planning with it folded into the
@@ -249,10 +262,11 @@ class OnlineController:
         device run is sized at f_max; when even that cannot make the deadline, the gateway
         keeps nothing back and neither does the plan.
         """
-        run_s = self._fallback_cycles * env.compute_scale / env.f_max_hz
+        fb = self.fallback(env) if fallback is None else fallback
+        run_s = float(self.table.c_head[fb]) * env.compute_scale / env.f_max_hz
         reserve = FALLBACK_MARGIN * run_s + FALLBACK_SLACK_S
         # As on the gateway: when a fallback could not make the deadline, nothing is kept back.
-        useful = (self._fallback_cycles > 0) & (reserve < env.deadline_s)
+        useful = self.table.transmits & (reserve < env.deadline_s)
         return np.asarray(np.where(useful, reserve, 0.0))
 
     def _deadline(self, st: GatewayState) -> float:
@@ -288,7 +302,8 @@ class OnlineController:
         if not reason:
             return None
         sol = solve_options(self.table, env, queue)
-        reserve = self.fallback_reserve(env)  # planned for, but not latency the window sees
+        fb = self.fallback(env)
+        reserve = self.fallback_reserve(env, fb)  # planned for, not latency a window sees
         penalty, margin = self._penalty(st, sol)
         best = int(rank(self.table, sol, self.policy.allowed, penalty)[0])
         cur = st.option
@@ -305,7 +320,8 @@ class OnlineController:
         # Feasible against the real deadline: the margin is for planning only.
         feasible = bool(sol.latency[best] <= self._deadline(st) * (1 + FEAS_RTOL)
                         and sol.energy[best] <= env.energy_budget_j * (1 + FEAS_RTOL))
-        if not self._changed(st, best, sol, feasible):
+        fb_variant = self.table.options[fb].variant
+        if not self._changed(st, best, sol, feasible, fb_variant):
             return None
         o = self.table.options[best]
         st.seq += 1
@@ -317,15 +333,18 @@ class OnlineController:
             latency_ms=float(sol.latency[best] - reserve[best]) * 1e3,
             energy_mj=float(sol.energy[best]) * 1e3,
             distortion=o.distortion, accuracy=o.accuracy, feasible=feasible,
-            policy=self.policy.name, reason=reason if feasible else "infeasible")
+            policy=self.policy.name, reason=reason if feasible else "infeasible",
+            fallback_variant=fb_variant, fallback_cpu_hz=env.f_max_hz)
         log.info("gateway %s: %s %s f=%.3g Hz p=%.3g W T=%.1f ms E=%.2f mJ (%s)", gateway,
                  o.variant, o.precision, st.decision.cpu_hz, st.decision.tx_power_w,
                  st.decision.latency_ms, st.decision.energy_mj, st.decision.reason)
         return st.decision
 
-    def _changed(self, st: GatewayState, best: int, sol: Solution, feasible: bool) -> bool:
+    def _changed(self, st: GatewayState, best: int, sol: Solution, feasible: bool,
+                 fallback: str) -> bool:
         d = st.decision
-        if d is None or best != st.option or d.feasible != feasible:
+        if (d is None or best != st.option or d.feasible != feasible
+                or d.fallback_variant != fallback):
             return True
         tol = self.config.actuation_tolerance
         f, p = float(sol.f[best]), float(sol.p[best])

@@ -1,0 +1,121 @@
+"""The uplink's current link rate, sensed locally: Wi-Fi tx bitrate (iw) or the tc tbf rate.
+
+The coordinator sees the link through telemetry a second or more late; the radio knows its
+rate now. The inferencer uses this reading to skip a transmission that cannot make its
+deadline instead of waiting for the reply to time out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import shutil
+from pathlib import Path
+from typing import Literal
+
+log = logging.getLogger(__name__)
+
+SenseMode = Literal["auto", "iw", "tc", "off"]
+# A reading older than this many poll intervals is not trusted (the poller is stuck).
+STALE_POLLS = 4
+# One poll must not hang the loop: iw and tc answer in milliseconds.
+POLL_TIMEOUT_S = 2.0
+_IW_RATE = re.compile(r"tx bitrate:\s*([0-9.]+)\s*MBit/s")
+
+
+def parse_iw_link(text: str) -> float | None:
+    """Bit/s from `iw dev IF link` output ('tx bitrate: 72.2 MBit/s ...'), None if absent."""
+    m = _IW_RATE.search(text)
+    return float(m.group(1)) * 1e6 if m else None
+
+
+def parse_tc_qdisc(text: str) -> float | None:
+    """Bit/s of the tbf qdisc in `tc -j qdisc show dev IF` output (tc reports bytes/s)."""
+    try:
+        qdiscs = json.loads(text or "[]")
+    except ValueError:
+        return None
+    for q in qdiscs if isinstance(qdiscs, list) else []:
+        rate = q.get("options", {}).get("rate") if isinstance(q, dict) else None
+        if q.get("kind") == "tbf" and isinstance(rate, int | float) and rate > 0:
+            return float(rate) * 8
+    return None
+
+
+def pick_mode(want: SenseMode, interface: str | None) -> SenseMode:
+    """The mode that can work here: iw on a wireless interface, else tc, else off."""
+    if interface is None or want == "off":
+        return "off"
+    wireless = Path(f"/sys/class/net/{interface}/wireless").exists()
+    if want in ("auto", "iw") and wireless and shutil.which("iw"):
+        return "iw"
+    exists = Path(f"/sys/class/net/{interface}").exists()
+    if want in ("auto", "tc") and shutil.which("tc") and exists:
+        return "tc"
+    if want != "auto":
+        log.warning("link sensing %r is not possible on %s; off", want, interface)
+    return "off"
+
+
+class LinkSensor:
+    """Polls the interface's link rate; `rate_bps()` is the latest fresh reading or None."""
+
+    def __init__(self, mode: SenseMode, interface: str | None, interval_s: float) -> None:
+        self.mode = pick_mode(mode, interface)
+        self.interface = interface
+        self.interval_s = interval_s
+        self._rate: float | None = None
+        self._at = -float("inf")
+        self.errors = 0
+
+    def _command(self) -> list[str]:
+        assert self.interface is not None
+        if self.mode == "iw":
+            return ["iw", "dev", self.interface, "link"]
+        return ["tc", "-j", "qdisc", "show", "dev", self.interface]
+
+    async def poll(self) -> float | None:
+        """Read the rate once (None when the link reports none, e.g. no tbf installed)."""
+        if self.mode == "off":
+            return None
+        loop = asyncio.get_running_loop()
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *self._command(), stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.DEVNULL)
+            out, _ = await asyncio.wait_for(proc.communicate(), POLL_TIMEOUT_S)
+        except (OSError, TimeoutError) as exc:
+            self.errors += 1
+            log.debug("link sensing failed: %s", exc)
+            return None
+        text = out.decode(errors="replace")
+        rate = parse_iw_link(text) if self.mode == "iw" else parse_tc_qdisc(text)
+        self._rate, self._at = rate, loop.time()
+        return rate
+
+    def rate_bps(self) -> float | None:
+        """The latest reading, unless it is older than STALE_POLLS intervals."""
+        if self._rate is None:
+            return None
+        try:
+            now = asyncio.get_running_loop().time()
+        except RuntimeError:
+            return None
+        return self._rate if now - self._at <= STALE_POLLS * self.interval_s else None
+
+    async def run(self) -> None:
+        """Poll forever (returns at once when sensing is off)."""
+        if self.mode == "off":
+            return
+        log.info("sensing the uplink rate of %s with %s every %.2f s", self.interface,
+                 self.mode, self.interval_s)
+        while True:
+            await self.poll()
+            await asyncio.sleep(self.interval_s)
+
+    def status(self) -> dict[str, object]:
+        """Mode, interface and the latest reading, for /v1/status."""
+        return {"mode": self.mode, "interface": self.interface, "rate_bps": self.rate_bps(),
+                "errors": self.errors}

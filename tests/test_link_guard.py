@@ -1,0 +1,161 @@
+"""The gateway's link guard: sensed link rate, and windows kept off a link too slow for them."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydantic import TypeAdapter
+
+from edgetok.frames import TailReply, decode_frame
+from edgetok.gateway.inference import Decision, Inferencer
+from edgetok.gateway.linksense import LinkSensor, parse_iw_link, parse_tc_qdisc
+from edgetok.gateway.windows import ClosedWindow
+from edgetok.models.runtime import Runtime
+from edgetok.tokenizers import TokenizerConfig
+from edgetok.tokenizers.base import SeriesWindow
+
+IW_LINK = """Connected to aa:bb:cc:dd:ee:ff (on wlan0)
+\tSSID: plant-floor
+\tfreq: 5180
+\tsignal: -61 dBm
+\ttx bitrate: 72.2 MBit/s MCS 7 short GI
+"""
+
+
+def test_parsers_read_iw_and_tc_output() -> None:
+    """iw's tx bitrate (Mbit/s) and tc's tbf rate (bytes/s) both come out in bit/s."""
+    assert parse_iw_link(IW_LINK) == pytest.approx(72.2e6)
+    assert parse_iw_link("Not connected.") is None
+    tbf = '[{"kind":"tbf","handle":"8001:","root":true,"options":{"rate":187500}}]'
+    assert parse_tc_qdisc(tbf) == pytest.approx(1.5e6)
+    assert parse_tc_qdisc('[{"kind":"fq_codel","options":{}}]') is None
+    assert parse_tc_qdisc("not json") is None
+
+
+def test_sensing_is_off_without_an_interface() -> None:
+    """No interface, no sensing: the guard then relies on reply history alone."""
+    sensor = LinkSensor("auto", None, 0.5)
+    assert sensor.mode == "off" and sensor.rate_bps() is None
+
+
+@pytest.mark.root
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root for a veth pair and tc")
+@pytest.mark.asyncio
+async def test_sensor_reads_the_tbf_rate_it_is_given() -> None:
+    """A real veth end with a tbf qdisc: the sensor reads its rate, and follows a change."""
+    a, b = f"etkls{os.getpid() % 10000}a", f"etkls{os.getpid() % 10000}b"
+    subprocess.run(["ip", "link", "add", a, "type", "veth", "peer", "name", b], check=True)
+    try:
+        for mbit in (3, 1):
+            subprocess.run(["tc", "qdisc", "replace", "dev", a, "root", "tbf", "rate",
+                            f"{mbit}mbit", "burst", "3000", "latency", "400ms"], check=True)
+            sensor = LinkSensor("tc", a, 0.5)
+            assert sensor.mode == "tc"
+            assert await sensor.poll() == pytest.approx(mbit * 1e6)
+            assert sensor.rate_bps() == pytest.approx(mbit * 1e6)
+    finally:
+        subprocess.run(["ip", "link", "del", a], check=False)
+
+
+def _window(runtime: Runtime, seq: int) -> ClosedWindow:
+    spec = runtime.manifest.input
+    rng = np.random.default_rng(seq)
+    values = rng.normal(size=(len(spec.channels), spec.window)).astype(np.float64)
+    ts = np.arange(spec.window) / spec.rate_hz
+    return ClosedWindow(stream="imu", seq=seq, start_ts=0.0, end_ts=float(ts[-1]),
+                        data=SeriesWindow(values=values, timestamps=ts),
+                        closed_mono=time.monotonic())
+
+
+class Server:
+    """The tail of a real split run, answering frames straight into the inferencer."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.frames = 0
+        self.inferencer: Inferencer | None = None
+
+    async def publish(self, frame: bytes, wait_s: float) -> bool:
+        self.frames += 1
+        header, feats = decode_frame(frame)
+        logits = self.runtime.run(header.variant, "tail", feats.astype(np.float32))
+        reply = TailReply(gateway=header.gateway, stream=header.stream, window=header.window,
+                          variant=header.variant, logits=logits.reshape(-1).tolist(),
+                          tail_ms=0.1, server="test", received_ts=time.time())
+        assert self.inferencer is not None
+        asyncio.get_running_loop().call_soon(self.inferencer.on_reply, reply)
+        return True
+
+
+@pytest.fixture
+def split_setup(tiny_bundle: Path) -> tuple[Inferencer, Server, str]:
+    runtime = Runtime(tiny_bundle, threads=1)
+    m = runtime.manifest
+    split = next(v for v in m.variants if 0 < v.split < m.num_layers and v.pruning_ratio == 0)
+    tok = TypeAdapter(TokenizerConfig).validate_python(m.input.tokenizer).build()
+    server = Server(runtime)
+    inf = Inferencer("gw1", runtime, {"imu": tok}, server.publish,
+                     Decision(split.id, "fp32"))
+    server.inferencer = inf
+    return inf, server, split.id
+
+
+@pytest.mark.asyncio
+async def test_collapsed_sensed_link_goes_to_the_device_without_the_head(
+        split_setup: tuple[Inferencer, Server, str]) -> None:
+    """Sensed rate collapses: no frame, no head of the split variant, a device result."""
+    inf, server, split = split_setup
+    rate = {"bps": 50e6}
+    inf.link_rate = lambda: rate["bps"]
+    ok = await inf.infer(_window(inf.runtime, 1), deadline_s=1.0)
+    assert ok.where == "split" and server.frames == 1
+    assert inf.uplink.rtt_s, "a reply teaches the guard the round trip"
+    heads = inf.run_ms[(split, "head")]
+    rate["bps"] = 100.0  # 100 bit/s: a frame of kilobytes would take minutes
+    r = await inf.infer(_window(inf.runtime, 2), deadline_s=1.0)
+    assert r.where == "device-fallback" and server.frames == 1
+    assert inf.uplink.guarded == 1 and inf.uplink.fallbacks == 1
+    assert inf.run_ms[(split, "head")] == heads, "the split head must not have run"
+    assert inf.uplink.server_ok, "a slow link is not a dead server"
+    # The link recovers: the next window goes out again at once, no probe wait.
+    rate["bps"] = 50e6
+    r = await inf.infer(_window(inf.runtime, 3), deadline_s=1.0)
+    assert r.where == "split" and server.frames == 2
+
+
+@pytest.mark.asyncio
+async def test_coordinator_fallback_variant_is_used(
+        split_setup: tuple[Inferencer, Server, str]) -> None:
+    """A decision's fallback_variant, not the same ratio's device variant, runs on fallback."""
+    inf, server, split = split_setup
+    m = inf.manifest
+    other = next(v for v in m.variants if v.split == m.num_layers and v.pruning_ratio > 0)
+    inf.decision = Decision(split, "fp32", fallback=other.id)
+    inf.link_rate = lambda: 50e6
+    await inf.infer(_window(inf.runtime, 1), deadline_s=1.0)
+    inf.link_rate = lambda: 100.0
+    r = await inf.infer(_window(inf.runtime, 2), deadline_s=1.0)
+    assert r.where == "device-fallback" and r.variant.id == other.id
+    assert r.label in m.labels
+
+
+@pytest.mark.asyncio
+async def test_fallback_runs_at_the_fallback_clock_and_restores_it(
+        split_setup: tuple[Inferencer, Server, str]) -> None:
+    """The clock is raised for a fallback run and set back to the decision's after it."""
+    inf, server, split = split_setup
+    clocks: list[float] = []
+    inf.set_clock = clocks.append
+    inf.decision = Decision(split, "fp32", fallback_hz=2.0e9, extra={"cpu_hz": 1.0e9})
+    inf.link_rate = lambda: 50e6
+    await inf.infer(_window(inf.runtime, 1), deadline_s=1.0)
+    assert clocks == []
+    inf.link_rate = lambda: 100.0
+    r = await inf.infer(_window(inf.runtime, 2), deadline_s=1.0)
+    assert r.where == "device-fallback" and clocks == [2.0e9, 1.0e9]
