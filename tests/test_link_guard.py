@@ -44,23 +44,27 @@ def test_sensing_is_off_without_an_interface() -> None:
     assert sensor.mode == "off" and sensor.rate_bps() is None
 
 
+def _sh(*cmd: str) -> None:
+    subprocess.run(cmd, check=True)
+
+
 @pytest.mark.root
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root for a veth pair and tc")
 @pytest.mark.asyncio
 async def test_sensor_reads_the_tbf_rate_it_is_given() -> None:
     """A real veth end with a tbf qdisc: the sensor reads its rate, and follows a change."""
     a, b = f"etkls{os.getpid() % 10000}a", f"etkls{os.getpid() % 10000}b"
-    subprocess.run(["ip", "link", "add", a, "type", "veth", "peer", "name", b], check=True)
+    _sh("ip", "link", "add", a, "type", "veth", "peer", "name", b)
     try:
         for mbit in (3, 1):
-            subprocess.run(["tc", "qdisc", "replace", "dev", a, "root", "tbf", "rate",
-                            f"{mbit}mbit", "burst", "3000", "latency", "400ms"], check=True)
+            _sh("tc", "qdisc", "replace", "dev", a, "root", "tbf", "rate", f"{mbit}mbit",
+                "burst", "3000", "latency", "400ms")
             sensor = LinkSensor("tc", a, 0.5)
             assert sensor.mode == "tc"
             assert await sensor.poll() == pytest.approx(mbit * 1e6)
             assert sensor.rate_bps() == pytest.approx(mbit * 1e6)
     finally:
-        subprocess.run(["ip", "link", "del", a], check=False)
+        subprocess.run(["ip", "link", "del", a], check=False)  # noqa: ASYNC221
 
 
 def _window(runtime: Runtime, seq: int) -> ClosedWindow:
@@ -133,7 +137,7 @@ async def test_collapsed_sensed_link_goes_to_the_device_without_the_head(
 async def test_coordinator_fallback_variant_is_used(
         split_setup: tuple[Inferencer, Server, str]) -> None:
     """A decision's fallback_variant, not the same ratio's device variant, runs on fallback."""
-    inf, server, split = split_setup
+    inf, _, split = split_setup
     m = inf.manifest
     other = next(v for v in m.variants if v.split == m.num_layers and v.pruning_ratio > 0)
     inf.decision = Decision(split, "fp32", fallback=other.id)
@@ -149,7 +153,7 @@ async def test_coordinator_fallback_variant_is_used(
 async def test_fallback_runs_at_the_fallback_clock_and_restores_it(
         split_setup: tuple[Inferencer, Server, str]) -> None:
     """The clock is raised for a fallback run and set back to the decision's after it."""
-    inf, server, split = split_setup
+    inf, _, split = split_setup
     clocks: list[float] = []
     inf.set_clock = clocks.append
     inf.decision = Decision(split, "fp32", fallback_hz=2.0e9, extra={"cpu_hz": 1.0e9})
