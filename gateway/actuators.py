@@ -30,6 +30,12 @@ CGROUP_ROOT = Path("/sys/fs/cgroup")
 # enough to look like one, at a little more scheduler work.
 CPU_PERIOD_US = 10_000
 MTU_BYTES = 1500
+# Emulated radio (tc tbf): bucket and queue bound stay fixed as the rate changes. tbf empties
+# its queue when the limit changes (a `latency` bound changes with the rate), and strands a
+# queued packet larger than a later, smaller bucket: either stalls the uplink for 200 ms or
+# more. Two MTUs of bucket also keep small frames from passing at line speed.
+TBF_BURST_BYTES = 2 * MTU_BYTES
+TBF_LIMIT_BYTES = 64 * 1024
 
 Mode = Literal["auto", "real", "emulated", "off"]
 
@@ -162,11 +168,9 @@ class Actuators:
             cmd = ["iw", "dev", iface, "set", "txpower", "fixed", str(mbm)]
         else:
             bps = max(rate_bps(p_w, self.s), 8000.0)
-            # A fixed large bucket lets small frames pass at line speed, so measured goodput
-            # would overstate r(p); two MTUs or 1 ms of the rate, whichever is larger.
-            burst = max(2 * MTU_BYTES, int(bps / 8 / 1000))
             cmd = ["tc", "qdisc", "replace", "dev", iface, "root", "tbf", "rate",
-                   f"{int(bps)}bit", "burst", str(burst), "latency", "400ms"]
+                   f"{int(bps)}bit", "burst", str(TBF_BURST_BYTES), "limit",
+                   str(TBF_LIMIT_BYTES)]
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=5)
         if out.returncode != 0:
             self.errors.append(f"tx: {' '.join(cmd)}: {out.stderr.strip()}")

@@ -35,12 +35,15 @@ SUBNET = "10.77"
 GW_IF = "uplink"
 STATE_DIR = Path("/run/etk-testbed")
 BROKER_PORT = 1883
-# tbf queue bound, as time at the shaped rate: long enough that TCP does not see drops at
-# 0.5 Mbit/s (a drop costs a 200 ms retransmission timeout), short enough to stay a link.
-TBF_LATENCY_MS = 500
-# Token bucket depth: at least two full frames so a lone packet is never held back, and
-# ~1 ms of the rate above that so high rates are not limited by timer resolution.
-TBF_MIN_BURST_BYTES = 2 * 1514
+# tbf queue bound in bytes, the same at every rate: tbf rebuilds (and empties) its queue
+# whenever the limit changes, and a bound given as `latency` changes with the rate, so each
+# rate step dropped the queued frames (a 200 ms TCP retransmission each). 64 KiB holds a
+# few fp32 frames: 1 s of queue at 0.5 Mbit/s, 10 ms at 50 Mbit/s.
+TBF_LIMIT_BYTES = 64 * 1024
+# Token bucket depth, also fixed: two full frames. tbf cuts GSO packets to the bucket size
+# when they are queued, so lowering the bucket later strands a larger packet at the head
+# of the queue for good (seen: a stuck link after a rate step down).
+TBF_BURST_BYTES = 2 * 1514
 # A tag is the owner's pid, optionally with a suffix for several test beds per process.
 _TAG_RE = re.compile(r"^(\d+)(?:t\d+)?$")
 _NS_RE = re.compile(rf"^{PREFIX}-(?:gw|srv)-(\d+(?:t\d+)?)(?:-\d+)?$")
@@ -171,10 +174,9 @@ class Testbed:
                 check=False)
         else:
             bps = mbit * 1e6
-            burst = max(TBF_MIN_BURST_BYTES, int(bps / 8 / 1000))
             run(["ip", "netns", "exec", ns, "tc", "qdisc", "replace", "dev", GW_IF, "root",
-                 "tbf", "rate", f"{int(bps)}bit", "burst", str(burst), "latency",
-                 f"{TBF_LATENCY_MS}ms"])
+                 "tbf", "rate", f"{int(bps)}bit", "burst", str(TBF_BURST_BYTES), "limit",
+                 str(TBF_LIMIT_BYTES)])
         self.rates[i] = mbit
 
     def set_cpu(self, i: int, share: float | None) -> None:
