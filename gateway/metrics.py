@@ -60,6 +60,9 @@ class _StateCollector(Collector):
                 ("edgetok_uplink_sent_bytes", up.bytes_sent, "Feature frame bytes published."),
                 ("edgetok_device_fallbacks", up.fallbacks, "Windows that fell back to the "
                  "on-device variant."),
+                ("edgetok_link_guarded", up.guarded, "Windows run on the device because the "
+                 "sensed uplink could not carry them by their deadline (included in "
+                 "device_fallbacks)."),
                 ("edgetok_late_replies", up.replies_late, "Server replies that came after "
                  "their window's deadline.")):
             yield CounterMetricFamily(name, doc, value=value)

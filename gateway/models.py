@@ -113,7 +113,10 @@ class UplinkInfo(_Out):
     frames_sent: int = Field(description="Feature frames published.")
     bytes_sent: int = Field(description="Feature frame bytes published.")
     fallbacks: int = Field(description="Windows that fell back to the on-device variant.")
+    guarded: int = Field(description="Of those, windows kept off a link sensed too slow for "
+                         "their deadline (no frame sent, no head run).")
     late_replies: int = Field(description="Replies that came after their window's deadline.")
+    link_bps: float | None = Field(description="Uplink rate sensed now (bit/s), if sensing.")
 
 
 class MqttInfo(_Out):
