@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "bench" / "out"
 POLICIES = ("joint", "device-only", "server-only", "fixed-split")
 BASELINES = POLICIES[1:]
-# 100 ms per window: an interactive target, as in configs/scenarios/wifi-gateway.toml.
+# 100 ms per window: an interactive target, as in configs/scenarios/wifi.toml.
 DEADLINE_MS = 100.0
 # Windows per second per gateway: 2/s keeps an fp32 split frame stream (~17 kB/window on
 # the reference bundle) under the 0.5 Mbit/s link, so a queue only builds where a policy

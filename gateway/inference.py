@@ -119,6 +119,9 @@ class Inferencer:
         # never created concurrently.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ort")
         self.run_ms: dict[tuple[str, Part], float] = {}  # smoothed run time by variant, part
+        # Fallback runs at a raised clock are kept apart: telemetry reports head times at the
+        # decision's clock, and the coordinator reads compute speed from them.
+        self.boosted_ms: dict[tuple[str, Part], float] = {}
         # The uplink rate sensed now (gateway/linksense.py) and the CPU clock setter; the
         # control plane plugs both in when it has them.
         self.link_rate: LinkRate = lambda: None
@@ -153,27 +156,37 @@ class Inferencer:
         """Smoothed head latency by variant id (ms), as telemetry reports it."""
         return {v: ms for (v, part), ms in self.run_ms.items() if part == "head"}
 
-    async def _run(self, variant: str, part: Part, x: np.ndarray) -> tuple[np.ndarray, float]:
+    async def _run(self, variant: str, part: Part, x: np.ndarray, boosted: bool = False
+                   ) -> tuple[np.ndarray, float]:
         loop = asyncio.get_running_loop()
         t0 = time.perf_counter()
         out = await loop.run_in_executor(self.executor, self.runtime.run, variant, part, x)
         ms = (time.perf_counter() - t0) * 1000
-        old = self.run_ms.get((variant, part))
-        self.run_ms[(variant, part)] = ms if old is None else 0.8 * old + 0.2 * ms
+        runs = self.boosted_ms if boosted else self.run_ms
+        old = runs.get((variant, part))
+        runs[(variant, part)] = ms if old is None else 0.8 * old + 0.2 * ms
         return out, ms
 
     async def _fallback(self, variant: Variant, tokens: np.ndarray) -> tuple[np.ndarray, float]:
         """An on-device run of the fallback, at the decision's fallback clock if it has one."""
-        dec, boost = self.decision, self.decision.fallback_hz
-        cpu = dec.extra.get("cpu_hz")
-        if boost is None or self.set_clock is None or not isinstance(cpu, int | float):
+        dec = self.decision
+        cpu, boost = dec.extra.get("cpu_hz"), dec.fallback_hz
+        if not self._boosts() or self.set_clock is None or boost is None \
+                or not isinstance(cpu, int | float):
             return await self._device(variant, tokens)
         self.set_clock(boost)
         try:
-            return await self._device(variant, tokens)
+            return await self._device(variant, tokens, boosted=True)
         finally:
             if self.decision is dec:  # a newer decision has set its own clock
                 self.set_clock(cpu)
+
+    def _boosts(self) -> bool:
+        """Whether a fallback runs at a clock of its own (the decision names one, we can set
+        clocks, and we know the decision's clock to return to)."""
+        dec = self.decision
+        return (dec.fallback_hz is not None and self.set_clock is not None
+                and isinstance(dec.extra.get("cpu_hz"), int | float))
 
     def _skip_server(self, variant: Variant, precision: Precision, cutoff: float
                      ) -> Literal["down", "link"] | None:
@@ -196,18 +209,21 @@ class Inferencer:
         late = (head_s + rtt) * (1 + GUARD_MARGIN) > cutoff - now
         return "link" if late and (rate is not None or now < up.next_probe) else None
 
-    async def _device(self, variant: Variant, tokens: np.ndarray) -> tuple[np.ndarray, float]:
+    async def _device(self, variant: Variant, tokens: np.ndarray, boosted: bool = False
+                      ) -> tuple[np.ndarray, float]:
         """Run the whole model of `variant` (split = L) on the device."""
-        x, ms = await self._run(variant.id, "head", tokens) if variant.head else (tokens, 0.0)
+        x, ms = (await self._run(variant.id, "head", tokens, boosted) if variant.head
+                 else (tokens, 0.0))
         if variant.tail:
-            x, ms2 = await self._run(variant.id, "tail", x)
+            x, ms2 = await self._run(variant.id, "tail", x, boosted)
             ms += ms2
         return x, ms
 
     def fallback_reserve_s(self, fallback: Variant) -> float:
         """Time to keep back from the server for an on-device run of `fallback`."""
         parts = [p for p in ("head", "tail") if getattr(fallback, p)]
-        runs = [self.run_ms.get((fallback.id, p)) for p in parts]
+        known = self.boosted_ms if self._boosts() else self.run_ms
+        runs = [known.get((fallback.id, p)) for p in parts]
         if all(r is not None for r in runs):
             est = sum(r for r in runs if r is not None)
         else:  # not run yet here: the bundle's profile is the best guess,

@@ -163,3 +163,7 @@ async def test_fallback_runs_at_the_fallback_clock_and_restores_it(
     inf.link_rate = lambda: 100.0
     r = await inf.infer(_window(inf.runtime, 2), deadline_s=1.0)
     assert r.where == "device-fallback" and clocks == [2.0e9, 1.0e9]
+    # The raised-clock run times size the reserve, but are not reported as head times at
+    # the decision's clock (the coordinator would read a faster device into them).
+    assert r.variant.id not in inf.head_ms
+    assert (r.variant.id, "head") in inf.boosted_ms

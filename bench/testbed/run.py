@@ -24,7 +24,7 @@ BROKER_PORT = 1883
 SERVER_HTTP = 8090
 GATEWAY_HTTP = 8080
 # The emulated radio: a 20 MHz Wi-Fi channel, 10 dB noise figure, 20 dBm cap (as in
-# configs/scenarios/wifi-gateway.toml and bench/coordinator.py).
+# configs/scenarios/wifi.toml and bench/coordinator.py).
 BANDWIDTH_HZ = 20e6
 NOISE_W_PER_HZ = 3.98e-20
 P_MAX_W = 0.1
