@@ -35,6 +35,7 @@ class ControlPlane:
         self.sensor = LinkSensor(a.link_sense, a.interface, a.link_sense_interval_s)
         gw.inferencer.link_rate = self.sensor.rate_bps
         gw.inferencer.set_clock = actuators.set_cpu
+        gw.inferencer.airtime = actuators.airtime_s
         self.last: Decision | None = None
         self.rejected = 0
         self.recent: deque[Result] = deque(maxlen=RECENT)

@@ -126,6 +126,9 @@ class Inferencer:
         # control plane plugs both in when it has them.
         self.link_rate: LinkRate = lambda: None
         self.set_clock: Callable[[float], None] | None = None
+        # Emulated radio: seconds a frame of n bytes occupies it (0 on a real radio).
+        self.airtime: Callable[[int], float] = lambda n: 0.0
+        self._radio_free = 0.0  # monotonic time the emulated radio finishes its last frame
         # Open the fallback now: the first window that needs it is already late, and must
         # not also pay for creating a session.
         self.warm(self.fallback_of(decision))
@@ -323,6 +326,12 @@ class Inferencer:
         up.pending[key] = fut
         t0 = time.monotonic()
         try:
+            hold = self.airtime(len(frame))
+            if hold > 0:  # frames queue for the emulated radio, one after the other
+                self._radio_free = max(t0, self._radio_free) + hold
+                await asyncio.sleep(self._radio_free - t0)
+                if time.monotonic() >= deadline_mono:  # still on the air at the cutoff
+                    raise TimeoutError
             if not await self.publish_frame(frame, remaining):
                 raise TimeoutError
             up.frames_sent += 1

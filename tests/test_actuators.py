@@ -73,3 +73,21 @@ def test_emulated_clock_writes_a_proportional_cpu_quota(cgroup: Path) -> None:
     assert int(period) == CPU_PERIOD_US
     assert int(quota) == CPU_PERIOD_US // 4  # a quarter of the nominal clock
     assert a.effective_cpu_hz() == 0.5e9
+
+
+def test_emulated_radio_holds_a_frame_for_its_airtime_at_the_power_in_force() -> None:
+    """Airtime is bits / r(p): lower power, longer on the air; nothing when not emulating."""
+    iface = next(p.name for p in Path("/sys/class/net").iterdir())
+    s = ActuatorSettings(cpu_mode="off", tx_mode="emulated", interface=iface)
+    a = Actuators(s)
+    assert a.tx_mode == "emulated"
+    assert a.airtime_s(1000) == 0.0  # no power decided yet: the radio is not emulated
+    a.apply(1e9, 0.1)
+    fast = a.airtime_s(1000)
+    assert fast == pytest.approx(8000 / rate_bps(0.1, s))
+    a.apply(1e9, 0.001)
+    slow = a.airtime_s(1000)
+    assert slow == pytest.approx(8000 / rate_bps(0.001, s)) and slow > fast
+    off = Actuators(ActuatorSettings(cpu_mode="off", tx_mode="off", interface=iface))
+    off.apply(1e9, 0.001)
+    assert off.airtime_s(1000) == 0.0
