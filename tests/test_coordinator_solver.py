@@ -220,3 +220,44 @@ def test_environment_rejects_nonsense() -> None:
         _env(f_max_hz=1e8)
     with pytest.raises(ModelError, match="gain"):
         _env(gain=0.0)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(table=tables(), data=st.data())
+def test_latency_first_is_never_slower_than_the_grid(table: OptionTable,
+                                                     data: st.DataObject) -> None:
+    """prefer="latency": per option no slower than any grid point within the energy budget
+    and the deadline, and globally as good by (D, then latency)."""
+    env = data.draw(environments(table.num_layers))
+    sol = solve_options(table, env, prefer="latency")
+    grid = grid_options(table, env, n=GRID, prefer="latency")
+    both = grid.feasible
+    assert sol.feasible[both].all()
+    assert (sol.latency[both] <= grid.latency[both] * (1 + RTOL) + 1e-15).all()
+    # Within the budget wherever the option can be.
+    assert (sol.energy[both] <= env.energy_budget_j * (1 + 1e-9)).all()
+    assert ((sol.f >= env.f_min_hz * (1 - RTOL)) & (sol.f <= env.f_max_hz * (1 + RTOL))).all()
+    tx = table.transmits
+    assert ((sol.p[tx] > 0) & (sol.p[tx] <= env.p_max_w * (1 + RTOL))).all()
+    allowed = privacy_mask(table, env)
+    s_best = int(rank(table, sol, allowed, prefer="latency")[0])
+    g_best = int(rank(table, grid, allowed, prefer="latency")[0])
+    if grid.feasible[g_best]:
+        assert sol.feasible[s_best]
+        s_d = round(float(table.distortion[s_best]) / TIE_ATOL)
+        g_d = round(float(table.distortion[g_best]) / TIE_ATOL)
+        assert s_d < g_d or (s_d == g_d and sol.latency[s_best]
+                             <= grid.latency[g_best] * (1 + RTOL) + 1e-15)
+
+
+def test_latency_first_without_a_budget_runs_flat_out() -> None:
+    """No energy budget: every option at f_max and p_max, the fastest it can be."""
+    env = Environment(bandwidth_hz=20e6, gain=1e-7, noise_w_per_hz=4e-21, p_max_w=0.1,
+                      f_min_hz=6e8, f_max_hz=1.5e9, kappa=2e-28, deadline_s=0.05)
+    sol = solve_options(TABLE, env, prefer="latency")
+    c = TABLE.c_head > 0
+    assert (sol.f[c] == env.f_max_hz).all()
+    assert (sol.p[TABLE.transmits] == env.p_max_w).all()
+    slow = solve_options(TABLE, env)
+    assert (sol.latency <= slow.latency * (1 + 1e-12)).all()
+    assert (sol.energy >= slow.energy * (1 - 1e-12)).all()

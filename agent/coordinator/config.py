@@ -11,6 +11,7 @@ from pydantic import Field
 
 from edgetok.agent.coordinator.model import Objective
 from edgetok.agent.coordinator.scenario import BudgetTable, DeviceTable, LinkTable, ServerTable
+from edgetok.agent.coordinator.solver import Prefer
 from edgetok.control import PolicyName
 from edgetok.settings import Strict
 
@@ -20,6 +21,10 @@ class ControllerConfig(Strict):
 
     policy: PolicyName = Field("joint", description="Decision policy: joint, device-only, "
                                "server-only or fixed-split.")
+    prefer: Prefer = Field(
+        "energy", description="After the objective: 'energy' picks the least energy, then "
+        "latency (each option stretched to the deadline at the lowest clock and power that "
+        "make it); 'latency' the least latency within the energy budget, then energy.")
     objective: Objective = Field("accuracy", description="What to minimise: 'accuracy' "
                                  "(1 − profiled accuracy) or 'output_distortion'.")
     link: LinkTable = Field(description="Uplink; `gain` is the nominal (prior) channel gain.")

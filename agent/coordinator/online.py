@@ -301,15 +301,17 @@ class OnlineController:
         reason = self._due(st, env, queue, now) or ("forced" if force else "")
         if not reason:
             return None
-        sol = solve_options(self.table, env, queue)
+        prefer = self.config.prefer
+        sol = solve_options(self.table, env, queue, prefer)
         fb = self.fallback(env)
         reserve = self.fallback_reserve(env, fb)  # planned for, not latency a window sees
         penalty, margin = self._penalty(st, sol)
-        best = int(rank(self.table, sol, self.policy.allowed, penalty)[0])
+        best = int(rank(self.table, sol, self.policy.allowed, penalty, prefer)[0])
         cur = st.option
+        cost = sol.energy if prefer == "energy" else sol.latency  # what a swap would save
         if (cur is not None and cur != best and self.policy.allowed[cur] and sol.feasible[cur]
                 and penalty[cur] <= penalty[best] + margin
-                and sol.energy[cur] <= sol.energy[best] * (1 + self.config.switch_energy_frac)):
+                and cost[cur] <= cost[best] * (1 + self.config.switch_energy_frac)):
             best = cur  # not worth a variant swap
         st.solved_ts = now
         st.solve_s = time.perf_counter() - started

@@ -32,6 +32,8 @@ scenario file (TOML; SI units except ms and mJ):
   [server]  slowdown, queue_ms               (optional table)
   [budget]  deadline_ms, energy_mj (optional), privacy_min_split (optional)
   objective = "accuracy" | "output_distortion"  (optional, top level)
+  prefer = "energy" | "latency"  (optional, top level: what breaks ties after the objective,
+           and whether each option runs as slow and frugal or as fast as the budget allows)
 examples are in configs/scenarios/.
 
 exit status: 0 a feasible decision, 1 nothing meets the deadline and energy budget (the
@@ -96,7 +98,8 @@ def _text(out: dict[str, Any], scenario: Scenario, rows: list[dict[str, Any]] | 
     acc = "n/a" if pr["accuracy"] is None else f"{pr['accuracy']:.4f}"
     budget = scenario.budget
     lines = [
-        f"bundle {out['bundle']}  policy {out['policy']}  objective {scenario.objective}",
+        f"bundle {out['bundle']}  policy {out['policy']}  objective {scenario.objective}  "
+        f"prefer {scenario.prefer}",
         f"decision: {out['variant']} {out['precision']}  cpu {out['cpu_hz'] / 1e9:.3f} GHz  "
         f"tx {out['tx_power_w'] * 1e3:.3f} mW",
         f"predicted: latency {pr['latency_ms']:.3f} ms (deadline {budget.deadline_ms:g})  "
@@ -139,8 +142,8 @@ def run(bundle: Path, scenario_path: Path, policy: str = "joint", explain: bool 
     table = options_from_manifest(manifest, scenario.objective, scenario.device.reference_hz)
     env = scenario.environment()
     pol = make_policy(policy, table, env)
-    sol = solve_options(table, env)
-    best = int(rank(table, sol, pol.allowed)[0])
+    sol = solve_options(table, env, prefer=scenario.prefer)
+    best = int(rank(table, sol, pol.allowed, prefer=scenario.prefer)[0])
     out = _decision(table, choice(table, sol, best), policy)
     rows = _candidates(table, sol, pol.allowed, best) if explain else None
     return out, scenario, rows

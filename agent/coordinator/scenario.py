@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, model_validator
 
@@ -67,6 +68,9 @@ class Scenario(Strict):
     budget: BudgetTable = Field(description="Deadline, energy budget and privacy floor.")
     objective: Objective = Field("accuracy", description="What to minimise: 'accuracy' "
                                  "(1 − profiled accuracy) or 'output_distortion'.")
+    prefer: Literal["energy", "latency"] = Field(
+        "energy", description="After the objective: least energy, then latency ('energy'), "
+        "or least latency within the energy budget, then energy ('latency').")
 
     def environment(self) -> Environment:
         """The scenario as the solver's SI-unit Environment."""

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 
+from edgetok.agent.coordinator.fastest import fastest_knobs
 from edgetok.agent.coordinator.model import (
     Environment,
     Option,
@@ -37,6 +39,10 @@ FEAS_RTOL = 1e-9
 # Distortions closer than this are a tie (then energy, then latency decides): profile
 # accuracies are ratios of counts, so anything smaller is float noise.
 TIE_ATOL = 1e-9
+
+# After the objective: least energy, then latency (the default), or least latency within
+# the energy budget, then energy.
+Prefer = Literal["energy", "latency"]
 
 
 class SolveError(ValueError):
@@ -127,8 +133,12 @@ def _finish(table: OptionTable, env: Environment, f: np.ndarray, p: np.ndarray,
 
 
 def solve_options(table: OptionTable, env: Environment,
-                  queue_s: np.ndarray | float | None = None) -> Solution:
-    """Energy-minimal feasible (f, p) of every option; the fastest point where none is."""
+                  queue_s: np.ndarray | float | None = None,
+                  prefer: Prefer = "energy") -> Solution:
+    """Energy-minimal feasible (f, p) of every option; the fastest point where none is.
+
+    With prefer="latency", the latency-minimal (f, p) within the energy budget instead.
+    """
     c = table.c_head * env.compute_scale
     b = table.bits
     tx = table.transmits
@@ -157,11 +167,14 @@ def solve_options(table: OptionTable, env: Environment,
     f = np.where(has_c, np.clip(f, env.f_min_hz, env.f_max_hz), env.f_min_hz)
     p = np.where(deadline_ok, p, env.p_max_w)
     p = np.where(tx, np.clip(p, np.finfo(np.float64).tiny, env.p_max_w), 0.0)
+    if prefer == "latency":
+        f, p = fastest_knobs(table, env, f, p)
     return _finish(table, env, f, p, queue_s)
 
 
 def grid_options(table: OptionTable, env: Environment, n: int = 200,
-                 queue_s: np.ndarray | float | None = None) -> Solution:
+                 queue_s: np.ndarray | float | None = None,
+                 prefer: Prefer = "energy") -> Solution:
     """Brute force over an n×n grid of (f, p): the reference the solver is checked against."""
     fs = np.linspace(env.f_min_hz, env.f_max_hz, n)
     ps = np.linspace(env.p_max_w / n, env.p_max_w, n)
@@ -174,10 +187,13 @@ def grid_options(table: OptionTable, env: Environment, n: int = 200,
     q = queue_s.reshape(-1, 1) if isinstance(queue_s, np.ndarray) else queue_s
     latency, energy = evaluate(sub, env, ff, pp, q)
     ok = (latency <= env.deadline_s) & (energy <= env.energy_budget_j)
-    # Feasible points: least energy, then latency. Otherwise: least overrun, then energy.
+    # Feasible points: least energy, then latency (or the reverse). Otherwise: least overrun,
+    # then energy.
     key_e = np.where(ok, energy, np.inf)
+    key_t = np.where(ok, latency, np.inf)
     key_o = np.where(ok, 0.0, np.maximum(latency - env.deadline_s, 0.0))
-    first = np.where(ok.any(axis=1), np.lexsort((latency, key_e))[:, 0],
+    keys = (latency, key_e) if prefer == "energy" else (energy, key_t)
+    first = np.where(ok.any(axis=1), np.lexsort(keys)[:, 0],
                      np.lexsort((energy, key_o))[:, 0])
     f, p = ff[0, first], pp[0, first]
     p = np.where(table.transmits, p, 0.0)
@@ -185,9 +201,10 @@ def grid_options(table: OptionTable, env: Environment, n: int = 200,
 
 
 def rank(table: OptionTable, sol: Solution, allowed: np.ndarray,
-         penalty: np.ndarray | None = None) -> np.ndarray:
-    """Allowed option indices, best first: feasible by (penalty, energy, latency), then the rest
-    by (overrun, energy excess, distortion). The penalty defaults to the distortion."""
+         penalty: np.ndarray | None = None, prefer: Prefer = "energy") -> np.ndarray:
+    """Allowed option indices, best first: feasible by (penalty, energy, latency), or (penalty,
+    latency, energy) when preferring latency, then the rest by (overrun, energy excess,
+    distortion). The penalty defaults to the distortion."""
     idx = np.flatnonzero(allowed)
     if idx.size == 0:
         raise SolveError("no option is allowed by the policy and the privacy floor")
@@ -195,8 +212,9 @@ def rank(table: OptionTable, sol: Solution, allowed: np.ndarray,
     feas = idx[sol.feasible[idx]]
     infeas = idx[~sol.feasible[idx]]
     # Rounding to the tie tolerance makes near-equal distortions compare equal.
-    good = feas[np.lexsort((sol.latency[feas], sol.energy[feas],
-                            np.round(primary[feas] / TIE_ATOL)))]
+    second, third = ((sol.energy, sol.latency) if prefer == "energy"
+                     else (sol.latency, sol.energy))
+    good = feas[np.lexsort((third[feas], second[feas], np.round(primary[feas] / TIE_ATOL)))]
     bad = infeas[np.lexsort((sol.energy[infeas], table.distortion[infeas],
                              sol.excess[infeas], np.round(sol.overrun[infeas] / 1e-9)))]
     return np.concatenate([good, bad])
@@ -216,8 +234,9 @@ def privacy_mask(table: OptionTable, env: Environment) -> np.ndarray:
 
 
 def solve(table: OptionTable, env: Environment, allowed: np.ndarray | None = None,
-          queue_s: np.ndarray | float | None = None) -> tuple[Choice, Solution]:
+          queue_s: np.ndarray | float | None = None,
+          prefer: Prefer = "energy") -> tuple[Choice, Solution]:
     """The global optimum over the allowed options (all, within the privacy floor, if None)."""
     mask = privacy_mask(table, env) if allowed is None else allowed & privacy_mask(table, env)
-    sol = solve_options(table, env, queue_s)
-    return choice(table, sol, int(rank(table, sol, mask)[0])), sol
+    sol = solve_options(table, env, queue_s, prefer)
+    return choice(table, sol, int(rank(table, sol, mask, prefer=prefer)[0])), sol
