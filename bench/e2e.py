@@ -132,6 +132,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--policies", default=",".join(POLICIES))
     p.add_argument("--out", type=Path, default=OUT / "e2e.json")
     p.add_argument("--keep-logs", action="store_true")
+    p.add_argument("--prefer", choices=("energy", "latency"), default="energy",
+                   help="the coordinator's preference after accuracy, for every policy: "
+                   "energy (stretch to the deadline at the least energy) or latency (as fast "
+                   "as the energy budget allows)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     why = available()
@@ -153,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     n_gw = max(s.gateways for s in matrix)
     doc: dict[str, Any] = {
         "bundle": str(bundle), "bundle_id": _bundle_id(bundle), "coordinator": mode,
-        "actuators": not args.no_actuators,
+        "actuators": not args.no_actuators, "prefer": args.prefer,
         "deadline_ms": args.deadline_ms, "window_rate_per_gateway": args.window_rate,
         "windows_per_run": windows, "warmup_windows": WARMUP,
         "latency_definition": "result.created_ts - wall time just before the sensor message "
@@ -167,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
                     cpu_share=BASE_CPU, deadline_ms=args.deadline_ms,
                     window_rate=args.window_rate, windows=windows, warmup=WARMUP,
                     bundle=bundle, nominal_hz=nominal_hz(bundle), coordinator=mode,
-                    actuators=not args.no_actuators)
+                    actuators=not args.no_actuators, prefer=args.prefer)
     run_id = 0
     try:
         with Testbed(n_gw) as tb:

@@ -69,6 +69,7 @@ class RunSpec:
     coordinator: str  # "server" (edgetok server runs it), "shim" (testbed.coord) or "static"
     actuators: bool = True
     trace: tuple[tuple[float, float], ...] = ()  # (seconds after replay start, Mbit/s)
+    prefer: str = "energy"  # the coordinator's preference after accuracy: energy or latency
 
     @property
     def f_max_hz(self) -> float:
@@ -92,7 +93,7 @@ def controller_config(spec: RunSpec) -> dict[str, Any]:
     """The coordinator's settings for this run (edgetok's ControllerConfig)."""
     first = spec.trace[0][1] if spec.trace else spec.link_mbit
     return {
-        "policy": spec.policy, "objective": "accuracy",
+        "policy": spec.policy, "objective": "accuracy", "prefer": spec.prefer,
         "link": {"bandwidth_hz": BANDWIDTH_HZ, "gain": gain_for(first * 1e6),
                  "noise_w_per_hz": NOISE_W_PER_HZ, "p_max_w": P_MAX_W},
         "device": {"f_min_hz": F_MIN_FRAC * spec.f_max_hz, "f_max_hz": spec.f_max_hz,
