@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import subprocess
 import sys
 import threading
@@ -173,7 +174,8 @@ def _python(module: str, *args: str) -> list[str]:
 
 def _env() -> dict[str, str]:
     """Environment for helper modules run from bench/."""
-    return {"PYTHONPATH": str(BENCH), "PYTHONUNBUFFERED": "1"}
+    path = [str(BENCH), *filter(None, [os.environ.get("PYTHONPATH")])]
+    return {"PYTHONPATH": os.pathsep.join(path), "PYTHONUNBUFFERED": "1"}
 
 
 class Run:
