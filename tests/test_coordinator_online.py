@@ -13,6 +13,7 @@ from pydantic import ValidationError
 from edgetok.agent.coordinator.config import ControllerConfig
 from edgetok.agent.coordinator.model import gain_from_rate, rate_bps
 from edgetok.agent.coordinator.online import OnlineController
+from edgetok.agent.coordinator.solver import solve_options
 from edgetok.agent.coordinator.synthetic import synthetic_manifest
 from edgetok.control import Decision, Telemetry
 
@@ -272,3 +273,25 @@ def test_fallback_is_the_best_device_option_that_makes_the_deadline() -> None:
         want = (min(fits, key=lambda i: (table.distortion[i], table.c_head[i])) if fits
                 else min(dev, key=lambda i: table.c_head[i]))
         assert ctl.fallback(env) == want, deadline_ms
+
+
+def test_latency_preference_ranks_transmissions_without_their_fallback_reserve() -> None:
+    """prefer=latency: a server path faster than the device is chosen, even though the
+    fallback reserve it must keep back would exceed the device's own run time."""
+    slow_device = synthetic_manifest(num_layers=4, ratios=(0.0,), layer_ms=10.0,
+                                     server_speedup=20.0)
+    ctl = OnlineController(config(prefer="latency", server={"slowdown": 1.0, "queue_ms": 0.5},
+                                  budget={"deadline_ms": 400.0, "privacy_min_split": 0}),
+                           slow_device)
+    Sim(ctl).report("gw1", 0.0, gain(20e6))
+    env, queue = ctl.environment("gw1", 0.0)
+    table = ctl.table
+    reserve = ctl.fallback_reserve(env)
+    sol = solve_options(table, env, queue, "latency")
+    dev = next(i for i, o in enumerate(table.options) if o.split == table.num_layers)
+    fast = int(np.argmin(np.where(table.transmits, sol.latency - reserve, np.inf)))
+    # The premise: with the reserve folded in the server path looks slower than the device,
+    # without it faster.
+    assert sol.latency[fast] > sol.latency[dev] > sol.latency[fast] - reserve[fast]
+    d = ctl.decide("gw1", 0.0)
+    assert d is not None and d.feasible and d.split < table.num_layers

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -306,9 +306,12 @@ class OnlineController:
         fb = self.fallback(env)
         reserve = self.fallback_reserve(env, fb)  # planned for, not latency a window sees
         penalty, margin = self._penalty(st, sol)
-        best = int(rank(self.table, sol, self.policy.allowed, penalty, prefer)[0])
+        # Feasibility counts the fallback reserve; ranking by latency must not, or every
+        # transmitting option would look slower by a fallback it will rarely run.
+        seen = replace(sol, latency=sol.latency - reserve)
+        best = int(rank(self.table, seen, self.policy.allowed, penalty, prefer)[0])
         cur = st.option
-        cost = sol.energy if prefer == "energy" else sol.latency  # what a swap would save
+        cost = sol.energy if prefer == "energy" else seen.latency  # what a swap would save
         if (cur is not None and cur != best and self.policy.allowed[cur] and sol.feasible[cur]
                 and penalty[cur] <= penalty[best] + margin
                 and cost[cur] <= cost[best] * (1 + self.config.switch_energy_frac)):
