@@ -10,7 +10,16 @@ journaled readings. The gateway runs the on-device variant, so windows close and
 inferred while it ingests. Also: CPU seconds of each (from /proc/<pid>/stat) and the
 gateway's resident memory idle and under load with the bundle loaded.
 
+The live ratio cannot exceed about 1: both subscribers get the stream at the publisher's
+pace. So a second phase (skip it with --no-backlog) measures what the gateway itself can
+take: the same N messages queued in the broker for a fresh gateway's persistent session
+while it is down, then its drain rate from the moment it is ready (readings journaled by
+then are discounted) and its CPU per message.
+
     .venv/bin/python bench/ingest.py [--messages 30000] [--bundle DIR] [--profile]
+        [--no-backlog]
+
+Writes bench/out/ingest.json and bench/out/ingest.png.
 """
 
 from __future__ import annotations
@@ -44,6 +53,8 @@ PUBLISH_WINDOW = 512
 # /v1/status poll period: the finish time is known to within this; polling faster costs
 # the gateway measurable time serving HTTP (5-10% of its loop at 50 polls/s).
 POLL_S = 0.25
+# Poll period while a backlog drains: the drain is short, so the finish must be known finer.
+DRAIN_POLL_S = 0.05
 # Goals from the issue.
 GOAL_RATIO, GOAL_RSS_MB = 0.5, 200.0
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -136,6 +147,84 @@ def sub_times(out: Path) -> list[float]:
             if line.startswith(TOPIC + " ")]
 
 
+def gateway_config(work: Path, name: str, port: int, http: int, bundle: Path,
+                   device: str) -> Path:
+    """A gateway config (one IMU stream on TOPIC, the on-device variant); its path."""
+    cfg = {"id": name, "state_dir": str(work / name / "state"),
+           "mqtt": {"host": "127.0.0.1", "port": port, "client_id": f"etk-{name}-gw"},
+           "bundle": {"path": str(bundle), "threads": 1},
+           "decision": {"variant": device, "precision": "fp32", "follow_coordinator": False},
+           "http": {"host": "127.0.0.1", "port": http},
+           "streams": [{"name": "imu", "topics": [TOPIC], "channels": CHANNELS,
+                        "rate_hz": 10.0, "window": 100, "lateness_ms": 0.0}]}
+    path = work / f"{name}.toml"
+    path.write_text(to_toml(cfg))
+    return path
+
+
+def backlog_drain(work: Path, port: int, bundle: Path, device: str,
+                  bodies: list[bytes]) -> dict[str, Any]:
+    """Queue `bodies` for a stopped gateway's session, start it, and time the drain."""
+    http = free_port()
+    cfg = gateway_config(work, "backlog", port, http, bundle, device)
+    url = f"http://127.0.0.1:{http}"
+    gw = start_edgetok("gateway", cfg, work / "backlog.log")
+    try:
+        wait_http_ready(f"{url}/readyz", gw)  # subscribed: the broker now queues for it
+        stop(gw)
+        publish_all(port, bodies)
+        gw = start_edgetok("gateway", cfg, work / "backlog.log")
+        wait_http_ready(f"{url}/readyz", gw)
+        t0, cpu0 = time.time(), cpu_s(gw.pid)
+        _, st = http_json(f"{url}/v1/status")
+        before = st["counters"]["readings"]
+        deadline = time.monotonic() + 60 + len(bodies) / 500
+        while st["counters"]["readings"] + st["counters"]["deadletters"] < len(bodies) \
+                and time.monotonic() < deadline:
+            time.sleep(DRAIN_POLL_S)
+            _, st = http_json(f"{url}/v1/status")
+        t1, cpu = time.time(), cpu_s(gw.pid) - cpu0
+        c = st["counters"]
+        n = len(bodies) - before
+        return {"messages": len(bodies), "readings": c["readings"],
+                "deadletters": c["deadletters"], "duplicates": c["duplicate_messages"],
+                "journaled_before_ready": before,
+                "rate_msgs_s": round(n / (t1 - t0), 1) if c["readings"] == len(bodies)
+                else None,
+                "cpu_s": round(cpu, 3), "cpu_us_per_msg": round(1e6 * cpu / max(n, 1), 1),
+                "lossless": c["readings"] == len(bodies) and not c["deadletters"]}
+    finally:
+        stop(gw)
+
+
+def plot(doc: dict[str, Any], path: Path) -> None:
+    """Messages per second of each receiver, live and (gateway) from a backlog."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bars = {"publisher\n(acked)": doc["publisher"]["rate_msgs_s"],
+            "mosquitto_sub\n(live)": doc["mosquitto_sub"]["rate_msgs_s"],
+            "edgetok gateway\n(live)": doc["gateway"]["rate_msgs_s"]}
+    if doc.get("gateway_backlog"):
+        bars["edgetok gateway\n(backlog drain)"] = doc["gateway_backlog"]["rate_msgs_s"]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    names = list(bars)
+    vals = [v or 0.0 for v in bars.values()]
+    ax.bar(names, vals, color=["0.6", "tab:blue", "tab:orange", "tab:green"][:len(vals)])
+    for i, v in enumerate(vals):
+        ax.text(i, v, f"{v:.0f}", ha="center", va="bottom", fontsize=9)
+    ax.axhline(GOAL_RATIO * (doc["mosquitto_sub"]["rate_msgs_s"] or 0), color="k", ls="--",
+               lw=0.8, label=f"goal: {GOAL_RATIO}x mosquitto_sub")
+    ax.set_ylabel("messages/s (QoS 1, lossless)")
+    ax.set_title(f"Ingest of {doc['messages']} small JSON readings; live ratio "
+                 f"{doc.get('ratio')}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def profile_summary(raw: Path, top: int = 12) -> dict[str, Any]:
     """Share of samples per thread, and the top self and inclusive frames, from py-spy's
     collapsed stacks ("thread;frame;frame count" per line)."""
@@ -180,6 +269,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bundle", type=Path, default=None)
     p.add_argument("--profile", action="store_true", help="py-spy the gateway under load")
     p.add_argument("--out", type=Path, default=OUT / "ingest.json")
+    p.add_argument("--no-backlog", dest="backlog", action="store_false",
+                   help="skip the backlog drain phase")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     sys.path.insert(0, str(ROOT / "bench"))
@@ -194,16 +285,8 @@ def main(argv: list[str] | None = None) -> int:
     broker = start_mosquitto(work / "broker", port)
     gw = sub = prof = None
     try:
-        cfg = {"id": "ingest", "state_dir": str(work / "state"),
-               "mqtt": {"host": "127.0.0.1", "port": port, "client_id": "etk-ingest-gw"},
-               "bundle": {"path": str(bundle), "threads": 1},
-               "decision": {"variant": device, "precision": "fp32",
-                            "follow_coordinator": False},
-               "http": {"host": "127.0.0.1", "port": http},
-               "streams": [{"name": "imu", "topics": [TOPIC], "channels": CHANNELS,
-                            "rate_hz": 10.0, "window": 100, "lateness_ms": 0.0}]}
-        (work / "gw.toml").write_text(to_toml(cfg))
-        gw = start_edgetok("gateway", work / "gw.toml", work / "gw.log")
+        cfg = gateway_config(work, "ingest", port, http, bundle, device)
+        gw = start_edgetok("gateway", cfg, work / "gw.log")
         wait_http_ready(f"http://127.0.0.1:{http}/readyz", gw)
         time.sleep(2.0)  # settle: idle RSS after start-up allocations
         rss_idle = rss_mb(gw.pid)
@@ -288,6 +371,14 @@ def main(argv: list[str] | None = None) -> int:
         doc["goals"] = {"ratio_ge_0.5": (doc.get("ratio") or 0) >= GOAL_RATIO,
                         "lossless": doc["lossless"],
                         "rss_lt_200mb": max(g["rss_mb_idle"], g["rss_mb_load"]) < GOAL_RSS_MB}
+        if args.backlog:
+            for proc in (prof, sub, gw):  # the drain gets the machine to itself
+                stop(proc)
+            doc["gateway_backlog"] = backlog_drain(work, port, bundle, device, bodies)
+            b = doc["gateway_backlog"]
+            if b["rate_msgs_s"] and s["rate_msgs_s"]:
+                b["ratio_to_mosquitto_sub_live"] = round(b["rate_msgs_s"] / s["rate_msgs_s"],
+                                                         3)
     finally:
         for proc in (prof, sub, gw):
             if proc is not None:
@@ -295,6 +386,7 @@ def main(argv: list[str] | None = None) -> int:
         stop(broker)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(doc, indent=1))
+    plot(doc, args.out.with_suffix(".png"))
     print(json.dumps(doc, indent=1))
     shutil.rmtree(work, ignore_errors=True)
     return 0

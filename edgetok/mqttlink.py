@@ -1,9 +1,11 @@
 """Our small MQTT interface: one session that survives reconnects, with manual QoS 1 acks.
 
-aiomqtt 2.x acknowledges a QoS 1 PUBLISH before the application sees it, so we switch the
-underlying paho client to manual acknowledgement (`manual_ack_set(True)`) and call
-`ack(mid, qos)` ourselves once a message is durably journaled. paho's socket callbacks run
-on the asyncio loop thread under aiomqtt, so acking from a coroutine is thread-safe.
+A QoS 1 message is acknowledged only when the application calls `ack` (the gateway does so
+once the message is durably journaled), unless the session was made with manual_ack=False.
+The protocol lives in edgetok.mqttwire (packets) and edgetok.mqttconn (the connection).
+aiomqtt over paho cost the gateway about half its CPU per message (packet parsing, MQTT v5
+property objects, a task per message) and acknowledged before the application saw a
+message unless paho's private switch was flipped.
 """
 
 from __future__ import annotations
@@ -12,38 +14,35 @@ import asyncio
 import logging
 import socket
 import ssl
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
-import aiomqtt
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
-
-from edgetok.aio import wait_event
+from edgetok.aio import wait_event, within
+from edgetok.mqttconn import Connection
+from edgetok.mqttwire import PING, InMessage, MqttError, connect_packet, reason
 from edgetok.settings import MqttSettings
+
+__all__ = ["NODELAY", "InMessage", "MqttError", "MqttSession", "Outgoing", "covers",
+           "minimal_filters", "tls_context"]
 
 log = logging.getLogger(__name__)
 
 # The broker may send at most this many unacknowledged QoS 1 messages. Because we ack only
-# after journaling, this is the bound on messages held in memory between socket and journal.
-RECEIVE_MAXIMUM = 256
+# after journaling, this is the bound on messages held in memory between socket and journal
+# (times the largest payload a stream accepts). More lets the broker keep sending while a
+# batch is being committed; fewer bounds memory tighter.
+RECEIVE_MAXIMUM = 512
 # Longest wait for a PUBACK when the caller gives no limit. A lost connection ends the wait
 # at once (see publish), so this only bounds a broker that is connected but not answering.
 PUBLISH_TIMEOUT_S = 10.0
-# paho leaves Nagle on; with delayed ACKs that costs ~40 ms per small frame or reply.
+# Longest wait for the TCP (and TLS) connection and CONNACK.
+CONNECT_TIMEOUT_S = 10.0
+# Nagle with delayed ACKs costs ~40 ms per small frame or reply; other clients use this too.
 NODELAY = ((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),)
-
-
-@dataclass(frozen=True, slots=True)
-class InMessage:
-    """A received message, with what is needed to acknowledge it later."""
-
-    topic: str
-    payload: bytes
-    qos: int
-    retain: bool
-    mid: int
-    generation: int
+# Keepalive checks per keepalive interval: a PINGREQ goes out when either direction has been
+# quiet for half the interval, and a broker silent for 1.5 intervals is taken as gone.
+KEEPALIVE_CHECKS = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,39 +113,14 @@ class MqttSession:
         self._announce = list(on_connect)
         self._manual_ack = manual_ack
         self._on_message = on_message
-        self._client: aiomqtt.Client | None = None
+        self._conn: Connection | None = None
         self.generation = 0
         self.connected = asyncio.Event()
-        # Set when the current connection ends; publishes waiting on it give up at once.
-        self._gone = asyncio.Event()
         self._closing = asyncio.Event()
         self._closed = asyncio.Event()
         self._final: Outgoing | None = None
         self.connects = 0
         self.last_error: str | None = None
-
-    def _connect_properties(self) -> Properties:
-        props = Properties(PacketTypes.CONNECT)
-        props.SessionExpiryInterval = self.settings.session_expiry_s
-        props.ReceiveMaximum = RECEIVE_MAXIMUM
-        return props
-
-    def _make_client(self) -> aiomqtt.Client:
-        s = self.settings
-        will = (aiomqtt.Will(self._will.topic, self._will.payload, self._will.qos,
-                             self._will.retain) if self._will else None)
-        persistent = s.session_expiry_s > 0
-        client = aiomqtt.Client(
-            s.host, s.port, identifier=self.client_id, username=s.username,
-            password=self._password, protocol=aiomqtt.ProtocolVersion.V5, will=will,
-            keepalive=s.keepalive_s, tls_context=tls_context(s),
-            clean_start=not persistent,
-            properties=self._connect_properties(), timeout=PUBLISH_TIMEOUT_S,
-            socket_options=NODELAY)
-        if self._manual_ack:
-            # aiomqtt exposes no switch for this; paho's client is its documented engine.
-            client._client.manual_ack_set(True)
-        return client
 
     async def run(self) -> None:
         """Connect, pump messages, and reconnect with backoff until close() is called."""
@@ -154,9 +128,9 @@ class MqttSession:
         while not self._closing.is_set():
             connects = self.connects
             try:
-                await self._one_connection()
+                await self._connected_session()
                 delay = self.settings.reconnect_min_s
-            except aiomqtt.MqttError as exc:
+            except MqttError as exc:
                 if self.connects != connects:
                     # The link was up: start the backoff afresh, not where the last outage
                     # left it, or a second broker restart would wait reconnect_max_s.
@@ -166,108 +140,156 @@ class MqttSession:
                             self.settings.host, self.settings.port, exc, delay)
             finally:
                 self.connected.clear()
-                self._client = None
             if self._closing.is_set():
                 break
             await wait_event(self._closing, delay)
             delay = min(delay * 2, self.settings.reconnect_max_s)
         self._closed.set()
 
-    async def _one_connection(self) -> None:
-        """One connection's lifetime; its end releases publishes still waiting on it."""
-        gone = self._gone = asyncio.Event()
+    async def _open(self) -> tuple[Connection, int]:
+        """TCP (and TLS), CONNECT and CONNACK; the connection and the keepalive to use."""
+        s = self.settings
+        self.generation += 1
+        generation, transport = self.generation, None
+        will = (self._will.topic, self._will.payload, self._will.qos, self._will.retain) \
+            if self._will else None
         try:
-            await self._connected_session()
-        finally:
-            gone.set()
+            async with asyncio.timeout(CONNECT_TIMEOUT_S):
+                transport, conn = await asyncio.get_running_loop().create_connection(
+                    lambda: Connection(generation, auto_ack=not self._manual_ack),
+                    s.host, s.port, ssl=tls_context(s))
+                sock = transport.get_extra_info("socket")
+                if sock is not None:
+                    for opt in NODELAY:
+                        sock.setsockopt(*opt)
+                conn.write(connect_packet(
+                    self.client_id, keepalive_s=s.keepalive_s,
+                    clean_start=s.session_expiry_s == 0, session_expiry_s=s.session_expiry_s,
+                    receive_maximum=RECEIVE_MAXIMUM, username=s.username,
+                    password=self._password, will=will))
+                ack = await conn.connack
+        except TimeoutError:
+            if transport is not None:
+                transport.abort()
+            raise MqttError(f"timed out connecting to {s.host}:{s.port}") from None
+        except OSError as exc:  # refused, unreachable, TLS verification (ssl.SSLError)
+            raise MqttError(str(exc) or type(exc).__name__) from exc
+        return conn, ack.keepalive_s if ack.keepalive_s is not None else s.keepalive_s
 
     async def _connected_session(self) -> None:
         """Subscribe, announce, and pump messages until the connection ends or we close."""
-        async with self._make_client() as client:
-            self._client = client
-            self.generation += 1
+        conn, keepalive = await self._open()
+        self._conn = conn
+        try:
             self.connects += 1
-            for filt in self.subscriptions:
-                await client.subscribe(filt, qos=1)
-            for msg in self._announce:
-                await client.publish(msg.topic, msg.payload, qos=msg.qos, retain=msg.retain)
+            await self._setup(conn)
             log.info("MQTT connected to %s:%d as %s (connect #%d)", self.settings.host,
                      self.settings.port, self.client_id, self.connects)
             self.connected.set()
-            pump = asyncio.ensure_future(self._pump(client, self.generation))
-            closing = asyncio.ensure_future(self._closing.wait())
+            tasks = {asyncio.ensure_future(self._pump(conn)),
+                     asyncio.ensure_future(self._keepalive(conn, keepalive)),
+                     asyncio.ensure_future(self._closing.wait())}
             try:
-                await asyncio.wait({pump, closing}, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             finally:
-                closing.cancel()
-                if not pump.done():
-                    pump.cancel()
-                    await asyncio.gather(pump, return_exceptions=True)
+                for t in tasks:
+                    t.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
             if self._closing.is_set():
                 self.connected.clear()
                 if self._final is not None:
-                    await client.publish(self._final.topic, self._final.payload,
-                                         qos=self._final.qos, retain=self._final.retain)
+                    await self._send(conn, self._final, PUBLISH_TIMEOUT_S)
                 return
-            pump.result()  # re-raises the MqttError that ended the connection
+            raise conn.lost or MqttError("connection ended")
+        finally:
+            self._conn = None
+            conn.close()
 
-    async def _pump(self, client: aiomqtt.Client, generation: int) -> None:
-        async for m in client.messages:
-            msg = InMessage(topic=m.topic.value, payload=bytes(m.payload)
-                            if not isinstance(m.payload, bytes) else m.payload,
-                            qos=m.qos, retain=m.retain, mid=m.mid, generation=generation)
-            if self._on_message is None:
-                continue
+    async def _setup(self, conn: Connection) -> None:
+        """Subscribe (a refused filter is logged, not fatal) and publish the announcements."""
+        if self.subscriptions:
             try:
-                await self._on_message(msg)
-            except Exception:  # one bad message must not end the connection
-                log.exception("handler failed on a message from %s; acknowledged and dropped",
-                              msg.topic)
-                self.ack(msg)
+                codes = await within(conn.subscribe(self.subscriptions, 1), PUBLISH_TIMEOUT_S)
+            except TimeoutError:
+                raise MqttError("timed out waiting for SUBACK") from None
+            for filt, code in zip(self.subscriptions, codes, strict=False):
+                if code >= 0x80:
+                    log.warning("broker refused subscription %s: %s", filt, reason(code))
+        for msg in self._announce:
+            if not await self._send(conn, msg, PUBLISH_TIMEOUT_S):
+                raise conn.lost or MqttError(f"announcement on {msg.topic} not acknowledged")
+
+    async def _send(self, conn: Connection, msg: Outgoing, limit_s: float) -> bool:
+        """Publish on this connection; True once the broker has it."""
+        try:
+            code = await within(conn.publish(msg.topic, msg.payload, msg.qos, msg.retain),
+                                limit_s)
+        except (MqttError, TimeoutError) as exc:
+            log.debug("publish to %s failed: %s", msg.topic, exc or "timeout")
+            return False
+        if code >= 0x80:
+            log.warning("broker refused a publish to %s: %s", msg.topic, reason(code))
+            return False
+        return True
+
+    async def _pump(self, conn: Connection) -> None:
+        """Hand received messages to on_message, in order, until the connection ends."""
+        inbox = conn.inbox
+        while True:
+            while inbox:
+                msg = inbox.popleft()
+                conn.taken()
+                if self._on_message is None:
+                    continue
+                try:
+                    await self._on_message(msg)
+                except Exception:  # one bad message must not end the connection
+                    log.exception("handler failed on a message from %s; acknowledged and "
+                                  "dropped", msg.topic)
+                    self.ack(msg)
+            if conn.lost is not None:
+                return
+            conn.arrived.clear()
+            await conn.arrived.wait()
+
+    @staticmethod
+    async def _keepalive(conn: Connection, keepalive_s: int) -> None:
+        """PINGREQ when the link is quiet; abort it when the broker has gone silent."""
+        if keepalive_s <= 0:
+            await conn.ended.wait()
+            return
+        while not await wait_event(conn.ended, keepalive_s / KEEPALIVE_CHECKS):
+            now = time.monotonic()
+            if now - conn.last_rx > 1.5 * keepalive_s:
+                conn.abort(MqttError(f"keepalive: nothing from the broker for "
+                                     f"{now - conn.last_rx:.0f}s"))
+                return
+            if max(now - conn.last_tx, now - conn.last_rx) >= keepalive_s / 2:
+                conn.write(PING)
 
     def ack(self, msg: InMessage) -> None:
         """Acknowledge a QoS 1 message; a no-op if its connection is gone (it will be resent)."""
         if msg.qos == 0 or not self._manual_ack:
             return
-        client = self._client
-        if client is not None and msg.generation == self.generation:
-            client._client.ack(msg.mid, msg.qos)
+        conn = self._conn
+        if conn is not None and msg.generation == conn.generation:
+            conn.ack(msg.mid)
 
     async def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False,
                       wait_s: float | None = None, ack_s: float | None = None) -> bool:
         """Publish once connected; True once the broker has it (PUBACK for QoS 1).
 
         False if no connection came within `wait_s`, no PUBACK within `ack_s` (default
-        PUBLISH_TIMEOUT_S), or the connection ended first. aiomqtt leaves a publish waiting
-        for its PUBACK after the connection is gone; we stop waiting at once, so a caller can
-        retry on the next connection instead of stalling for the whole timeout.
+        PUBLISH_TIMEOUT_S), the broker refused it, or the connection ended first (a caller
+        retries on the next connection rather than stall for the whole timeout).
         """
         if not await wait_event(self.connected, wait_s):
             return False
-        client, gone = self._client, self._gone
-        if client is None or gone.is_set():
+        conn = self._conn
+        if conn is None or conn.lost is not None:
             return False
-        send = asyncio.ensure_future(client.publish(
-            topic, payload, qos=qos, retain=retain,
-            timeout=PUBLISH_TIMEOUT_S if ack_s is None else max(ack_s, 0.0)))
-        lost = asyncio.ensure_future(gone.wait())
-        try:
-            await asyncio.wait({send, lost}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            lost.cancel()
-            if not send.done():
-                send.cancel()
-            await asyncio.gather(send, lost, return_exceptions=True)
-        if send.cancelled():
-            log.debug("publish to %s abandoned: connection lost", topic)
-            return False
-        exc = send.exception()
-        if exc is not None:
-            if not isinstance(exc, aiomqtt.MqttError):
-                raise exc
-            log.debug("publish to %s failed: %s", topic, exc)
-            return False
-        return True
+        return await self._send(conn, Outgoing(topic, payload, qos, retain),
+                                PUBLISH_TIMEOUT_S if ack_s is None else max(ack_s, 0.0))
 
     async def close(self, final: Outgoing | None = None, timeout_s: float = 5.0) -> None:
         """Publish `final` (e.g. the retained `stopped`), disconnect cleanly, and stop run()."""

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
+import math
 import time
 from collections import deque
 from pathlib import Path
@@ -17,24 +19,25 @@ from edgetok.frames import FrameError, TailReply
 from edgetok.gateway.actuators import Actuators
 from edgetok.gateway.config import GatewayConfig, StreamConfig
 from edgetok.gateway.controlplane import ControlPlane
-from edgetok.gateway.decode import DecodeError, Reading, admit
+from edgetok.gateway.decode import DecodeError, Reading, Router
 from edgetok.gateway.health import Health
 from edgetok.gateway.inference import Decision, InferenceError, Inferencer
 from edgetok.gateway.metrics import GatewayMetrics
 from edgetok.gateway.store import Store
 from edgetok.gateway.windows import ClosedWindow, WindowBuffer
 from edgetok.models.runtime import Runtime
-from edgetok.mqttlink import InMessage, MqttSession, Outgoing
+from edgetok.mqttlink import RECEIVE_MAXIMUM, InMessage, MqttSession, Outgoing
 from edgetok.tokenizers import TokenizeError, Tokenizer, TokenizerConfig
 from edgetok.topics import Topics
 
 log = logging.getLogger(__name__)
 
-# Messages journaled per transaction: group commit amortises the fsync over a burst.
-INGEST_BATCH = 256
-# How long the first message of a batch waits for company. aiomqtt hands over one packet
-# per socket wake-up, so without it a burst is committed one message at a time (one fsync
-# each under synchronous=FULL). Longer: bigger batches, more latency on every reading.
+# Messages journaled per transaction: group commit amortises the fsync over a burst. Half
+# the Receive Maximum, so the broker can send the next batch while one is being committed.
+INGEST_BATCH = RECEIVE_MAXIMUM // 2
+# How long the first message of a batch waits for company. Messages arrive a socket read
+# at a time, and a slow trickle would otherwise be committed one message at a time (one
+# fsync each under synchronous=FULL). Longer: bigger batches, more latency on every reading.
 INGEST_LINGER_S = 0.005
 # How often open windows are checked against the idle rule.
 CLOSE_TICK_S = 0.05
@@ -67,9 +70,10 @@ class Gateway:
             log.warning("journal.max_rows=%d holds fewer than %d windows per stream; under "
                         "backpressure windows may close short", cfg.journal.max_rows,
                         MIN_JOURNAL_WINDOWS)
+        self.router = Router(cfg.streams)
         # The broker sends at most Receive Maximum unacknowledged QoS 1 messages, so this
         # queue never fills from QoS 1 traffic and the MQTT pump never blocks on it.
-        self.inbox: asyncio.Queue[InMessage] = asyncio.Queue(maxsize=4 * INGEST_BATCH)
+        self.inbox: asyncio.Queue[InMessage] = asyncio.Queue(maxsize=2 * RECEIVE_MAXIMUM)
         self.pending: deque[InMessage] = deque()  # taken from the inbox, not yet journaled
         self.backpressure_since: float | None = None
         self.inflight: dict[tuple[str, int], float] = {}
@@ -101,6 +105,7 @@ class Gateway:
         self.health = Health(self)
         self.tg: asyncio.TaskGroup | None = None
         self.http_port = cfg.http.port
+        self._own = self.topics.prefix + "/"  # every edgetok topic, ours or a peer's
 
     def _tokenizer(self, s: StreamConfig) -> Tokenizer:
         conf = s.tokenizer or TypeAdapter(TokenizerConfig).validate_python(
@@ -116,6 +121,9 @@ class Gateway:
 
     # MQTT in ----------------------------------------------------------------------------
     async def _on_message(self, msg: InMessage) -> None:
+        if not msg.topic.startswith(self._own):  # sensor input: the bulk of all messages
+            await self.inbox.put(msg)
+            return
         if msg.topic == self.topics.downlink:
             self.session.ack(msg)
             try:
@@ -127,12 +135,9 @@ class Gateway:
             self.session.ack(msg)
             await self.control.on_control(msg.payload)
             return
-        if msg.topic.startswith(self.topics.prefix + "/"):
-            # Our own and our peers' output, caught by a broad unclaimed_topics filter:
-            # dead-lettering it would publish a dead letter that is caught again, forever.
-            self.session.ack(msg)
-            return
-        await self.inbox.put(msg)
+        # Our own and our peers' output, caught by a broad unclaimed_topics filter:
+        # dead-lettering it would publish a dead letter that is caught again, forever.
+        self.session.ack(msg)
 
     def _deadletter(self, topic: str, reason: str, detail: str, payload: bytes) -> None:
         """Record a rejected input in the database; the publisher sends it on MQTT."""
@@ -142,27 +147,58 @@ class Gateway:
         self.results_ready.set()
         log.info("dead letter from %s: %s (%s)", topic, reason, detail)
 
+    def _accepts(self, stream: str, ts: float) -> bool:
+        """Whether a reading at ts still belongs to an open-able window of the stream."""
+        return self.buffers[stream].accepts(ts)
+
     def _admit(self, msg: InMessage, now: float) -> tuple[str, list[Reading]] | None:
         """Journal one message's readings (inside the caller's transaction), or say why not."""
-        self.counters["messages"] += 1
-        if self.store.seen(msg.topic, msg.payload):
-            # A QoS 1 redelivery (its PUBACK was lost) or a sensor's resend: expected, so
-            # counted rather than dead-lettered, and never a second set of readings.
-            self.counters["duplicate_messages"] += 1
-            self.counters["duplicates"] += 1
-            return None
-        try:
-            stream, fresh, late = admit(msg.topic, msg.payload, self.cfg.streams,
-                                        lambda s, ts: self.buffers[s].accepts(ts), now)
-        except DecodeError as exc:
-            self._deadletter(msg.topic, exc.reason, exc.detail, msg.payload)
-            return None
-        if late:
-            self.counters["late_readings"] += late
-            self._deadletter(msg.topic, "late", f"{late} of {late + len(fresh)} reading(s) "
-                             "fall in windows already closed", msg.payload)
-        self.store.add_readings(stream.name, [(r.ts, r.values) for r in fresh])
-        return stream.name, fresh
+        _, accepted = self._journal(deque([msg]), now, math.inf)
+        return accepted[0] if accepted else None
+
+    def _journal(self, queue: deque[InMessage], now: float, limit: float
+                 ) -> tuple[list[InMessage], list[tuple[str, list[Reading]]]]:
+        """Journal messages from the front of `queue` (inside the caller's transaction) until
+        it is empty or the journal holds `limit` readings. Returns the messages taken and,
+        per message accepted, its stream and readings. One query checks the batch for
+        redeliveries and one statement journals its readings."""
+        batch = list(itertools.islice(queue, INGEST_BATCH))
+        digests = [self.store.digest(m.topic, m.payload) for m in batch]
+        known = self.store.known(digests)
+        taken: list[InMessage] = []
+        accepted: list[tuple[str, list[Reading]]] = []
+        new: list[bytes] = []
+        rows: list[tuple[str, float, dict[str, float]]] = []
+        base = self.store.journal_rows
+        for msg, digest in zip(batch, digests, strict=True):
+            if base + len(rows) >= limit:
+                break  # the rest stay unacknowledged until there is room
+            queue.popleft()
+            taken.append(msg)
+            self.counters["messages"] += 1
+            if digest in known:
+                # A QoS 1 redelivery (its PUBACK was lost) or a sensor's resend: expected,
+                # so counted rather than dead-lettered, and never a second set of readings.
+                self.counters["duplicate_messages"] += 1
+                self.counters["duplicates"] += 1
+                continue
+            known.add(digest)  # the same message twice in one batch counts as a repeat too
+            new.append(digest)
+            try:
+                stream, fresh, late = self.router.admit(msg.topic, msg.payload, self._accepts,
+                                                        now)
+            except DecodeError as exc:
+                self._deadletter(msg.topic, exc.reason, exc.detail, msg.payload)
+                continue
+            if late:
+                self.counters["late_readings"] += late
+                self._deadletter(msg.topic, "late", f"{late} of {late + len(fresh)} "
+                                 "reading(s) fall in windows already closed", msg.payload)
+            rows.extend((stream.name, r.ts, r.values) for r in fresh)
+            accepted.append((stream.name, fresh))
+        self.store.remember(new)
+        self.store.journal(rows)
+        return taken, accepted
 
     async def _await_room(self) -> None:
         """Backpressure: while the journal is full, acknowledge nothing; drop nothing."""
@@ -202,17 +238,8 @@ class Gateway:
                 self.pending.append(await self.inbox.get())
             await self._gather_batch()
             await self._await_room()
-            done: list[InMessage] = []
-            accepted: list[tuple[str, list[Reading]]] = []
-            now = time.time()
             with self.store.tx():
-                # Stop at the bound mid-batch: the rest stay unacknowledged until there is room.
-                while self.pending and self.store.journal_rows < limit:
-                    msg = self.pending.popleft()
-                    done.append(msg)
-                    got = self._admit(msg, now)
-                    if got is not None:
-                        accepted.append(got)
+                done, accepted = self._journal(self.pending, time.time(), limit)
             for msg in done:  # only now is every message of the batch durable
                 self.session.ack(msg)
             self.counters["journal_peak_rows"] = max(self.counters["journal_peak_rows"],
@@ -236,15 +263,24 @@ class Gateway:
         return bool(self.inflight) or self.store.journal_rows < self.cfg.journal.max_rows
 
     def _close_due(self) -> None:
+        """Close the windows that are due, as far as inference slots allow."""
         now = time.monotonic()
         deaf = self._deaf()
+        due: list[ClosedWindow] = []
+        room = self.cfg.max_inflight_windows - len(self.inflight)
         for buf in self.buffers.values():
             if deaf:
                 buf.hold_idle(now)
             for k in buf.due(now):
-                if len(self.inflight) >= self.cfg.max_inflight_windows:
-                    return  # the rest stay open (and journaled) until a slot frees
-                self._dispatch(buf.close(k, now))
+                if len(due) >= room:
+                    break  # the rest stay open (and journaled) until a slot frees
+                due.append(buf.close(k, now))
+        if due:
+            # One commit for all their records: one each (an fsync under FULL) would stall
+            # the loop, and ingest with it, once per window.
+            with self.store.tx():
+                for win in due:
+                    self._dispatch(win)
 
     def _dispatch(self, win: ClosedWindow) -> None:
         if self.store.has_result(win.stream, win.seq):

@@ -20,6 +20,9 @@ MAX_READINGS_PER_MESSAGE = 10_000
 RATE_TOLERANCE = 0.15
 # The model computes in float32: a value beyond its range would become inf in the tokenizer.
 FLOAT32_MAX = 3.4028234663852886e38
+# Topics remembered by a Router (a few per sensor in practice). A sensor that puts an id in
+# every topic would grow the cache without end; at this size it starts over.
+ROUTE_CACHE = 4096
 
 
 class DecodeError(ValueError):
@@ -53,8 +56,17 @@ def _number(v: object, where: str) -> float:
     return x
 
 
-def decode_json(payload: bytes, stream: StreamConfig, now: float) -> list[Reading]:
-    """Parse a JSON reading (scalars) or chunk (equal-length arrays) for `stream`."""
+def _fields(stream: StreamConfig) -> tuple[tuple[str, str], ...]:
+    """(channel, JSON field) of every channel of a stream, in channel order."""
+    return tuple((c, stream.field_of(c)) for c in stream.channels)
+
+
+def decode_json(payload: bytes, stream: StreamConfig, now: float,
+                fields: tuple[tuple[str, str], ...] | None = None) -> list[Reading]:
+    """Parse a JSON reading (scalars) or chunk (equal-length arrays) for `stream`.
+
+    `fields` is `_fields(stream)`, passed by callers that decode many messages.
+    """
     if len(payload) > stream.max_payload_bytes:
         raise DecodeError("too_large", f"{len(payload)} bytes > limit "
                           f"{stream.max_payload_bytes}")
@@ -69,10 +81,20 @@ def decode_json(payload: bytes, stream: StreamConfig, now: float) -> list[Readin
     tsf = stream.timestamp_field
     if tsf not in doc:
         raise DecodeError("missing_field", f"no timestamp field {tsf!r}")
-    present = [c for c in stream.channels if stream.field_of(c) in doc]
-    if not present:
-        raise DecodeError("missing_field", f"none of the channels {stream.channels} present")
     raw_ts = doc[tsf]
+    pairs = [(c, f) for c, f in (fields or _fields(stream)) if f in doc]
+    if not pairs:
+        raise DecodeError("missing_field", f"none of the channels {stream.channels} present")
+    if type(raw_ts) is float and now - stream.max_past_s <= raw_ts <= now + stream.max_future_s:
+        # The common shape, one reading of finite floats, without the general checks; the
+        # comparisons are False for NaN and infinities, which take the general path.
+        values = {}
+        for c, f in pairs:
+            v = doc[f]
+            values[c] = v if type(v) is float and -FLOAT32_MAX <= v <= FLOAT32_MAX \
+                else _number(v, f)
+        return [Reading(raw_ts, values)]
+    present = [c for c, _ in pairs]
     chunked = isinstance(raw_ts, list)
     if chunked:
         n = len(raw_ts)
@@ -84,8 +106,7 @@ def decode_json(payload: bytes, stream: StreamConfig, now: float) -> list[Readin
     else:
         n, stamps = 1, [_number(raw_ts, tsf)]
     columns: dict[str, list[float]] = {}
-    for c in present:
-        f = stream.field_of(c)
+    for c, f in pairs:
         v = doc[f]
         if chunked:
             if not isinstance(v, list) or len(v) != n:
@@ -105,18 +126,44 @@ def decode_json(payload: bytes, stream: StreamConfig, now: float) -> list[Readin
     return [Reading(stamps[i], {c: columns[c][i] for c in present}) for i in range(n)]
 
 
+class Router:
+    """Routes topics to streams (remembering each topic's stream) and decodes payloads."""
+
+    def __init__(self, streams: Sequence[StreamConfig]) -> None:
+        self.streams = list(streams)
+        self._routes: dict[str, StreamConfig | None] = {}
+        self._fields = {s.name: _fields(s) for s in self.streams}
+
+    def route(self, topic: str) -> StreamConfig | None:
+        """The first stream with a filter matching `topic`, or None."""
+        try:
+            return self._routes[topic]
+        except KeyError:
+            pass
+        stream = next((s for s in self.streams
+                       if any(topic_matches_sub(f, topic) for f in s.topics)), None)
+        if len(self._routes) >= ROUTE_CACHE:
+            self._routes.clear()
+        self._routes[topic] = stream
+        return stream
+
+    def admit(self, topic: str, payload: bytes, accepts: Callable[[str, float], bool],
+              now: float) -> tuple[StreamConfig, list[Reading], int]:
+        """Route and decode one message: its stream, the readings still wanted, and how many
+        came too late (their windows have closed). DecodeError if it is no input at all."""
+        stream = self.route(topic)
+        if stream is None:
+            raise DecodeError("unknown_topic", "matches no stream")
+        readings = decode_json(payload, stream, now, self._fields[stream.name])
+        fresh = [r for r in readings if accepts(stream.name, r.ts)]
+        return stream, fresh, len(readings) - len(fresh)
+
+
 def admit(topic: str, payload: bytes, streams: Sequence[StreamConfig],
           accepts: Callable[[str, float], bool], now: float
           ) -> tuple[StreamConfig, list[Reading], int]:
-    """Route and decode one message: its stream, the readings still wanted, and how many
-    came too late (their windows have closed). DecodeError if it is no input at all."""
-    stream = next((s for s in streams if any(topic_matches_sub(f, topic) for f in s.topics)),
-                  None)
-    if stream is None:
-        raise DecodeError("unknown_topic", "matches no stream")
-    readings = decode_json(payload, stream, now)
-    fresh = [r for r in readings if accepts(stream.name, r.ts)]
-    return stream, fresh, len(readings) - len(fresh)
+    """Router(streams).admit(...) for a single message."""
+    return Router(streams).admit(topic, payload, accepts, now)
 
 
 def _check_rate(stamps: list[float], stream: StreamConfig) -> None:

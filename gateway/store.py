@@ -42,6 +42,8 @@ PAYLOAD_HEAD_BYTES = 128
 SEEN_KEEP = 50_000
 # Prune the digest table once it is this far over SEEN_KEEP (amortises the DELETE).
 SEEN_SLACK = 5_000
+# Parameters per statement: SQLite builds before 3.32 allow at most 999.
+SQL_PARAMS = 999
 # Dead letters kept (published or not): a sensor spewing garbage must not fill the disk.
 # At most ~250 bytes each, so about 25 MB; the oldest go first, and a metric counts them.
 DEADLETTER_KEEP = 100_000
@@ -89,23 +91,47 @@ class Store:
     # journal -----------------------------------------------------------------------------
     def add_readings(self, stream: str, rows: Sequence[tuple[float, dict[str, float]]]) -> None:
         """Journal readings; a reading at an existing timestamp merges its channels in."""
+        self.journal([(stream, ts, vals) for ts, vals in rows])
+
+    def journal(self, rows: Sequence[tuple[str, float, dict[str, float]]]) -> None:
+        """Journal (stream, ts, values) rows in order, in one statement (group commit)."""
         self.db.executemany(
             "INSERT INTO readings (stream, ts, vals) VALUES (?, ?, ?) "
             "ON CONFLICT (stream, ts) DO UPDATE SET vals = json_patch(vals, excluded.vals)",
-            [(stream, ts, json.dumps(vals)) for ts, vals in rows])
+            [(stream, ts, json.dumps(vals)) for stream, ts, vals in rows])
         self._journal_rows += len(rows)  # upper bound; refreshed on prune
 
-    def seen(self, topic: str, payload: bytes) -> bool:
-        """Remember a message; True if the same topic and payload were taken in before."""
-        digest = hashlib.blake2b(topic.encode() + b"\0" + payload, digest_size=16).digest()
-        cur = self.db.execute("INSERT OR IGNORE INTO seen (digest) VALUES (?)", (digest,))
-        if cur.rowcount == 0:
-            return True
-        self._seen_rows += 1
+    @staticmethod
+    def digest(topic: str, payload: bytes) -> bytes:
+        """The key a message is remembered by: topic and payload, hashed."""
+        return hashlib.blake2b(topic.encode() + b"\0" + payload, digest_size=16).digest()
+
+    def known(self, digests: Sequence[bytes]) -> set[bytes]:
+        """Which of these message digests were remembered before, in one query."""
+        out: set[bytes] = set()
+        for i in range(0, len(digests), SQL_PARAMS):
+            part = digests[i:i + SQL_PARAMS]
+            marks = ",".join("?" * len(part))  # only placeholders go into the SQL text
+            out.update(bytes(d) for (d,) in self.db.execute(
+                f"SELECT digest FROM seen WHERE digest IN ({marks})", part))
+        return out
+
+    def remember(self, digests: Sequence[bytes]) -> None:
+        """Remember message digests (new ones), keeping the newest SEEN_KEEP."""
+        cur = self.db.executemany("INSERT OR IGNORE INTO seen (digest) VALUES (?)",
+                                  [(d,) for d in digests])
+        self._seen_rows += max(cur.rowcount, 0)
         if self._seen_rows > SEEN_KEEP + SEEN_SLACK:
             cur = self.db.execute("DELETE FROM seen WHERE id <= (SELECT max(id) FROM seen) - ?",
                                   (SEEN_KEEP,))
             self._seen_rows -= cur.rowcount
+
+    def seen(self, topic: str, payload: bytes) -> bool:
+        """Remember a message; True if the same topic and payload were taken in before."""
+        digest = self.digest(topic, payload)
+        if self.known([digest]):
+            return True
+        self.remember([digest])
         return False
 
     def close_window(self, stream: str, window: int) -> None:

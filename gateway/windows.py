@@ -59,7 +59,13 @@ class WindowBuffer:
 
     def accepts(self, ts: float) -> bool:
         """Whether a reading at ts still belongs to some open-able window."""
-        return len(self._windows_of(ts)) > 0
+        n = round(ts * self.cfg.rate_hz)
+        last = n // self.cfg.hop_samples
+        if last > self.closed_upto:  # the common case, decided without building the list
+            first = math.ceil((n - self.cfg.window + 1) / self.cfg.hop_samples)
+            if last >= first:
+                return True
+        return bool(self.rerun) and len(self._windows_of(ts)) > 0
 
     def add(self, ts: float, values: dict[str, float]) -> bool:
         """Buffer a reading; False if every window it belongs to has already closed."""

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import json
 import time
+from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from edgetok.gateway import decode as decode_mod
 from edgetok.gateway.config import StreamConfig
-from edgetok.gateway.decode import DecodeError, admit, decode_json
+from edgetok.gateway.decode import DecodeError, Router, admit, decode_json
 
 NOW = time.time()
 STREAM = StreamConfig(name="imu", topics=["sensors/imu", "sensors/imu/+"],
@@ -69,3 +73,38 @@ def test_admit_routes_and_splits_late_readings() -> None:
     with pytest.raises(DecodeError) as info:
         admit("sensors/imu/left/extra", chunk(2), streams, lambda s, ts: True, NOW)
     assert info.value.reason == "unknown_topic"
+
+
+finite_or_not = st.one_of(st.floats(), st.integers(-(10**400), 10**400), st.booleans(),
+                          st.sampled_from([3.4e38, 3.5e38, -3.5e38, 1e-320]))
+
+
+@settings(max_examples=300, deadline=None)
+@given(t=st.one_of(st.floats(NOW - 7200, NOW + 7200), st.floats()),
+       x=finite_or_not, y=st.one_of(st.none(), finite_or_not))
+def test_a_single_reading_decodes_as_its_one_sample_chunk_does(t: float, x: Any,
+                                                              y: Any) -> None:
+    # A single reading of floats takes a fast path; a chunk of one the general one. They
+    # must agree on every value and on every reason for refusal.
+    def outcome(doc: dict[str, Any]) -> Any:
+        try:
+            return [(r.ts, r.values) for r in
+                    decode_json(json.dumps(doc).encode(), STREAM, NOW)]
+        except DecodeError as exc:
+            return exc.reason
+
+    single = {"ts": t, "x": x} | ({} if y is None else {"y": y})
+    chunk = {k: [v] for k, v in single.items()}
+    assert outcome(single) == outcome(chunk)
+
+
+def test_router_remembers_routes_within_its_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(decode_mod, "ROUTE_CACHE", 4)
+    other = StreamConfig(name="env", topics=["sensors/env/#"], channels=["t"], rate_hz=1.0,
+                         window=60)
+    router = Router([STREAM, other])
+    topics = ["sensors/imu", "sensors/imu/a", "sensors/env/b/c", "sensors/x", "elsewhere"]
+    for _ in range(3):
+        assert [getattr(router.route(t), "name", None) for t in topics * 2] == \
+            ["imu", "imu", "env", None, None] * 2
+        assert len(router._routes) <= 4

@@ -240,3 +240,24 @@ async def test_late_and_unknown_input_is_dead_lettered_with_its_head(
     assert rows == [(TOPIC, "late", late[:128], len(late)),
                     ("sensors/temperature", "unknown_topic", b"21.5", 4)]
     assert gw.counters["late_readings"] == 10
+
+
+@pytest.mark.asyncio
+async def test_a_burst_with_repeats_is_journaled_once_and_acknowledged_whole(
+        tmp_path: Path, tiny_bundle: Path) -> None:
+    # One burst, so one batch: a message and its redelivery side by side, and garbage.
+    cfg = config(tmp_path, tiny_bundle)
+    gw = Gateway(cfg)
+    acked: list[int] = []
+    gw.session.ack = lambda m: acked.append(m.mid)
+    first, second = chunk(K0, 0), chunk(K0, 10)
+    burst = [first, second, first, b"{oops", second, chunk(K0, 20)]
+    async with running(gw):
+        for mid, p in enumerate(burst):
+            gw.inbox.put_nowait(msg(p, mid))
+        await until(lambda: gw.counters["messages"] == len(burst))
+    assert sorted(acked) == list(range(len(burst)))
+    assert gw.counters["duplicate_messages"] == 2 and gw.counters["readings"] == 30
+    db = sqlite3.connect(cfg.state_dir / "edgetok.db")
+    assert db.execute("SELECT count(*) FROM readings").fetchone() == (30,)
+    assert db.execute("SELECT reason FROM deadletters").fetchall() == [("bad_json",)]

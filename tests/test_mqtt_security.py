@@ -97,10 +97,11 @@ CASES = [
                  id="TLS with CA, client cert and password"),
     pytest.param(True, False, True, PASSWORD, False, "certificate verify failed",
                  id="TLS without our CA", marks=PAHO_TLS_LEAK),
-    # mosquitto drops the connection after the handshake; paho only notices at its connect
-    # timeout (10 s), so the error a client sees is a timeout, and mosquitto's log says why.
-    pytest.param(True, True, False, PASSWORD, False, "timed out", id="TLS without a client cert",
-                 marks=[PAHO_TLS_LEAK, pytest.mark.slow]),
+    # mosquitto refuses the handshake: depending on timing the client sees the TLS alert, a
+    # reset, or the connection closing before CONNACK (alternatives separated by "|").
+    pytest.param(True, True, False, PASSWORD, False,
+                 "before connack|certificate required|connection reset",
+                 id="TLS without a client cert", marks=PAHO_TLS_LEAK),
 ]
 
 
@@ -116,13 +117,14 @@ async def test_session_connects_only_with_the_right_credentials(
     if error is None:
         assert last_error is None
     else:
-        assert last_error is not None and error in last_error.lower(), last_error
+        assert last_error is not None, "refused without a reason"
+        assert any(e in last_error.lower() for e in error.split("|")), last_error
 
 
 def _gateway(secure: SecureBroker, work: Path, bundle: Path, name: str,
              password: str | None) -> Proc:
-    cfg = gateway_config(work, bundle, secure.tls_port, free_port(), variant="r0.00-s2",
-                         gw_id=name)
+    cfg = gateway_config(work / name, bundle, secure.tls_port, free_port(),
+                         variant="r0.00-s2", gw_id=name)
     cfg["mqtt"] = {**secure.settings(tls=True), "client_id": f"edgetok-{name}"}
     gw = spawn("gateway", cfg, work / name, name)
     # The password comes from the environment, as under systemd (or its credential).

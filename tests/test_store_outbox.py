@@ -80,3 +80,23 @@ def test_deadletters_are_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     kept = [i for (i,) in s.db.execute("SELECT id FROM deadletters ORDER BY id")]
     assert 30 <= len(kept) <= 40 and kept[-1] == ids[-1]
     assert s.deadletters_pruned == 100 - len(kept)
+
+
+def test_batch_lookup_and_journal_keep_order_and_span_statements(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(store_mod, "SQL_PARAMS", 3)  # several IN (...) queries per lookup
+    s = Store(tmp_path / "db.sqlite")
+    digests = [Store.digest("t", bytes([i])) for i in range(10)]
+    with s.tx():
+        s.remember(digests[::2])
+        s.remember(digests[:1])  # already known: not counted twice
+        # Rows in message order: a later reading at the same time merges over an earlier one.
+        s.journal([("imu", 1.0, {"x": 1.0}), ("env", 1.0, {"t": 20.0}),
+                   ("imu", 1.0, {"x": 2.0, "y": 3.0}), ("imu", 2.0, {"x": 4.0})])
+    assert s.known(digests) == set(digests[::2])
+    assert s.known([]) == set()
+    assert s._seen_rows == 5
+    assert s.readings("imu", 0, 3) == [(1.0, {"x": 2.0, "y": 3.0}), (2.0, {"x": 4.0})]
+    assert s.all_readings("env") == [(1.0, {"t": 20.0})]
+    assert s.journal_rows == 4  # an upper bound: the merged reading counts as new
+    assert s.recount_journal() == 3
