@@ -48,6 +48,9 @@ WINDOWS, QUICK_WINDOWS = 40, 16
 WARMUP = 4
 # Link and CPU of the scenarios that vary something else.
 BASE_LINK_MBIT, BASE_CPU = 10.0, 1.0
+# A Raspberry-Pi-class gateway (several times slower than one core here): the link sweep is
+# repeated on it, because there the best static choice changes with the link rate.
+PI_CPU = 0.25
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,7 +58,7 @@ class Scenario:
     """One condition every policy is measured under."""
 
     name: str
-    group: str  # link, trace, cpu or load: which plot it belongs to
+    group: str  # link, trace, cpu, load or link-pi: which plot it belongs to
     link_mbit: float = BASE_LINK_MBIT
     cpu_share: float = BASE_CPU
     gateways: int = 1
@@ -78,6 +81,9 @@ def scenarios(quick: bool, replay_s: float, max_gateways: int) -> list[Scenario]
                         trace=trace_20_1_20(replay_s)))
     out += [Scenario(f"cpu-{c:.0%}", "cpu", cpu_share=c) for c in cpus]
     out += [Scenario(f"load-{n}", "load", gateways=n) for n in loads if n <= max_gateways]
+    pi_links = (50.0, 0.5) if quick else (50.0, 2.0, 0.5)
+    out += [Scenario(f"pi-link-{m:g}", "link-pi", link_mbit=m, cpu_share=PI_CPU)
+            for m in pi_links]
     return out
 
 

@@ -41,7 +41,8 @@ def plot_all(doc: dict[str, Any], out: Path, stem: str = "e2e") -> list[Path]:
     deadline = doc["deadline_ms"]
     panels = [("link", "link_mbit", "uplink rate (Mbit/s)", True),
               ("cpu", "cpu_share", "gateway CPU (share of one core)", False),
-              ("load", "gateways", "gateways sharing one server", False)]
+              ("load", "gateways", "gateways sharing one server", False),
+              ("link-pi", "link_mbit", "uplink rate (Mbit/s), gateway at 25% of a core", True)]
     for group, key, xlabel, logx in panels:
         scs = _group(doc, group)
         if not scs:
