@@ -39,6 +39,10 @@ class ServerConfig(Strict):
     workers: int = Field(2, ge=1, le=64, description="Tail computations run at once.")
     threads: int = Field(1, ge=0, le=64, description="ONNX Runtime intra-op threads per session.")
     max_sessions: int = Field(32, ge=1, description="Open ONNX sessions kept per bundle.")
+    share_weights: bool = Field(
+        True, description="Sessions of one pruning ratio share one mapped, pre-packed copy of "
+        "its weights (ONNX Runtime's C API); false: each session loads its own copy through "
+        "the Python API, as a fallback should the C API misbehave.")
     http: ServerHttp = Field(default_factory=lambda: ServerHttp(),
                              description="HTTP API.")
     coordinator: ControllerConfig | None = Field(

@@ -40,7 +40,8 @@ class TailServer:
         self.cfg = cfg
         self.runtimes: dict[str, Runtime] = {}
         for path in cfg.bundles:
-            rt = Runtime(path, threads=cfg.threads, max_sessions=cfg.max_sessions)
+            rt = Runtime(path, threads=cfg.threads, max_sessions=cfg.max_sessions,
+                         share_weights=cfg.share_weights)
             self.runtimes[rt.manifest.bundle_id] = rt
         self.queue: asyncio.Queue[tuple[InMessage, float]] = asyncio.Queue(maxsize=QUEUE_DEPTH)
         self.executor = ThreadPoolExecutor(max_workers=cfg.workers, thread_name_prefix="tail")

@@ -92,6 +92,10 @@ class BundleSettings(Strict):
     threads: int = Field(1, ge=0, le=64, description="ONNX Runtime intra-op threads (0 = all).")
     max_sessions: int = Field(8, ge=2, description="Open ONNX sessions kept; others are "
                               "evicted least-recently-used (bounds memory).")
+    share_weights: bool = Field(
+        True, description="Sessions of one pruning ratio share one mapped, pre-packed copy of "
+        "its weights (ONNX Runtime's C API); false: each session loads its own copy through "
+        "the Python API, as a fallback should the C API misbehave.")
 
     _abs = field_validator("path")(_resolve)
 

@@ -59,6 +59,7 @@ class Gateway:
         self.store = Store(cfg.state_dir / "edgetok.db", cfg.journal.synchronous)
         self.runtime = Runtime(cfg.bundle.path, threads=cfg.bundle.threads,
                                max_sessions=cfg.bundle.max_sessions,
+                               share_weights=cfg.bundle.share_weights,
                                preload=[cfg.decision.variant])
         self.manifest = self.runtime.manifest
         self.manifest.variant(cfg.decision.variant)  # fail early on a wrong variant id

@@ -49,7 +49,8 @@ class Runtime:
     """Runs heads and tails of one verified bundle; keeps at most `max_sessions` open.
 
     With `share_weights` (the default) all open sessions of a pruning ratio hold one mapped
-    and one pre-packed copy of that ratio's weights; off, each session loads its own.
+    and one pre-packed copy of that ratio's weights; off, each session loads its own through
+    the Python API.
     """
 
     def __init__(self, root: Path | str, *, threads: int = 0, max_sessions: int = 8,
@@ -58,8 +59,9 @@ class Runtime:
         self.manifest: Manifest = load_manifest(self.root)
         self.threads = threads
         self.max_sessions = max(1, max_sessions)
-        self.api = capi()
-        self.share_weights = share_weights and self.api is not None
+        # Off, the plain Python API: also the way out should the C API binding misbehave.
+        self.api = capi() if share_weights else None
+        self.share_weights = self.api is not None
         self._sessions: OrderedDict[tuple[str, Part], Session] = OrderedDict()
         self._pinned: set[tuple[str, Part]] = set()
         # Weak: a ratio's mapping and packed weights go with its last open session.

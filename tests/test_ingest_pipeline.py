@@ -261,3 +261,17 @@ async def test_a_burst_with_repeats_is_journaled_once_and_acknowledged_whole(
     db = sqlite3.connect(cfg.state_dir / "edgetok.db")
     assert db.execute("SELECT count(*) FROM readings").fetchone() == (30,)
     assert db.execute("SELECT reason FROM deadletters").fetchall() == [("bad_json",)]
+
+
+def test_share_weights_setting_reaches_the_runtime(tmp_path: Path, tiny_bundle: Path) -> None:
+    """[bundle] share_weights = false: every session loads its own copy (Python API)."""
+    shared = Gateway(config(tmp_path / "a", tiny_bundle))
+    raw = config(tmp_path / "b", tiny_bundle).model_dump(mode="json")
+    raw["bundle"]["share_weights"] = False
+    alone = Gateway(parse_config(raw, GatewayConfig))
+    try:
+        assert shared.runtime.share_weights and shared.runtime.backend == "capi"
+        assert not alone.runtime.share_weights and alone.runtime.backend == "python"
+    finally:
+        shared.store.close()
+        alone.store.close()
