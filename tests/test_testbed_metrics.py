@@ -95,3 +95,13 @@ def test_full_power_gives_the_scenario_rate() -> None:
     assert rate_for(P_MAX_W, 7e6) == pytest.approx(7e6, rel=1e-9)
     assert rate_for(P_MAX_W / 10, 7e6) < 7e6
     assert gain_for(20e6) > gain_for(1e6)
+
+
+def test_decisions_are_counted_for_this_runs_gateways_only() -> None:
+    """Retained decisions of earlier runs' gateways reach the driver but are not this run's."""
+    spec = _spec(actuators=True)
+    data = _data(spec)
+    data.driver["decisions"] = [
+        {"gateway": g, "epoch": 1, "seq": 1, "received_ts": 999.0, "cpu_hz": 0.5e9,
+         "tx_power_w": 0.01} for g in ("g0", "g0", "old-r1", "old-r2", "old-r3")]
+    assert summarise(data)["decisions"] == 2
