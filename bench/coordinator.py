@@ -7,11 +7,15 @@ on what was measured, then judged against what happens), through the system mode
 bundle's real profile. Writes bench/out/coordinator.json and one PNG per trace.
 
 Two accountings of the same decisions. The main one ("policies", "goals") is the gateway as
-built (gateway/inference.py): a transmitted window whose reply, at the true bandwidth, would not
-arrive by its cutoff (deadline minus FALLBACK_MARGIN x the on-device run time minus
-FALLBACK_SLACK_S) gives up there and runs the on-device variant of the same pruning ratio at the
-current clock; after such a timeout the gateway skips the server for PROBE_INTERVAL_S. The
-other ("no_fallback") is the plain system model: a late window is simply a miss.
+built (gateway/inference.py):
+- before its head runs, a window whose path, predicted from the link rate the radio senses now
+  and the server time of the last replies, would overrun its cutoff (within GUARD_MARGIN)
+  goes straight to the decision's fallback (the link guard);
+- a transmitted window whose reply, at the true bandwidth, would not arrive by its cutoff
+  (deadline minus FALLBACK_MARGIN x the fallback's run time minus FALLBACK_SLACK_S) gives up
+  there and runs the fallback at its clock; after such a timeout the gateway skips the server,
+  and the head, for PROBE_INTERVAL_S.
+The other ("no_fallback") is the plain system model: a late window is simply a miss.
 
     .venv/bin/python bench/coordinator.py [--bundle bundles/reference] [--deadline-ms X]
     .venv/bin/python bench/coordinator.py --deadline-factor 0.8 \\
