@@ -168,10 +168,11 @@ def main(argv: list[str] | None = None) -> int:
         "windows_per_run": windows, "warmup_windows": WARMUP,
         "latency_definition": "result.created_ts - wall time just before the sensor message "
         "completing the window was published (driver in the server namespace)",
-        "link": "tc tbf on each gateway's veth (uplink only) at the channel's full-power rate; "
-        "the gateway's emulated radio holds each frame for its airtime bits / r(p) at the "
-        "decided power first; no propagation delay added (netem unavailable); sensor readings "
-        "reach the gateway over the unshaped downlink",
+        "link": "tc tbf on each gateway's veth (uplink only): the channel's full-power rate, "
+        "then r(p) at the decided power set by the gateway's emulated radio, which also holds "
+        "each frame for the airtime of the part tbf's bucket passes at line speed; no "
+        "propagation delay added (netem unavailable); sensor readings reach the gateway over "
+        "the unshaped downlink",
         "machine": {"cores": _cores()}, "started": time.time(), "scenarios": {}}
     spec0 = RunSpec(name="", policy="joint", gateways=1, link_mbit=BASE_LINK_MBIT,
                     cpu_share=BASE_CPU, deadline_ms=args.deadline_ms,

@@ -2,9 +2,10 @@
 
 Real: cpufreq sysfs (scaling_max_freq, or scaling_setspeed under the userspace governor) and
 `iw dev IF set txpower fixed`. Where those are missing (containers, wired test hosts) the
-emulated mode scales head compute with a cgroup CPU quota, and turns transmit power into
-radio airtime: each frame is held for its bits / r(p), r from the same rate model the
-coordinator uses, before it goes onto the (test bed's) link.
+emulated mode scales head compute with a cgroup CPU quota, and turns transmit power into an
+uplink rate r(p), from the same rate model the coordinator uses: `tc` tbf shapes the uplink
+interface to r(p), and each frame is first held for the airtime of the part of it the token
+bucket would let through at line speed (see airtime_s).
 """
 
 from __future__ import annotations
@@ -31,6 +32,11 @@ CGROUP_ROOT = Path("/sys/fs/cgroup")
 # enough to look like one, at a little more scheduler work.
 CPU_PERIOD_US = 10_000
 MTU_BYTES = 1500
+# Emulated radio (tc tbf): bucket and queue bound stay fixed as the rate changes. tbf rebuilds
+# its queue when the limit changes (a `latency` bound changes with the rate), and a bucket
+# that shrinks can strand a larger packet queued before: either stalls the uplink.
+TBF_BURST_BYTES = 2 * MTU_BYTES
+TBF_LIMIT_BYTES = 64 * 1024
 
 Mode = Literal["auto", "real", "emulated", "off"]
 
@@ -45,8 +51,8 @@ class ActuatorSettings(Strict):
                                 "The gateway must run inside it.")
     nominal_hz: float = Field(2.0e9, gt=0, description="The CPU's clock when nothing sets "
                               "it; the emulated quota treats it as one full core.")
-    tx_mode: Mode = Field("auto", description="auto: iw on a wireless `interface`, else "
-                          "emulated airtime if `interface` is set, else off.")
+    tx_mode: Mode = Field("auto", description="auto: iw on a wireless `interface`, else tc "
+                          "tbf (and frame airtime) on `interface` if set, else off.")
     interface: str | None = Field(None, description="Uplink network interface.")
     default_tx_power_w: float = Field(0.1, gt=0, description="Transmit power of the radio "
                                       "when nothing sets it (reported in telemetry, so the "
@@ -106,7 +112,8 @@ class Actuators:
         wireless = Path(f"/sys/class/net/{iface}/wireless").exists() and shutil.which("iw")
         if want in ("auto", "real") and wireless:
             return "real"
-        if want in ("auto", "emulated") and Path(f"/sys/class/net/{iface}").exists():
+        if want in ("auto", "emulated") and shutil.which("tc") and \
+                Path(f"/sys/class/net/{iface}").exists():
             return "emulated"
         self.errors.append(f"tx actuator mode {want!r} is not possible on {iface}")
         return "off"
@@ -154,24 +161,30 @@ class Actuators:
             log.warning("cannot set CPU clock: %s", exc)
 
     def airtime_s(self, nbytes: int) -> float:
-        """Emulated mode: how long the radio is busy sending `nbytes` at the power in force.
+        """Emulated mode: how long to hold a frame of `nbytes` before it goes to the socket.
 
-        A token bucket (tc tbf) cannot stand in for this: a frame smaller than its bucket
-        leaves at line speed after any pause, so a low power would cost small frames nothing.
+        tbf sends at r(p) only once its bucket is empty: after any pause the first
+        TBF_BURST_BYTES leave at line speed, so on tbf alone a low power would cost a small
+        frame nothing. Holding the frame for that part's airtime, bits / r(p), and leaving
+        the rest to tbf, puts the whole frame on the air for its bits / r(p).
         """
         if self.tx_mode != "emulated" or not self.tx_power_w:
             return 0.0
-        return 8.0 * nbytes / max(rate_bps(self.tx_power_w, self.s), 1.0)
+        free = min(nbytes, TBF_BURST_BYTES)
+        return 8.0 * free / max(rate_bps(self.tx_power_w, self.s), 1.0)
 
     def _set_tx(self, p_w: float) -> None:
         iface = self.s.interface
         if iface is None or self.tx_mode == "off":
             return
-        if self.tx_mode == "emulated":
-            self.tx_power_w = p_w  # airtime_s() applies it to every frame
-            return
-        mbm = round(10 * math.log10(p_w * 1000) * 100)
-        cmd = ["iw", "dev", iface, "set", "txpower", "fixed", str(mbm)]
+        if self.tx_mode == "real":
+            mbm = round(10 * math.log10(p_w * 1000) * 100)
+            cmd = ["iw", "dev", iface, "set", "txpower", "fixed", str(mbm)]
+        else:
+            bps = max(rate_bps(p_w, self.s), 8000.0)
+            cmd = ["tc", "qdisc", "replace", "dev", iface, "root", "tbf", "rate",
+                   f"{int(bps)}bit", "burst", str(TBF_BURST_BYTES), "limit",
+                   str(TBF_LIMIT_BYTES)]
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=5)
         if out.returncode != 0:
             self.errors.append(f"tx: {' '.join(cmd)}: {out.stderr.strip()}")

@@ -126,7 +126,7 @@ class Inferencer:
         # control plane plugs both in when it has them.
         self.link_rate: LinkRate = lambda: None
         self.set_clock: Callable[[float], None] | None = None
-        # Emulated radio: seconds a frame of n bytes occupies it (0 on a real radio).
+        # Emulated radio: seconds to hold a frame of n bytes before sending (0 on a real one).
         self.airtime: Callable[[int], float] = lambda n: 0.0
         self._radio_free = 0.0  # monotonic time the emulated radio finishes its last frame
         # Open the fallback now: the first window that needs it is already late, and must

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,6 +13,7 @@ import pytest
 
 from edgetok.gateway.actuators import (
     CPU_PERIOD_US,
+    TBF_BURST_BYTES,
     Actuators,
     ActuatorSettings,
     rate_bps,
@@ -75,19 +78,45 @@ def test_emulated_clock_writes_a_proportional_cpu_quota(cgroup: Path) -> None:
     assert a.effective_cpu_hz() == 0.5e9
 
 
-def test_emulated_radio_holds_a_frame_for_its_airtime_at_the_power_in_force() -> None:
-    """Airtime is bits / r(p): lower power, longer on the air; nothing when not emulating."""
+def test_emulated_airtime_covers_what_the_token_bucket_lets_through() -> None:
+    """The hold is the airtime of the first bucketful, bits / r(p): more at lower power;
+    nothing before a power is set or when the radio is not emulated."""
     iface = next(p.name for p in Path("/sys/class/net").iterdir())
     s = ActuatorSettings(cpu_mode="off", tx_mode="emulated", interface=iface)
     a = Actuators(s)
     assert a.tx_mode == "emulated"
-    assert a.airtime_s(1000) == 0.0  # no power decided yet: the radio is not emulated
-    a.apply(1e9, 0.1)
+    assert a.airtime_s(1000) == 0.0  # no power decided yet
+    a.tx_power_w = 0.1  # as _set_tx records it (not applied: this is the host's interface)
     fast = a.airtime_s(1000)
     assert fast == pytest.approx(8000 / rate_bps(0.1, s))
-    a.apply(1e9, 0.001)
+    a.tx_power_w = 0.001
     slow = a.airtime_s(1000)
     assert slow == pytest.approx(8000 / rate_bps(0.001, s)) and slow > fast
+    # Beyond one bucket tbf itself paces the rest at r(p).
+    big = a.airtime_s(10 * TBF_BURST_BYTES)
+    assert big == pytest.approx(8 * TBF_BURST_BYTES / rate_bps(0.001, s))
     off = Actuators(ActuatorSettings(cpu_mode="off", tx_mode="off", interface=iface))
-    off.apply(1e9, 0.001)
+    off.tx_power_w = 0.001
     assert off.airtime_s(1000) == 0.0
+
+
+@pytest.mark.root
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root for a veth pair and tc")
+def test_emulated_power_shapes_the_uplink_with_a_fixed_bucket() -> None:
+    """apply() installs tbf at r(p) on the interface, keeping bucket and limit fixed."""
+    a_if, b_if = f"etkact{os.getpid() % 10000}a", f"etkact{os.getpid() % 10000}b"
+    subprocess.run(["ip", "link", "add", a_if, "type", "veth", "peer", "name", b_if],
+                   check=True)
+    try:
+        s = ActuatorSettings(cpu_mode="off", tx_mode="emulated", interface=a_if)
+        act = Actuators(s)
+        for p in (0.1, 0.001):
+            act.apply(1e9, p)
+            assert not act.errors, act.errors
+            out = subprocess.run(["tc", "-j", "qdisc", "show", "dev", a_if],
+                                 capture_output=True, text=True, check=True).stdout
+            q = next(x for x in json.loads(out) if x["kind"] == "tbf")
+            assert q["options"]["rate"] * 8 == pytest.approx(rate_bps(p, s), rel=0.02)
+            assert q["options"]["burst"] == pytest.approx(TBF_BURST_BYTES, rel=0.02)
+    finally:
+        subprocess.run(["ip", "link", "del", a_if], check=False)
