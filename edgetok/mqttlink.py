@@ -287,6 +287,10 @@ class MqttSession:
             return False
         conn = self._conn
         if conn is None or conn.lost is not None:
+            # The link is gone but run() has not noticed yet. Say so now: a caller that
+            # retries must wait for the reconnect, not spin on a stale flag (a loop that never
+            # awaits a pending future starves run() itself, and nothing would ever reconnect).
+            self.connected.clear()
             return False
         return await self._send(conn, Outgoing(topic, payload, qos, retain),
                                 PUBLISH_TIMEOUT_S if ack_s is None else max(ack_s, 0.0))

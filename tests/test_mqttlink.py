@@ -294,3 +294,28 @@ async def test_keepalive_gives_up_on_a_broker_that_stopped_answering(
             mosquitto.proc.send_signal(signal.SIGCONT)
         async with asyncio.timeout(LIMIT_S):
             await s.connected.wait()
+
+
+@pytest.mark.asyncio
+async def test_a_retry_loop_across_a_lost_broker_waits_instead_of_spinning(
+        mosquitto: Broker) -> None:
+    """A caller that retries publish() in a loop, as a sensor outbox does, must not starve
+    the session while the link is gone but not yet noticed: it waits for the reconnect."""
+    async with session(mosquitto, "etk-t-retry", manual_ack=False) as s:
+        assert await s.publish("retry", b"first")
+        mosquitto.stop()
+        tries = 0
+
+        async def outbox() -> None:
+            nonlocal tries
+            while not await s.publish("retry", b"again", wait_s=LIMIT_S, ack_s=2.0):
+                tries += 1
+
+        task = asyncio.ensure_future(outbox())
+        await asyncio.sleep(0.5)  # the loop runs while the broker is down
+        mosquitto.start()
+        async with asyncio.timeout(LIMIT_S):
+            await task
+        assert s.connects == 2
+        # Each failed try was a wait for a connection, not a spin on a stale flag.
+        assert tries < 50, tries
