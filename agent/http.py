@@ -8,7 +8,7 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
 from edgetok import __version__
-from edgetok.openapi import Body, Operation, Reply, document
+from edgetok.openapi import METRICS_AND_SPEC, Operation, Reply, document
 from edgetok.web import (
     Alive,
     Readiness,
@@ -68,11 +68,7 @@ OPERATIONS = [
                503: Reply("Not ready; `failing` names the checks.", Readiness)}, tag="health"),
     Operation("/v1/status", "status", "Counters, bundles and the coordinator's view.",
               {200: Reply("Status.", ServerStatus)}, tag="status"),
-    Operation("/metrics", "metrics", "Prometheus metrics (text exposition format).",
-              {200: Reply("Metrics.", Body("text/plain"))}, tag="status"),
-    Operation("/openapi.json", "openapi", "This document.",
-              {200: Reply("OpenAPI 3.1.", Body("application/json", {"type": "object"}))},
-              tag="status"),
+    *METRICS_AND_SPEC,
 ]
 
 

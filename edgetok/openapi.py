@@ -61,6 +61,16 @@ class Operation:
     public: bool = False  # served without the bearer token (only /healthz)
 
 
+# The two endpoints every edgetok daemon serves the same way.
+METRICS_AND_SPEC: tuple[Operation, ...] = (
+    Operation("/metrics", "metrics", "Prometheus metrics (text exposition format).",
+              {200: Reply("Metrics.", Body("text/plain"))}, tag="status"),
+    Operation("/openapi.json", "openapi", "This document.",
+              {200: Reply("OpenAPI 3.1.", Body("application/json", {"type": "object"}))},
+              tag="status"),
+)
+
+
 def _models(ops: Sequence[Operation]) -> list[type[BaseModel]]:
     seen: dict[str, type[BaseModel]] = {"ErrorBody": ErrorBody}
     for op in ops:

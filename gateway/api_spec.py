@@ -7,7 +7,15 @@ from typing import Any
 
 from edgetok import __version__
 from edgetok.gateway.models import Alive, Readiness, ResultsPage, Status, StreamsPage
-from edgetok.openapi import Body, ErrorBody, Operation, Param, Reply, document
+from edgetok.openapi import (
+    METRICS_AND_SPEC,
+    Body,
+    ErrorBody,
+    Operation,
+    Param,
+    Reply,
+    document,
+)
 
 MAX_LIMIT = 10_000
 # Result ids are SQLite rowids; bounding them keeps every id a JSON-safe integer.
@@ -73,11 +81,7 @@ def operations(streams: Sequence[str]) -> list[Operation]:
                   {200: Reply("All streams.", StreamsPage)}, tag="results"),
         Operation("/v1/status", "status", "Decision, uplink, broker, journal and counters.",
                   {200: Reply("Status.", Status)}, tag="status"),
-        Operation("/metrics", "metrics", "Prometheus metrics (text exposition format).",
-                  {200: Reply("Metrics.", Body("text/plain"))}, tag="status"),
-        Operation("/openapi.json", "openapi", "This document.",
-                  {200: Reply("OpenAPI 3.1.", Body("application/json", {"type": "object"}))},
-                  tag="status"),
+        *METRICS_AND_SPEC,
     ]
 
 
