@@ -31,6 +31,9 @@ CGROUP_ROOT = Path("/sys/fs/cgroup")
 # then throttled, which is not what a slower clock does; 10 ms spreads the quota finely
 # enough to look like one, at a little more scheduler work.
 CPU_PERIOD_US = 10_000
+# The kernel refuses a quota under 1 ms, so a share under CPU_PERIOD_US / 1 ms gets a longer
+# period (a 4% share: 1 ms per 25 ms) rather than a refused write that leaves the old clock.
+MIN_QUOTA_US = 1_000
 MTU_BYTES = 1500
 # Emulated radio (tc tbf): bucket and queue bound stay fixed as the rate changes. tbf rebuilds
 # its queue when the limit changes (a `latency` bound changes with the rate), and a bucket
@@ -39,6 +42,13 @@ TBF_BURST_BYTES = 2 * MTU_BYTES
 TBF_LIMIT_BYTES = 64 * 1024
 
 Mode = Literal["auto", "real", "emulated", "off"]
+
+
+def cfs_quota(share: float) -> tuple[int, int]:
+    """(quota, period) in µs that cap a process tree at `share` of one core: the period is
+    CPU_PERIOD_US, or longer where the quota would fall under the kernel's MIN_QUOTA_US."""
+    period = max(CPU_PERIOD_US, math.ceil(MIN_QUOTA_US / share))
+    return max(round(share * period), MIN_QUOTA_US), period
 
 
 class ActuatorSettings(Strict):
@@ -66,7 +76,8 @@ class ActuatorSettings(Strict):
         "`interface`), auto (iw on a wireless interface, else tc), off.")
     link_sense_interval_s: float = Field(
         0.5, gt=0, description="Seconds between link-rate readings: shorter notices a drop "
-        "sooner, at one `iw`/`tc` process (a few ms of CPU) per reading.")
+        "sooner. A tc reading is one rtnetlink dump (tens of µs of CPU); an iw reading "
+        "spawns `iw` (a few ms).")
 
 
 def rate_bps(p_w: float, s: ActuatorSettings) -> float:
@@ -148,12 +159,11 @@ class Actuators:
                 for f in self._cpu_files():
                     f.write_text(str(int(hz / 1000)))  # sysfs takes kHz
             elif self.cpu_mode == "emulated" and self.s.cgroup is not None:
-                share = min(max(hz / self.s.nominal_hz, 0.01), 64.0)
-                quota = int(share * CPU_PERIOD_US)
+                quota, period = cfs_quota(min(max(hz / self.s.nominal_hz, 0.01), 64.0))
                 if (self.s.cgroup / "cpu.max").exists():  # cgroup v2
-                    (self.s.cgroup / "cpu.max").write_text(f"{quota} {CPU_PERIOD_US}")
+                    (self.s.cgroup / "cpu.max").write_text(f"{quota} {period}")
                 else:  # cgroup v1 cpu controller
-                    (self.s.cgroup / "cpu.cfs_period_us").write_text(str(CPU_PERIOD_US))
+                    (self.s.cgroup / "cpu.cfs_period_us").write_text(str(period))
                     (self.s.cgroup / "cpu.cfs_quota_us").write_text(str(quota))
             self.cpu_hz = hz
         except OSError as exc:

@@ -35,9 +35,11 @@ log = logging.getLogger(__name__)
 # Messages journaled per transaction: group commit amortises the fsync over a burst. Half
 # the Receive Maximum, so the broker can send the next batch while one is being committed.
 INGEST_BATCH = RECEIVE_MAXIMUM // 2
-# How long the first message of a batch waits for company. Messages arrive a socket read
-# at a time, and a slow trickle would otherwise be committed one message at a time (one
-# fsync each under synchronous=FULL). Longer: bigger batches, more latency on every reading.
+# How long the first message of a batch waits for company while messages come in bursts
+# (the last batch held more than one). Messages arrive a socket read at a time, and a fast
+# stream would otherwise be committed a few at a time (one fsync each under
+# synchronous=FULL). A trickle does not wait: its batches are single messages anyway, and
+# the wait would be added to every window's latency. Longer: bigger batches under load.
 INGEST_LINGER_S = 0.005
 # How often open windows are checked against the idle rule.
 CLOSE_TICK_S = 0.05
@@ -76,6 +78,7 @@ class Gateway:
         # queue never fills from QoS 1 traffic and the MQTT pump never blocks on it.
         self.inbox: asyncio.Queue[InMessage] = asyncio.Queue(maxsize=2 * RECEIVE_MAXIMUM)
         self.pending: deque[InMessage] = deque()  # taken from the inbox, not yet journaled
+        self.last_batch = 0  # messages in the last journal batch: >1 means a burst
         self.backpressure_since: float | None = None
         self.inflight: dict[tuple[str, int], float] = {}
         self.results_ready = asyncio.Event()
@@ -220,14 +223,18 @@ class Gateway:
             buf.hold_idle(time.monotonic())
 
     async def _gather_batch(self) -> None:
-        """Top up the pending batch with what arrives within INGEST_LINGER_S."""
-        t_end = time.monotonic() + INGEST_LINGER_S
+        """Top up the pending batch with what is queued, and in a burst with what arrives
+        within INGEST_LINGER_S."""
+        t_end = time.monotonic() + (INGEST_LINGER_S if self.last_batch > 1 else 0.0)
         while len(self.pending) < INGEST_BATCH:
             if not self.inbox.empty():
                 self.pending.append(self.inbox.get_nowait())
                 continue
+            left = t_end - time.monotonic()
+            if left <= 0:
+                return
             try:
-                self.pending.append(await within(self.inbox.get(), t_end - time.monotonic()))
+                self.pending.append(await within(self.inbox.get(), left))
             except TimeoutError:
                 return
 
@@ -238,8 +245,9 @@ class Gateway:
             if not self.pending:
                 self.pending.append(await self.inbox.get())
             await self._gather_batch()
+            self.last_batch = len(self.pending)
             await self._await_room()
-            with self.store.tx():
+            with self.store.tx(durable=True):  # the PUBACKs below promise it is on disk
                 done, accepted = self._journal(self.pending, time.time(), limit)
             for msg in done:  # only now is every message of the batch durable
                 self.session.ack(msg)

@@ -1,4 +1,5 @@
-"""The uplink's current link rate, sensed locally: Wi-Fi tx bitrate (iw) or the tc tbf rate.
+"""The uplink's current link rate, sensed locally: Wi-Fi tx bitrate (iw) or the tc tbf rate
+(read over rtnetlink).
 
 The coordinator sees the link through telemetry a second or more late; the radio knows its
 rate now. The inferencer uses this reading to skip a transmission that cannot make its
@@ -8,19 +9,20 @@ deadline instead of waiting for the reply to time out.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import re
 import shutil
 from pathlib import Path
 from typing import Literal
 
+from edgetok.gateway.qdisc import read_tbf_rate
+
 log = logging.getLogger(__name__)
 
 SenseMode = Literal["auto", "iw", "tc", "off"]
 # A reading older than this many poll intervals is not trusted (the poller is stuck).
 STALE_POLLS = 4
-# One poll must not hang the loop: iw and tc answer in milliseconds.
+# One poll must not hang the loop: iw answers in milliseconds.
 POLL_TIMEOUT_S = 2.0
 _IW_RATE = re.compile(r"tx bitrate:\s*([0-9.]+)\s*MBit/s")
 
@@ -31,19 +33,6 @@ def parse_iw_link(text: str) -> float | None:
     return float(m.group(1)) * 1e6 if m else None
 
 
-def parse_tc_qdisc(text: str) -> float | None:
-    """Bit/s of the tbf qdisc in `tc -j qdisc show dev IF` output (tc reports bytes/s)."""
-    try:
-        qdiscs = json.loads(text or "[]")
-    except ValueError:
-        return None
-    for q in qdiscs if isinstance(qdiscs, list) else []:
-        rate = q.get("options", {}).get("rate") if isinstance(q, dict) else None
-        if q.get("kind") == "tbf" and isinstance(rate, int | float) and rate > 0:
-            return float(rate) * 8
-    return None
-
-
 def pick_mode(want: SenseMode, interface: str | None) -> SenseMode:
     """The mode that can work here: iw on a wireless interface, else tc, else off."""
     if interface is None or want == "off":
@@ -52,7 +41,7 @@ def pick_mode(want: SenseMode, interface: str | None) -> SenseMode:
     if want in ("auto", "iw") and wireless and shutil.which("iw"):
         return "iw"
     exists = Path(f"/sys/class/net/{interface}").exists()
-    if want in ("auto", "tc") and shutil.which("tc") and exists:
+    if want in ("auto", "tc") and exists:
         return "tc"
     if want != "auto":
         log.warning("link sensing %r is not possible on %s; off", want, interface)
@@ -70,11 +59,15 @@ class LinkSensor:
         self._at = -float("inf")
         self.errors = 0
 
-    def _command(self) -> list[str]:
+    async def _read(self) -> float | None:
         assert self.interface is not None
-        if self.mode == "iw":
-            return ["iw", "dev", self.interface, "link"]
-        return ["tc", "-j", "qdisc", "show", "dev", self.interface]
+        if self.mode == "tc":  # one netlink round trip, tens of µs: no need to leave the loop
+            return read_tbf_rate(self.interface)
+        proc = await asyncio.create_subprocess_exec(
+            "iw", "dev", self.interface, "link", stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.DEVNULL)
+        out, _ = await asyncio.wait_for(proc.communicate(), POLL_TIMEOUT_S)
+        return parse_iw_link(out.decode(errors="replace"))
 
     async def poll(self) -> float | None:
         """Read the rate once (None when the link reports none, e.g. no tbf installed)."""
@@ -82,16 +75,11 @@ class LinkSensor:
             return None
         loop = asyncio.get_running_loop()
         try:
-            proc = await asyncio.create_subprocess_exec(
-                *self._command(), stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.DEVNULL)
-            out, _ = await asyncio.wait_for(proc.communicate(), POLL_TIMEOUT_S)
+            rate = await self._read()
         except (OSError, TimeoutError) as exc:
             self.errors += 1
             log.debug("link sensing failed: %s", exc)
             return None
-        text = out.decode(errors="replace")
-        rate = parse_iw_link(text) if self.mode == "iw" else parse_tc_qdisc(text)
         self._rate, self._at = rate, loop.time()
         return rate
 

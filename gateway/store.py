@@ -57,9 +57,11 @@ class Store:
     def __init__(self, path: Path, synchronous: str = "NORMAL") -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
+        self.synchronous = synchronous  # for durable transactions; the rest run NORMAL
         self.db = sqlite3.connect(path, isolation_level=None)
         self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute(f"PRAGMA synchronous={synchronous}")
+        self._level = ""
+        self._sync("NORMAL")
         self.db.executescript(SCHEMA)
         self._migrate()
         self._journal_rows = self.db.execute("SELECT count(*) FROM readings").fetchone()[0]
@@ -77,16 +79,33 @@ class Store:
     def close(self) -> None:
         self.db.close()
 
+    def _sync(self, level: str) -> None:
+        if level != self._level:  # a pragma per commit would be cheap, but none is cheaper
+            self.db.execute(f"PRAGMA synchronous={level}")
+            self._level = level
+
     @contextmanager
-    def tx(self) -> Iterator[sqlite3.Connection]:
-        """One atomic, durable transaction."""
-        self.db.execute("BEGIN IMMEDIATE")
+    def tx(self, durable: bool = False) -> Iterator[sqlite3.Connection]:
+        """One atomic transaction; a `durable` one is on disk, under the configured
+        synchronous mode, when it returns.
+
+        Only commits that something outside waits on need that: the journal commit before
+        the PUBACKs. The others (window states, results, published marks) run NORMAL, with
+        no fsync of their own. WAL keeps commits in order, so a power cut can only lose a
+        tail of them, and each is redone from what stays: a window re-closed, a result
+        recomputed from its journaled readings or published again (at least once).
+        """
+        self._sync(self.synchronous if durable else "NORMAL")
         try:
-            yield self.db
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
-        self.db.execute("COMMIT")
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self.db
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+            self.db.execute("COMMIT")
+        finally:
+            self._sync("NORMAL")  # statements outside a transaction commit on their own
 
     # journal -----------------------------------------------------------------------------
     def add_readings(self, stream: str, rows: Sequence[tuple[float, dict[str, float]]]) -> None:

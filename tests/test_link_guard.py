@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import struct
 import subprocess
 import time
 from pathlib import Path
@@ -13,8 +14,9 @@ import pytest
 from pydantic import TypeAdapter
 
 from edgetok.frames import TailReply, decode_frame
+from edgetok.gateway import qdisc
 from edgetok.gateway.inference import Decision, Inferencer
-from edgetok.gateway.linksense import LinkSensor, parse_iw_link, parse_tc_qdisc
+from edgetok.gateway.linksense import LinkSensor, parse_iw_link
 from edgetok.gateway.windows import ClosedWindow
 from edgetok.models.runtime import Runtime
 from edgetok.tokenizers import TokenizerConfig
@@ -28,14 +30,31 @@ IW_LINK = """Connected to aa:bb:cc:dd:ee:ff (on wlan0)
 """
 
 
-def test_parsers_read_iw_and_tc_output() -> None:
-    """iw's tx bitrate (Mbit/s) and tc's tbf rate (bytes/s) both come out in bit/s."""
+def _attr(kind: int, payload: bytes) -> bytes:
+    """One rtattr, padded to 4 bytes as the kernel packs them."""
+    raw = struct.pack("=HH", 4 + len(payload), kind) + payload
+    return raw + b"\0" * (-len(raw) % 4)
+
+
+def _qdisc(ifindex: int, kind: bytes, options: bytes) -> bytes:
+    return (struct.pack("=BxxxiIII", 0, ifindex, 0x80010000, 0xFFFFFFFF, 1)
+            + _attr(qdisc.TCA_KIND, kind + b"\0") + _attr(qdisc.TCA_OPTIONS, options))
+
+
+def test_parsers_read_iw_output_and_netlink_qdiscs() -> None:
+    """iw's tx bitrate (Mbit/s) and the kernel's tbf rate (bytes/s) both come out in bit/s."""
     assert parse_iw_link(IW_LINK) == pytest.approx(72.2e6)
     assert parse_iw_link("Not connected.") is None
-    tbf = '[{"kind":"tbf","handle":"8001:","root":true,"options":{"rate":187500}}]'
-    assert parse_tc_qdisc(tbf) == pytest.approx(1.5e6)
-    assert parse_tc_qdisc('[{"kind":"fq_codel","options":{}}]') is None
-    assert parse_tc_qdisc("not json") is None
+    parms = struct.pack("=BBHhHI", 0, 1, 0, 0, 0, 187_500) + bytes(12) + bytes(12)
+    assert qdisc.tbf_rate(_qdisc(7, b"tbf", _attr(qdisc.TCA_TBF_PARMS, parms))) == (7, 1.5e6)
+    # Over 4 GB/s the u32 field saturates and the 64-bit attribute carries the rate.
+    big = struct.pack("=BBHhHI", 0, 1, 0, 0, 0, 0xFFFFFFFF) + bytes(24)
+    rate64 = _attr(qdisc.TCA_TBF_PARMS, big) + _attr(qdisc.TCA_TBF_RATE64,
+                                                     struct.pack("=Q", 5_000_000_000))
+    assert qdisc.tbf_rate(_qdisc(3, b"tbf", rate64)) == (3, 40e9)
+    assert qdisc.tbf_rate(_qdisc(7, b"fq_codel", b"")) is None
+    assert qdisc.tbf_rate(_qdisc(7, b"tbf", _attr(qdisc.TCA_TBF_PARMS, b"\1\2"))) is None
+    assert qdisc.tbf_rate(b"short") is None
 
 
 def test_sensing_is_off_without_an_interface() -> None:
@@ -56,13 +75,19 @@ async def test_sensor_reads_the_tbf_rate_it_is_given() -> None:
     a, b = f"etkls{os.getpid() % 10000}a", f"etkls{os.getpid() % 10000}b"
     _sh("ip", "link", "add", a, "type", "veth", "peer", "name", b)
     try:
-        for mbit in (3, 1):
+        assert await LinkSensor("tc", a, 0.5).poll() is None  # no tbf yet
+        for mbit in (3, 1, 40_000):  # 40 Gbit/s: past the u32 bytes/s field
             _sh("tc", "qdisc", "replace", "dev", a, "root", "tbf", "rate", f"{mbit}mbit",
-                "burst", "3000", "latency", "400ms")
+                "burst", "300000", "latency", "400ms")
             sensor = LinkSensor("tc", a, 0.5)
             assert sensor.mode == "tc"
             assert await sensor.poll() == pytest.approx(mbit * 1e6)
             assert sensor.rate_bps() == pytest.approx(mbit * 1e6)
+        # Only this interface's qdisc counts, not its peer's.
+        _sh("tc", "qdisc", "replace", "dev", b, "root", "tbf", "rate", "7mbit", "burst",
+            "3000", "latency", "400ms")
+        assert await LinkSensor("tc", a, 0.5).poll() == pytest.approx(40e9)
+        assert await LinkSensor("tc", b, 0.5).poll() == pytest.approx(7e6)
     finally:
         subprocess.run(["ip", "link", "del", a], check=False)  # noqa: ASYNC221
 

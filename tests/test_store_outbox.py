@@ -100,3 +100,24 @@ def test_batch_lookup_and_journal_keep_order_and_span_statements(
     assert s.all_readings("env") == [(1.0, {"t": 20.0})]
     assert s.journal_rows == 4  # an upper bound: the merged reading counts as new
     assert s.recount_journal() == 3
+
+
+def _level(store: Store) -> int:
+    return int(store.db.execute("PRAGMA synchronous").fetchone()[0])
+
+
+def test_only_durable_transactions_pay_for_the_configured_sync(tmp_path: Path) -> None:
+    # SQLite's synchronous levels: 1 NORMAL (no fsync per WAL commit), 2 FULL.
+    store = Store(tmp_path / "db.sqlite", synchronous="FULL")
+    assert _level(store) == 1
+    with store.tx(durable=True):
+        assert _level(store) == 2  # the journal commit the PUBACKs wait on
+    assert _level(store) == 1  # autocommit statements (published marks) after it
+    with store.tx():
+        assert _level(store) == 1
+    with pytest.raises(RuntimeError), store.tx(durable=True):
+        raise RuntimeError("rolled back")
+    assert _level(store) == 1
+    relaxed = Store(tmp_path / "db2.sqlite", synchronous="NORMAL")
+    with relaxed.tx(durable=True):
+        assert _level(relaxed) == 1

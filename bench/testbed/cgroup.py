@@ -10,15 +10,16 @@ import threading
 import time
 from pathlib import Path
 
+from edgetok.gateway.actuators import CPU_PERIOD_US, cfs_quota
+
 log = logging.getLogger(__name__)
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 V1_CPU = CGROUP_ROOT / "cpu"
-# CFS period. A quota caps the average over one period, so with the kernel's default of
-# 100 ms a gateway that idles between windows runs each few-ms burst at full speed and a
-# 10% quota changes nothing. 10 ms makes a burst of a few ms run ~1/share times slower, as
-# on a slower clock, at the cost of more scheduler work (the kernel's minimum is 1 ms).
-CPU_PERIOD_US = 10_000
+# The CFS period is the gateway actuator's (edgetok.gateway.actuators.cfs_quota): 10 ms, so
+# that a burst of a few ms runs ~1/share times slower, as on a slower clock (at the kernel's
+# default of 100 ms it would run at full speed and a 10% quota would change nothing).
+
 # How often the cpu.max bridge (v1 hosts) looks for a write by the gateway's actuator.
 BRIDGE_POLL_S = 0.05
 
@@ -71,13 +72,11 @@ class CpuGroup:
 
     def set_share(self, share: float | None) -> None:
         """Cap at `share` of one core (None: no cap)."""
-        # The kernel's floor for a quota is 1 ms.
-        quota = None if share is None else max(int(share * CPU_PERIOD_US), 1000)
+        quota, period = (None, CPU_PERIOD_US) if share is None else cfs_quota(share)
         if self.version == "v2":
-            (self.path / "cpu.max").write_text(
-                f"{'max' if quota is None else quota} {CPU_PERIOD_US}")
+            (self.path / "cpu.max").write_text(f"{'max' if quota is None else quota} {period}")
         else:
-            (self.path / "cpu.cfs_period_us").write_text(str(CPU_PERIOD_US))
+            (self.path / "cpu.cfs_period_us").write_text(str(period))
             (self.path / "cpu.cfs_quota_us").write_text(str(-1 if quota is None else quota))
         self.share = share
         log.info("%s: CPU quota %s", self.path.name,
