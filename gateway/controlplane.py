@@ -110,9 +110,14 @@ class ControlPlane:
         rate = (done - self._done_mark) / max(now - self._t_mark, 1e-3)
         self._bytes_mark, self._uplink_s = up.bytes_sent, 0.0
         self._done_mark, self._t_mark = done, now
+        link = self.sensor.rate_bps()
+        # The overhead was measured against the sensed rate: meaningless without it.
+        overhead = None if link is None or up.overhead_s is None else \
+            round(up.overhead_s * 1e3, 3)
         return Telemetry(
             gateway=gw.cfg.id, ts=time.time(), uplink_bps=bps,
-            tx_power_w=self.actuators.effective_tx_power_w(), link_bps=self.sensor.rate_bps(),
+            tx_power_w=self.actuators.effective_tx_power_w(), link_bps=link,
+            frame_overhead_ms=overhead,
             cpu_hz=self.actuators.effective_cpu_hz(),
             head_ms={k: round(v, 3) for k, v in gw.inferencer.head_ms.items()},
             queue_depth=len(gw.inflight), windows_per_s=round(rate, 4), windows_done=done,

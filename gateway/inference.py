@@ -64,6 +64,9 @@ class UplinkState:
     frame_bits: dict[str, float] = field(default_factory=dict)  # last frame size by key
     rtt_s: dict[str, float] = field(default_factory=dict)  # smoothed reply round trip by frame
     rtt_rate: dict[str, float] = field(default_factory=dict)  # sensed rate at those replies
+    # Smoothed time of a reply that is neither the frame's bits at the sensed rate nor the
+    # server's tail: encoding and publishing here, the broker's hops, the reply's way back.
+    overhead_s: float | None = None
 
     def learn(self, key: str, rtt_s: float, rate_bps: float | None) -> None:
         """Fold one reply's round trip (and the link rate sensed then) into the estimates."""
@@ -72,6 +75,15 @@ class UplinkState:
         if rate_bps is not None:
             r = self.rtt_rate.get(key)
             self.rtt_rate[key] = rate_bps if r is None else r + RTT_ALPHA * (rate_bps - r)
+
+    def learn_overhead(self, rtt_s: float, tail_s: float, bits: float,
+                       rate_bps: float | None) -> None:
+        """Fold one reply into overhead_s; only with a sensed rate to take the bits off."""
+        if rate_bps is None:
+            return
+        x = max(rtt_s - tail_s - bits / rate_bps, 0.0)
+        old = self.overhead_s
+        self.overhead_s = x if old is None else old + RTT_ALPHA * (x - old)
 
     def predict(self, key: str, bits: float, rate_bps: float | None) -> float | None:
         """Expected round trip of a frame of `bits` now; None with nothing to go on.
@@ -349,7 +361,9 @@ class Inferencer:
         up.server_ok = True
         rtt_s = time.monotonic() - t0
         if reply.error is None:
-            up.learn(link_key, rtt_s, self.link_rate())
+            rate = self.link_rate()
+            up.learn(link_key, rtt_s, rate)
+            up.learn_overhead(rtt_s, reply.tail_ms / 1000, 8.0 * len(frame), rate)
         return reply, rtt_s * 1000
 
     def close(self) -> None:

@@ -11,7 +11,7 @@ import pytest
 from pydantic import ValidationError
 
 from edgetok.agent.coordinator.config import ControllerConfig
-from edgetok.agent.coordinator.model import gain_from_rate, rate_bps
+from edgetok.agent.coordinator.model import evaluate, gain_from_rate, rate_bps
 from edgetok.agent.coordinator.online import OnlineController
 from edgetok.agent.coordinator.solver import solve_options
 from edgetok.agent.coordinator.synthetic import synthetic_manifest
@@ -295,3 +295,26 @@ def test_latency_preference_ranks_transmissions_without_their_fallback_reserve()
     assert sol.latency[fast] > sol.latency[dev] > sol.latency[fast] - reserve[fast]
     d = ctl.decide("gw1", 0.0)
     assert d is not None and d.feasible and d.split < table.num_layers
+
+
+def test_frame_overhead_is_charged_per_frame_not_to_the_rate() -> None:
+    # A 10 Mbit/s link whose replies also spend 8 ms per frame off the wire. Read as goodput,
+    # the overhead would look like a slow link, costing big frames far more than small ones.
+    ctl = OnlineController(config(), MANIFEST)
+    t = ctl.table
+    ctl.observe(Telemetry(gateway="a", ts=0.0, link_bps=10e6, frame_overhead_ms=8.0,
+                          uplink_bps=1e6, tx_power_w=P_MAX), 0.0)
+    env, queue = ctl.environment("a", 0.0)
+    ctl.observe(Telemetry(gateway="b", ts=0.0, tx_power_w=P_MAX, link_bps=10e6), 0.0)
+    env_b, plain = ctl.environment("b", 0.0)
+    assert env.gain == pytest.approx(env_b.gain)  # the rate is the sensed one, not goodput
+    tx = t.transmits
+    assert np.allclose(queue[tx] - plain[tx], 0.008)
+    lat_a, _ = evaluate(t, env, env.f_max_hz, P_MAX, queue)
+    lat_b, _ = evaluate(t, env_b, env.f_max_hz, P_MAX, plain)
+    assert np.allclose(lat_a[tx] - lat_b[tx], 0.008)
+    assert np.allclose(lat_a[~tx], lat_b[~tx])  # on-device options send nothing
+    # Goodput alone (no overhead reported) goes back to charging everything to the rate.
+    ctl.observe(Telemetry(gateway="a", ts=1.0, uplink_bps=1e6, tx_power_w=P_MAX), 1.0)
+    _, after = ctl.environment("a", 1.0)
+    assert np.allclose(after[tx], plain[tx])

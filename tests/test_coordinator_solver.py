@@ -255,9 +255,10 @@ def test_latency_first_without_a_budget_runs_flat_out() -> None:
     env = Environment(bandwidth_hz=20e6, gain=1e-7, noise_w_per_hz=4e-21, p_max_w=0.1,
                       f_min_hz=6e8, f_max_hz=1.5e9, kappa=2e-28, deadline_s=0.05)
     sol = solve_options(TABLE, env, prefer="latency")
-    c = TABLE.c_head > 0
-    assert (sol.f[c] == env.f_max_hz).all()
+    # Server-only options too: the gateway's own per-window work runs on that clock.
+    assert (sol.f == env.f_max_hz).all()
     assert (sol.p[TABLE.transmits] == env.p_max_w).all()
     slow = solve_options(TABLE, env)
+    assert (slow.f[TABLE.c_head <= 0] == env.f_min_hz).all()  # energy first: nothing to run
     assert (sol.latency <= slow.latency * (1 + 1e-12)).all()
     assert (sol.energy >= slow.energy * (1 - 1e-12)).all()

@@ -145,6 +145,9 @@ async def test_collapsed_sensed_link_goes_to_the_device_without_the_head(
     ok = await inf.infer(_window(inf.runtime, 1), deadline_s=1.0)
     assert ok.where == "split" and server.frames == 1
     assert inf.uplink.rtt_s, "a reply teaches the guard the round trip"
+    # ... and the per-frame time beside the bits at the sensed rate and the server's tail.
+    rtt = next(iter(inf.uplink.rtt_s.values()))
+    assert inf.uplink.overhead_s is not None and 0 <= inf.uplink.overhead_s <= rtt
     heads = inf.run_ms[(split, "head")]
     rate["bps"] = 100.0  # 100 bit/s: a frame of kilobytes would take minutes
     r = await inf.infer(_window(inf.runtime, 2), deadline_s=1.0)
@@ -192,3 +195,13 @@ async def test_fallback_runs_at_the_fallback_clock_and_restores_it(
     # the decision's clock (the coordinator would read a faster device into them).
     assert r.variant.id not in inf.head_ms
     assert (r.variant.id, "head") in inf.boosted_ms
+
+
+@pytest.mark.asyncio
+async def test_no_frame_overhead_without_a_sensed_rate(
+        split_setup: tuple[Inferencer, Server, str]) -> None:
+    """Without a rate to take the bits off, the round trip cannot be split: none is kept."""
+    inf, server, _ = split_setup
+    r = await inf.infer(_window(inf.runtime, 1), deadline_s=1.0)
+    assert r.where == "split" and server.frames == 1
+    assert inf.uplink.rtt_s and inf.uplink.overhead_s is None

@@ -83,6 +83,7 @@ class GatewayState:
     solve_s: float = 0.0
     planned: tuple[float, ...] = field(default_factory=tuple)
     last_seen: float = -math.inf
+    frame_overhead_s: float = 0.0  # per frame, beside bits / rate (see Telemetry)
 
 
 class OnlineController:
@@ -153,9 +154,17 @@ class OnlineController:
             st.cell = t.cell
         if t.deadline_ms is not None:
             st.deadline_s = t.deadline_ms / 1000.0
-        # Measured goodput first; the radio's own rate when nothing was sent (the gateway
-        # kept its frames off a link too slow for them, or runs everything on the device).
-        bps = t.uplink_bps if t.uplink_bps is not None else t.link_bps
+        # With the per-frame overhead measured against the sensed rate, the wire runs at that
+        # rate and the overhead is added per frame. Else measured goodput (which carries the
+        # overhead in the rate); the radio's own rate when nothing was sent (the gateway kept
+        # its frames off a link too slow for them, or runs everything on the device).
+        if t.frame_overhead_ms is not None and t.link_bps is not None:
+            st.frame_overhead_s = t.frame_overhead_ms / 1000.0
+            bps: float | None = t.link_bps
+        else:
+            if t.uplink_bps is not None:
+                st.frame_overhead_s = 0.0
+            bps = t.uplink_bps if t.uplink_bps is not None else t.link_bps
         if bps is not None:
             p = t.tx_power_w or (st.decision.tx_power_w if st.decision else 0.0)
             p = p or self.config.link.p_max_w
@@ -236,7 +245,8 @@ class OnlineController:
         deadline = self._deadline(st) * (1.0 - self.config.latency_margin)
         env = self._environment(self._gain(st, now), self._bandwidth(gateway, True),
                                 math.exp(st.log_speed.value(0.0)), wait, deadline)
-        return env, self._queue(gateway, st) + self.fallback_reserve(env)
+        # Applied to transmitting options only, as the server queue is (fixed_latency).
+        return env, self._queue(gateway, st) + st.frame_overhead_s + self.fallback_reserve(env)
 
     def fallback(self, env: Environment) -> int:
         """The on-device option a gateway runs when the server cannot answer in time.
