@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
 import logging
-import math
 import time
 from collections import deque
 from pathlib import Path
@@ -14,33 +12,25 @@ from pathlib import Path
 from pydantic import TypeAdapter
 
 from edgetok import __version__
-from edgetok.aio import stop_on_signals, wait_event, within
+from edgetok.aio import stop_on_signals, wait_event
 from edgetok.frames import FrameError, TailReply
 from edgetok.gateway.actuators import Actuators
 from edgetok.gateway.config import GatewayConfig, StreamConfig
 from edgetok.gateway.controlplane import ControlPlane
-from edgetok.gateway.decode import DecodeError, Reading, Router
+from edgetok.gateway.decode import Router
 from edgetok.gateway.health import Health
 from edgetok.gateway.inference import Decision, InferenceError, Inferencer
+from edgetok.gateway.ingest import Ingest
 from edgetok.gateway.metrics import GatewayMetrics
 from edgetok.gateway.store import Store
 from edgetok.gateway.windows import ClosedWindow, WindowBuffer
 from edgetok.models.runtime import Runtime
-from edgetok.mqttlink import RECEIVE_MAXIMUM, InMessage, MqttSession, Outgoing
+from edgetok.mqttlink import InMessage, MqttSession, Outgoing
 from edgetok.tokenizers import TokenizeError, Tokenizer, TokenizerConfig
 from edgetok.topics import Topics
 
 log = logging.getLogger(__name__)
 
-# Messages journaled per transaction: group commit amortises the fsync over a burst. Half
-# the Receive Maximum, so the broker can send the next batch while one is being committed.
-INGEST_BATCH = RECEIVE_MAXIMUM // 2
-# How long the first message of a batch waits for company while messages come in bursts
-# (the last batch held more than one). Messages arrive a socket read at a time, and a fast
-# stream would otherwise be committed a few at a time (one fsync each under
-# synchronous=FULL). A trickle does not wait: its batches are single messages anyway, and
-# the wait would be added to every window's latency. Longer: bigger batches under load.
-INGEST_LINGER_S = 0.005
 # How often open windows are checked against the idle rule.
 CLOSE_TICK_S = 0.05
 # Grace for in-flight windows and unpublished results on shutdown, beyond the deadlines.
@@ -73,16 +63,8 @@ class Gateway:
             log.warning("journal.max_rows=%d holds fewer than %d windows per stream; under "
                         "backpressure windows may close short", cfg.journal.max_rows,
                         MIN_JOURNAL_WINDOWS)
-        self.router = Router(cfg.streams)
-        # The broker sends at most Receive Maximum unacknowledged QoS 1 messages, so this
-        # queue never fills from QoS 1 traffic and the MQTT pump never blocks on it.
-        self.inbox: asyncio.Queue[InMessage] = asyncio.Queue(maxsize=2 * RECEIVE_MAXIMUM)
-        self.pending: deque[InMessage] = deque()  # taken from the inbox, not yet journaled
-        self.last_batch = 0  # messages in the last journal batch: >1 means a burst
-        self.backpressure_since: float | None = None
         self.inflight: dict[tuple[str, int], float] = {}
         self.results_ready = asyncio.Event()
-        self.room = asyncio.Event()
         self.no_inflight = asyncio.Event()
         self.no_inflight.set()
         self.stopping = asyncio.Event()
@@ -102,6 +84,8 @@ class Gateway:
             will=Outgoing(self.topics.status, self._status_payload("offline")),
             on_connect=[Outgoing(self.topics.status, self._status_payload("online"))],
             on_message=self._on_message)
+        self.ingest = Ingest(self.store, self.session, Router(cfg.streams), self.buffers,
+                             self.counters, cfg.journal, self._deadletter, self._close_due)
         self.inferencer = Inferencer(cfg.id, self.runtime, self.tokenizers,
                                      self._publish_frame, decision)
         self.control = ControlPlane(self, Actuators(cfg.actuators))
@@ -122,6 +106,16 @@ class Gateway:
                            "streams": sorted(self.streams),
                            "capabilities": ["split", "device-fallback", "int8", "fp16"]}
                           ).encode()
+
+    @property
+    def inbox(self) -> asyncio.Queue[InMessage]:
+        """Sensor messages from MQTT, waiting for ingest."""
+        return self.ingest.inbox
+
+    @property
+    def pending(self) -> deque[InMessage]:
+        """Messages ingest took from the inbox but has not journaled yet."""
+        return self.ingest.pending
 
     # MQTT in ----------------------------------------------------------------------------
     async def _on_message(self, msg: InMessage) -> None:
@@ -151,121 +145,12 @@ class Gateway:
         self.results_ready.set()
         log.info("dead letter from %s: %s (%s)", topic, reason, detail)
 
-    def _accepts(self, stream: str, ts: float) -> bool:
-        """Whether a reading at ts still belongs to an open-able window of the stream."""
-        return self.buffers[stream].accepts(ts)
-
-    def _admit(self, msg: InMessage, now: float) -> tuple[str, list[Reading]] | None:
-        """Journal one message's readings (inside the caller's transaction), or say why not."""
-        _, accepted = self._journal(deque([msg]), now, math.inf)
-        return accepted[0] if accepted else None
-
-    def _journal(self, queue: deque[InMessage], now: float, limit: float
-                 ) -> tuple[list[InMessage], list[tuple[str, list[Reading]]]]:
-        """Journal messages from the front of `queue` (inside the caller's transaction) until
-        it is empty or the journal holds `limit` readings. Returns the messages taken and,
-        per message accepted, its stream and readings. One query checks the batch for
-        redeliveries and one statement journals its readings."""
-        batch = list(itertools.islice(queue, INGEST_BATCH))
-        digests = [self.store.digest(m.topic, m.payload) for m in batch]
-        known = self.store.known(digests)
-        taken: list[InMessage] = []
-        accepted: list[tuple[str, list[Reading]]] = []
-        new: list[bytes] = []
-        rows: list[tuple[str, float, dict[str, float]]] = []
-        base = self.store.journal_rows
-        for msg, digest in zip(batch, digests, strict=True):
-            if base + len(rows) >= limit:
-                break  # the rest stay unacknowledged until there is room
-            queue.popleft()
-            taken.append(msg)
-            self.counters["messages"] += 1
-            if digest in known:
-                # A QoS 1 redelivery (its PUBACK was lost) or a sensor's resend: expected,
-                # so counted rather than dead-lettered, and never a second set of readings.
-                self.counters["duplicate_messages"] += 1
-                self.counters["duplicates"] += 1
-                continue
-            known.add(digest)  # the same message twice in one batch counts as a repeat too
-            new.append(digest)
-            try:
-                stream, fresh, late = self.router.admit(msg.topic, msg.payload, self._accepts,
-                                                        now)
-            except DecodeError as exc:
-                self._deadletter(msg.topic, exc.reason, exc.detail, msg.payload)
-                continue
-            if late:
-                self.counters["late_readings"] += late
-                self._deadletter(msg.topic, "late", f"{late} of {late + len(fresh)} "
-                                 "reading(s) fall in windows already closed", msg.payload)
-            rows.extend((stream.name, r.ts, r.values) for r in fresh)
-            accepted.append((stream.name, fresh))
-        self.store.remember(new)
-        self.store.journal(rows)
-        return taken, accepted
-
-    async def _await_room(self) -> None:
-        """Backpressure: while the journal is full, acknowledge nothing; drop nothing."""
-        limit = self.cfg.journal.max_rows
-        if self.store.journal_rows < limit or self.store.recount_journal() < limit:
-            return
-        self.backpressure_since = time.monotonic()
-        self.counters["backpressure_events"] += 1
-        log.warning("journal full (%d readings): not acknowledging until windows complete",
-                    self.store.journal_rows)
-        while self.store.journal_rows >= limit:
-            self.room.clear()
-            await self.room.wait()
-        log.info("journal has room again after %.1fs", time.monotonic()
-                 - self.backpressure_since)
-        self.backpressure_since = None
-        for buf in self.buffers.values():
-            buf.hold_idle(time.monotonic())
-
-    async def _gather_batch(self) -> None:
-        """Top up the pending batch with what is queued, and in a burst with what arrives
-        within INGEST_LINGER_S."""
-        t_end = time.monotonic() + (INGEST_LINGER_S if self.last_batch > 1 else 0.0)
-        while len(self.pending) < INGEST_BATCH:
-            if not self.inbox.empty():
-                self.pending.append(self.inbox.get_nowait())
-                continue
-            left = t_end - time.monotonic()
-            if left <= 0:
-                return
-            try:
-                self.pending.append(await within(self.inbox.get(), left))
-            except TimeoutError:
-                return
-
-    async def _ingest(self) -> None:
-        """Journal bursts of messages in one transaction, ack them, then buffer them."""
-        limit = self.cfg.journal.max_rows
-        while True:
-            if not self.pending:
-                self.pending.append(await self.inbox.get())
-            await self._gather_batch()
-            self.last_batch = len(self.pending)
-            await self._await_room()
-            with self.store.tx(durable=True):  # the PUBACKs below promise it is on disk
-                done, accepted = self._journal(self.pending, time.time(), limit)
-            for msg in done:  # only now is every message of the batch durable
-                self.session.ack(msg)
-            self.counters["journal_peak_rows"] = max(self.counters["journal_peak_rows"],
-                                                     self.store.journal_rows)
-            for name, readings in accepted:
-                buf = self.buffers[name]
-                for r in readings:
-                    buf.add(r.ts, r.values)
-                self.counters["readings"] += len(readings)
-            self._close_due()
-
     # windows -----------------------------------------------------------------------------
     def _deaf(self) -> bool:
         """Whether readings cannot reach us now, so a silent stream is not idle."""
         if not self.session.connected.is_set():
             return True
-        if self.backpressure_since is None:
+        if self.ingest.backpressure_since is None:
             return False
         # Backpressured with nothing in flight: no window will free room, so let the idle
         # rule close windows (short) rather than wait forever.
@@ -341,8 +226,7 @@ class Gateway:
         keep = self.buffers[win.stream].keep_from()
         keep = min([keep] + [t for (s, _), t in self.inflight.items() if s == win.stream])
         self.store.prune(win.stream, keep)
-        if self.store.journal_rows < self.cfg.journal.max_rows:
-            self.room.set()
+        self.ingest.on_pruned()
 
     # MQTT out ----------------------------------------------------------------------------
     async def _publish_frame(self, frame: bytes, wait_s: float) -> bool:
@@ -420,7 +304,7 @@ class Gateway:
         async with asyncio.TaskGroup() as tg:
             self.tg = tg
             mqtt_task = tg.create_task(self.session.run())
-            workers = [tg.create_task(c) for c in (self._ingest(), self._closer(),
+            workers = [tg.create_task(c) for c in (self.ingest.run(), self._closer(),
                                                   self._publisher(), self.control.run())]
             self.recover()
             health = tg.create_task(self.health.run())  # READY=1, STATUS=, WATCHDOG=1

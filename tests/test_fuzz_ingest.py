@@ -1,7 +1,7 @@
 """Hypothesis throws generated payloads at decode -> validate -> window -> tokenize -> model.
 
 Every outcome must be a result or a dead letter (a typed error), never an unhandled
-exception. The path is the daemon's own: Gateway._admit inside a journal transaction, then
+exception. The path is the daemon's own: Ingest.admit inside a journal transaction, then
 the stream's WindowBuffer, then Inferencer.infer on the on-device variant.
 """
 
@@ -117,7 +117,7 @@ def outcome(gw: Gateway, payload: bytes) -> str:
     before = dict(gw.counters)
     msg = InMessage("sensors/imu", payload, qos=1, retain=False, mid=1, generation=0)
     with gw.store.tx():
-        got = gw._admit(msg, time.time())
+        got = gw.ingest.admit(msg, time.time())
     if got is None:
         assert gw.counters["deadletters"] > before["deadletters"] or \
             gw.counters["duplicate_messages"] > before["duplicate_messages"]

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from edgetok.gateway import daemon
+from edgetok.gateway import ingest
 from edgetok.gateway.config import GatewayConfig
 from edgetok.gateway.daemon import Gateway
 from edgetok.gateway.models import Latency, Result, VariantRef
@@ -77,7 +77,7 @@ async def running(gw: Gateway, connected: bool = True) -> AsyncIterator[Gateway]
         gw.session.connected.set()  # publishing then fails fast: there is no client
     async with asyncio.TaskGroup() as tg:
         gw.tg = tg
-        tasks = [tg.create_task(gw._ingest()), tg.create_task(gw._closer())]
+        tasks = [tg.create_task(gw.ingest.run()), tg.create_task(gw._closer())]
         gw.recover()
         try:
             yield gw
@@ -269,21 +269,21 @@ async def test_a_trickle_is_journaled_at_once_and_only_a_burst_lingers(
         tmp_path: Path, tiny_bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # A linger far longer than the test may take: a lone message that waited for company
     # would not be acknowledged in time.
-    monkeypatch.setattr(daemon, "INGEST_LINGER_S", 60.0)
+    monkeypatch.setattr(ingest, "INGEST_LINGER_S", 60.0)
     gw = Gateway(config(tmp_path, tiny_bundle))
     acked: list[int] = []
     gw.session.ack = lambda m: acked.append(m.mid)
     async with running(gw):
         await gw.inbox.put(msg(chunk(K0, 0), 0))
         await until(lambda: acked == [0])
-        assert gw.last_batch == 1
+        assert gw.ingest.last_batch == 1
         await asyncio.sleep(0.05)
         await gw.inbox.put(msg(chunk(K0, 10), 1))
         await until(lambda: acked == [0, 1])
         for mid in range(2, 6):  # queued together: one batch, and a burst from now on
             gw.inbox.put_nowait(msg(chunk(K0, 10 * mid), mid))
         await until(lambda: len(acked) == 6)
-        assert gw.last_batch == 4
+        assert gw.ingest.last_batch == 4
     assert gw.counters["readings"] == 60
 
 
