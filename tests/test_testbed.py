@@ -120,6 +120,27 @@ def test_teardown_runs_when_the_body_fails() -> None:
 
 
 @needs_testbed
+def test_teardown_survives_a_second_sigterm() -> None:
+    """SIGTERM twice in a row (a pkill of both `timeout` and the bench): all still removed."""
+    code = ("import sys, time; sys.path.insert(0, sys.argv[1]); from testbed import Testbed; "
+            "tb = Testbed(1, tag=sys.argv[2]).up(); "
+            # A child that ignores SIGTERM keeps the first teardown waiting on it.
+            "tb.popen(tb.server_ns, ['sh', '-c', 'trap \"\" TERM; sleep 60']); "
+            "print(tb.server_ns, tb.hosts[0].netns, flush=True); time.sleep(60)")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(ROOT / "bench"), _tag()],
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    names = set(proc.stdout.readline().split())
+    assert len(names) == 2 and names <= _netns()
+    proc.terminate()
+    time.sleep(0.5)  # inside the first teardown, still waiting on that child
+    proc.terminate()
+    assert proc.wait(timeout=30) != 0
+    proc.stdout.close()
+    assert not names & _netns()
+
+
+@needs_testbed
 def test_cleanup_removes_what_a_dead_owner_left() -> None:
     """--cleanup removes namespaces and cgroups of a test bed whose owner died."""
     tag = str(_dead_pid())

@@ -267,6 +267,9 @@ class Testbed:
     # teardown ----------------------------------------------------------------------------
     def _on_sigterm(self, signum: int, frame: object) -> None:
         """Tear down on SIGTERM, then exit."""
+        # A second SIGTERM (`timeout` forwards one, a pkill adds another) must not cut the
+        # teardown short: close() would return at once as already begun, and exit.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         self.close()
         raise SystemExit(128 + signum)
 
