@@ -27,6 +27,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from testbed.goals import check, summary
 from testbed.metrics import summarise
 from testbed.net import Testbed, TestbedError, available
 from testbed.plots import plot_all
@@ -48,9 +49,11 @@ WINDOWS, QUICK_WINDOWS = 40, 16
 WARMUP = 4
 # Link and CPU of the scenarios that vary something else.
 BASE_LINK_MBIT, BASE_CPU = 10.0, 1.0
-# A Raspberry-Pi-class gateway (several times slower than one core here): the link sweep is
-# repeated on it, because there the best static choice changes with the link rate.
-PI_CPU = 0.25
+# A Raspberry-Pi-class gateway (several times slower than one core here): the link sweep and
+# a trace are repeated on it. At 25% of a core on-device still wins at every link rate; at
+# 10% the head costs about as much as sending the window, so the best static choice can
+# change with the link rate, the case the issue's 0.6x goal is about.
+PI_CPU = 0.1
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,10 +68,11 @@ class Scenario:
     trace: tuple[tuple[float, float], ...] = ()
 
 
-def trace_20_1_20(duration_s: float) -> tuple[tuple[float, float], ...]:
-    """20 Mbit/s, a drop to 1 Mbit/s for the middle third of the replay, then back."""
+def trace_drop(duration_s: float, high: float = 20.0, low: float = 1.0
+               ) -> tuple[tuple[float, float], ...]:
+    """`high` Mbit/s, a drop to `low` for the middle third of the replay, then back."""
     third = duration_s / 3
-    return ((0.0, 20.0), (third, 1.0), (2 * third, 20.0))
+    return ((0.0, high), (third, low), (2 * third, high))
 
 
 def scenarios(quick: bool, replay_s: float, max_gateways: int) -> list[Scenario]:
@@ -78,12 +82,14 @@ def scenarios(quick: bool, replay_s: float, max_gateways: int) -> list[Scenario]
     loads = (4,) if quick else (1, 4, 16)
     out = [Scenario(f"link-{m:g}", "link", link_mbit=m) for m in links]
     out.append(Scenario("trace-20-1-20", "trace", link_mbit=20.0,
-                        trace=trace_20_1_20(replay_s)))
+                        trace=trace_drop(replay_s)))
     out += [Scenario(f"cpu-{c:.0%}", "cpu", cpu_share=c) for c in cpus]
     out += [Scenario(f"load-{n}", "load", gateways=n) for n in loads if n <= max_gateways]
     pi_links = (50.0, 0.5) if quick else (50.0, 2.0, 0.5)
     out += [Scenario(f"pi-link-{m:g}", "link-pi", link_mbit=m, cpu_share=PI_CPU)
             for m in pi_links]
+    out.append(Scenario("pi-trace-50-0.5-50", "trace-pi", link_mbit=50.0, cpu_share=PI_CPU,
+                        trace=trace_drop(replay_s, 50.0, 0.5)))
     return out
 
 
@@ -224,10 +230,12 @@ def main(argv: list[str] | None = None) -> int:
         else:
             shutil.rmtree(work, ignore_errors=True)
     doc["finished"] = time.time()
+    doc["goals"] = check(doc)
     _write(args.out, doc)
     for path in plot_all(doc, args.out.parent, args.out.stem):
         print(f"wrote {path}")
     print(table(doc))
+    print(summary(doc["goals"]))
     return 0
 
 

@@ -42,11 +42,13 @@ def plot_all(doc: dict[str, Any], out: Path, stem: str = "e2e") -> list[Path]:
     panels = [("link", "link_mbit", "uplink rate (Mbit/s)", True),
               ("cpu", "cpu_share", "gateway CPU (share of one core)", False),
               ("load", "gateways", "gateways sharing one server", False),
-              ("link-pi", "link_mbit", "uplink rate (Mbit/s), gateway at 25% of a core", True)]
+              ("link-pi", "link_mbit", "uplink rate (Mbit/s), Pi-class gateway", True)]
     for group, key, xlabel, logx in panels:
         scs = _group(doc, group)
         if not scs:
             continue
+        if group == "link-pi":
+            xlabel = f"uplink rate (Mbit/s), gateway at {scs[0]['cpu_share']:.0%} of a core"
         fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
         for pol in POLICIES:
             c, mk = STYLE[pol]
@@ -79,7 +81,7 @@ def plot_all(doc: dict[str, Any], out: Path, stem: str = "e2e") -> list[Path]:
         fig.savefig(path, dpi=110)
         plt.close(fig)
         written.append(path)
-    for sc in _group(doc, "trace"):
+    for group, sc in [(g, sc) for g in ("trace", "trace-pi") for sc in _group(doc, g)]:
         fig, ax = plt.subplots(figsize=(11, 4.2))
         for pol in POLICIES:
             m = sc["runs"].get(pol)
@@ -99,7 +101,8 @@ def plot_all(doc: dict[str, Any], out: Path, stem: str = "e2e") -> list[Path]:
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
         fig.tight_layout()
-        path = out / f"{stem}_trace.png"
+        ax.set_title(f"{group}: gateway at {sc['cpu_share']:.0%} of a core")
+        path = out / f"{stem}_{group}.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)
         written.append(path)
