@@ -12,6 +12,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
+from testbed.goals import check  # noqa: E402
 from testbed.metrics import summarise  # noqa: E402
 from testbed.run import (  # noqa: E402
     KAPPA,
@@ -105,3 +106,32 @@ def test_decisions_are_counted_for_this_runs_gateways_only() -> None:
         {"gateway": g, "epoch": 1, "seq": 1, "received_ts": 999.0, "cpu_hz": 0.5e9,
          "tx_power_w": 0.01} for g in ("g0", "g0", "old-r1", "old-r2", "old-r3")]
     assert summarise(data)["decisions"] == 2
+
+
+def _run(lat_by_rate: dict[float, float], n: int = 5) -> dict[str, Any]:
+    rows = [{"link_mbit": r, "latency_ms": ms} for r, ms in lat_by_rate.items()
+            for _ in range(n)]
+    return {"per_window": rows}
+
+
+def test_goals_apply_the_strict_ratio_only_where_the_best_static_choice_changes() -> None:
+    # A trace: on-device wins at the low rate, server-only at the high one.
+    trace = {"device-only": _run({50.0: 30.0, 0.5: 30.0}),
+             "server-only": _run({50.0: 10.0, 0.5: 90.0}),
+             "fixed-split": _run({50.0: 20.0, 0.5: 60.0})}
+    flat = {"device-only": _run({10.0: 5.0}), "server-only": _run({10.0: 9.0}),
+            "fixed-split": _run({10.0: 7.0})}
+    doc = {"scenarios": {
+        "trace": {"runs": trace, "headline": {"ratio": 0.7, "best_static": "device-only",
+                                              "joint_hit_ge_best": True}},
+        "flat": {"runs": flat, "headline": {"ratio": 1.04, "best_static": "device-only",
+                                            "joint_hit_ge_best": False}},
+        "again": {"runs": flat, "same_as": "flat",
+                  "headline": {"ratio": 1.04, "best_static": "device-only"}}}}
+    goals = check(doc)
+    assert set(goals) == {"trace", "flat"}  # a repeated scenario is judged once
+    t, f = goals["trace"], goals["flat"]
+    assert t["best_static_by_link_mbit"] == {0.5: "device-only", 50.0: "server-only"}
+    assert t["best_differs"] and t["ratio_goal"] == 0.6 and not t["ratio_met"]
+    assert not f["best_differs"] and f["ratio_goal"] == 1.05 and f["ratio_met"]
+    assert t["hit_met"] and not f["hit_met"]
