@@ -35,8 +35,7 @@ class Health:
 
     def _pending(self) -> bool:
         gw = self.gw
-        # `pending` (taken from the inbox, not yet journaled) exists in newer daemons only.
-        return bool(gw.inflight) or not gw.inbox.empty() or bool(getattr(gw, "pending", ()))
+        return bool(gw.inflight) or not gw.inbox.empty() or bool(gw.pending)
 
     def stalled_for(self) -> float:
         """Seconds pending work has gone without progress; 0 when idle or progressing."""
