@@ -65,11 +65,12 @@ class Telemetry(_Wire):
         None, gt=0, description="Link rate the radio reports now (bit/s: Wi-Fi tx bitrate, or "
         "the emulated tbf rate); stands in for uplink_bps when no frame was sent.")
     frame_overhead_ms: float | None = Field(
-        None, ge=0, description="Smoothed part of a reply's round trip that is neither the "
-        "frame's bits at link_bps nor the server's tail: encoding and publishing on the "
-        "gateway, broker hops, the reply's way back (ms). Present only with a sensed link "
-        "rate; the coordinator then takes the wire rate from link_bps and adds this per "
-        "frame, where goodput alone would charge it to the rate.")
+        None, ge=0, description="Median over recent replies of the part of a round trip that "
+        "is neither the frame's bits at link_bps nor the server's tail: encoding and "
+        "publishing on the gateway, broker hops, the reply's way back (ms). Present only with "
+        "a sensed link rate and frames sent in the interval; the coordinator then takes the "
+        "wire rate from link_bps and adds this per frame, where goodput alone would charge it "
+        "to the rate.")
     cpu_hz: float | None = Field(None, gt=0, description="Current CPU clock of the head (Hz).")
     head_ms: dict[str, float] = Field(
         default_factory=dict, description="Recent median head latency per variant id (ms), "

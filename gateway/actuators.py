@@ -27,12 +27,13 @@ log = logging.getLogger(__name__)
 
 CPUFREQ = Path("/sys/devices/system/cpu")
 CGROUP_ROOT = Path("/sys/fs/cgroup")
-# Quota period: at the kernel's default 100 ms a head of a few ms runs at full speed and is
-# then throttled, which is not what a slower clock does; 10 ms spreads the quota finely
-# enough to look like one, at a little more scheduler work.
+# Quota period written with no cap.
 CPU_PERIOD_US = 10_000
-# The kernel refuses a quota under 1 ms, so a share under CPU_PERIOD_US / 1 ms gets a longer
-# period (a 4% share: 1 ms per 25 ms) rather than a refused write that leaves the old clock.
+# A quota runs at full speed until spent, then stalls for the rest of its period: at the
+# kernel's default 100 ms period a head of a few ms runs unslowed and the next waits up to
+# 90 ms, nothing like a slower clock. So the period is the shortest the kernel allows for the
+# share: its 1 ms minimum quota (and period) over the share. 25%: 1 ms per 4 ms; 10%: per
+# 10 ms; 4%: per 25 ms. Shorter periods cost the scheduler a timer each.
 MIN_QUOTA_US = 1_000
 MTU_BYTES = 1500
 # Emulated radio (tc tbf): bucket and queue bound stay fixed as the rate changes. tbf rebuilds
@@ -45,9 +46,9 @@ Mode = Literal["auto", "real", "emulated", "off"]
 
 
 def cfs_quota(share: float) -> tuple[int, int]:
-    """(quota, period) in µs that cap a process tree at `share` of one core: the period is
-    CPU_PERIOD_US, or longer where the quota would fall under the kernel's MIN_QUOTA_US."""
-    period = max(CPU_PERIOD_US, math.ceil(MIN_QUOTA_US / share))
+    """(quota, period) in µs that cap a process tree at `share` of one core, with the
+    shortest period whose quota the kernel accepts (MIN_QUOTA_US)."""
+    period = max(math.ceil(MIN_QUOTA_US / share), MIN_QUOTA_US)
     return max(round(share * period), MIN_QUOTA_US), period
 
 

@@ -111,8 +111,10 @@ class ControlPlane:
         self._bytes_mark, self._uplink_s = up.bytes_sent, 0.0
         self._done_mark, self._t_mark = done, now
         link = self.sensor.rate_bps()
-        # The overhead was measured against the sensed rate: meaningless without it.
-        overhead = None if link is None or up.overhead_s is None else \
+        # Only when frames went out since the last report (the coordinator tells a fresh
+        # figure from a stale one by its arrival), and measured against the sensed rate, so
+        # meaningless without it.
+        overhead = None if not sent or link is None or up.overhead_s is None else \
             round(up.overhead_s * 1e3, 3)
         return Telemetry(
             gateway=gw.cfg.id, ts=time.time(), uplink_bps=bps,

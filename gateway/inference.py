@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import statistics
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -31,6 +33,9 @@ PROBE_INTERVAL_S = 2.0
 # Smoothing of the reply round trip the link guard predicts from: larger follows a change
 # sooner, smaller rides out one slow reply.
 RTT_ALPHA = 0.3
+# Replies whose per-frame overhead the median is taken over: more rides out throttling
+# spikes on a slow gateway, fewer follows a change sooner.
+OVERHEAD_SAMPLES = 16
 
 Publish = Callable[[bytes, float], Awaitable[bool]]
 LinkRate = Callable[[], float | None]
@@ -64,9 +69,9 @@ class UplinkState:
     frame_bits: dict[str, float] = field(default_factory=dict)  # last frame size by key
     rtt_s: dict[str, float] = field(default_factory=dict)  # smoothed reply round trip by frame
     rtt_rate: dict[str, float] = field(default_factory=dict)  # sensed rate at those replies
-    # Smoothed time of a reply that is neither the frame's bits at the sensed rate nor the
+    # Recent times of a reply that are neither the frame's bits at the sensed rate nor the
     # server's tail: encoding and publishing here, the broker's hops, the reply's way back.
-    overhead_s: float | None = None
+    overheads_s: deque[float] = field(default_factory=lambda: deque(maxlen=OVERHEAD_SAMPLES))
 
     def learn(self, key: str, rtt_s: float, rate_bps: float | None) -> None:
         """Fold one reply's round trip (and the link rate sensed then) into the estimates."""
@@ -78,12 +83,14 @@ class UplinkState:
 
     def learn_overhead(self, rtt_s: float, tail_s: float, bits: float,
                        rate_bps: float | None) -> None:
-        """Fold one reply into overhead_s; only with a sensed rate to take the bits off."""
-        if rate_bps is None:
-            return
-        x = max(rtt_s - tail_s - bits / rate_bps, 0.0)
-        old = self.overhead_s
-        self.overhead_s = x if old is None else old + RTT_ALPHA * (x - old)
+        """Keep one reply's overhead; only with a sensed rate to take the bits off."""
+        if rate_bps is not None:
+            self.overheads_s.append(max(rtt_s - tail_s - bits / rate_bps, 0.0))
+
+    @property
+    def overhead_s(self) -> float | None:
+        """Median of the recent overheads (a slow CPU's throttling makes single ones spiky)."""
+        return statistics.median(self.overheads_s) if self.overheads_s else None
 
     def predict(self, key: str, bits: float, rate_bps: float | None) -> float | None:
         """Expected round trip of a frame of `bits` now; None with nothing to go on.

@@ -318,3 +318,16 @@ def test_frame_overhead_is_charged_per_frame_not_to_the_rate() -> None:
     ctl.observe(Telemetry(gateway="a", ts=1.0, uplink_bps=1e6, tx_power_w=P_MAX), 1.0)
     _, after = ctl.environment("a", 1.0)
     assert np.allclose(after[tx], plain[tx])
+
+
+def test_a_stale_frame_overhead_relaxes_so_the_server_is_tried_again() -> None:
+    ctl = OnlineController(config(), MANIFEST)
+    tx = ctl.table.transmits
+    ctl.observe(Telemetry(gateway="a", ts=0.0, link_bps=10e6, frame_overhead_ms=40.0,
+                          tx_power_w=P_MAX), 0.0)
+    stale = ctl.config.stale_after_s
+    fresh = ctl.environment("a", stale)[1]
+    half = ctl.environment("a", 1.5 * stale)[1]
+    gone = ctl.environment("a", 2 * stale)[1]
+    assert np.allclose(fresh[tx] - gone[tx], 0.040)
+    assert np.allclose(half[tx] - gone[tx], 0.020)

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
 from testbed import Testbed, available, cleanup  # noqa: E402
-from testbed.cgroup import CPU_PERIOD_US, CpuGroup  # noqa: E402
+from testbed.cgroup import CpuGroup  # noqa: E402
 
 pytestmark = pytest.mark.root
 
@@ -91,19 +91,21 @@ def test_cpu_quota_caps_the_process_and_follows_the_actuator_file(bed: Testbed) 
     bed.set_cpu(0, 0.25)
     proc = bed.popen(host.netns, ["sleep", "30"], cgroup=host.cpu)
     assert _until(lambda: proc.pid in host.cpu.pids())
-    assert _quota(host.cpu) == int(0.25 * CPU_PERIOD_US)
+    assert _share(host.cpu) == pytest.approx(0.25)
     # The gateway's emulated actuator writes cpu.max (its own period); the test bed mirrors
     # the share into the cgroup.
     (host.cpu.actuator_dir() / "cpu.max").write_text("50000 100000")
-    assert _until(lambda: _quota(host.cpu) == int(0.5 * CPU_PERIOD_US))
+    assert _until(lambda: _share(host.cpu) == pytest.approx(0.5))
     bed.stop(proc)
 
 
-def _quota(g: CpuGroup) -> int:
-    """The cgroup's CPU quota in microseconds per period."""
+def _share(g: CpuGroup) -> float:
+    """The cgroup's CPU quota over its period."""
     if g.version == "v2":
-        return int((g.path / "cpu.max").read_text().split()[0])
-    return int((g.path / "cpu.cfs_quota_us").read_text())
+        quota, period = (g.path / "cpu.max").read_text().split()
+        return int(quota) / int(period)
+    return int((g.path / "cpu.cfs_quota_us").read_text()) / \
+        int((g.path / "cpu.cfs_period_us").read_text())
 
 
 @needs_testbed

@@ -84,6 +84,7 @@ class GatewayState:
     planned: tuple[float, ...] = field(default_factory=tuple)
     last_seen: float = -math.inf
     frame_overhead_s: float = 0.0  # per frame, beside bits / rate (see Telemetry)
+    last_overhead_ts: float = -math.inf
 
 
 class OnlineController:
@@ -160,6 +161,7 @@ class OnlineController:
         # its frames off a link too slow for them, or runs everything on the device).
         if t.frame_overhead_ms is not None and t.link_bps is not None:
             st.frame_overhead_s = t.frame_overhead_ms / 1000.0
+            st.last_overhead_ts = now
             bps: float | None = t.link_bps
         else:
             if t.uplink_bps is not None:
@@ -246,7 +248,17 @@ class OnlineController:
         env = self._environment(self._gain(st, now), self._bandwidth(gateway, True),
                                 math.exp(st.log_speed.value(0.0)), wait, deadline)
         # Applied to transmitting options only, as the server queue is (fixed_latency).
-        return env, self._queue(gateway, st) + st.frame_overhead_s + self.fallback_reserve(env)
+        return env, self._queue(gateway, st) + self._overhead(st, now) + \
+            self.fallback_reserve(env)
+
+    def _overhead(self, st: GatewayState, now: float) -> float:
+        """The per-frame overhead, relaxed to nothing once stale, as the gain relaxes to
+        nominal: a gateway that stopped sending after a slow spell tries the server again
+        (its link guard and fallback cover the try) rather than trust that spell forever."""
+        age = now - st.last_overhead_ts - self.config.stale_after_s
+        if age <= 0:
+            return st.frame_overhead_s
+        return st.frame_overhead_s * max(1.0 - age / self.config.stale_after_s, 0.0)
 
     def fallback(self, env: Environment) -> int:
         """The on-device option a gateway runs when the server cannot answer in time.

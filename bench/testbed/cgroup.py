@@ -16,9 +16,10 @@ log = logging.getLogger(__name__)
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 V1_CPU = CGROUP_ROOT / "cpu"
-# The CFS period is the gateway actuator's (edgetok.gateway.actuators.cfs_quota): 10 ms, so
-# that a burst of a few ms runs ~1/share times slower, as on a slower clock (at the kernel's
-# default of 100 ms it would run at full speed and a 10% quota would change nothing).
+# Quota and period come from the gateway actuator's rule (edgetok.gateway.actuators.cfs_quota:
+# the shortest period the kernel allows), so that a burst of a few ms runs ~1/share times
+# slower, as on a slower clock (at the kernel's default of 100 ms it would run at full speed
+# and a 10% quota would change nothing).
 
 # How often the cpu.max bridge (v1 hosts) looks for a write by the gateway's actuator.
 BRIDGE_POLL_S = 0.05
