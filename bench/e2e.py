@@ -45,7 +45,9 @@ DEADLINE_MS = 100.0
 # the reference bundle) under the 0.5 Mbit/s link, so a queue only builds where a policy
 # chooses badly, and 16 gateways stay within two cores.
 WINDOW_RATE = 2.0
-WINDOWS, QUICK_WINDOWS = 40, 16
+# 60: a p50 that moves less between runs on a throttled gateway, whose latencies come in
+# steps of one CFS period (10 ms at 10% of a core).
+WINDOWS, QUICK_WINDOWS = 60, 16
 WARMUP = 4
 # Link and CPU of the scenarios that vary something else.
 BASE_LINK_MBIT, BASE_CPU = 10.0, 1.0
@@ -176,7 +178,9 @@ def main(argv: list[str] | None = None) -> int:
         "completing the window was published (driver in the server namespace)",
         "link": "tc tbf on each gateway's veth (uplink only): the channel's full-power rate, "
         "then r(p) at the decided power set by the gateway's emulated radio, which also holds "
-        "each frame for the airtime of the part tbf's bucket passes at line speed; no "
+        "each frame for the airtime of the part tbf's bucket passes at line speed (in a "
+        "trace the test bed sets the rate and the gateway holds frames at the rate it "
+        "senses); CPU: a cgroup quota with the shortest period the kernel allows; no "
         "propagation delay added (netem unavailable); sensor readings reach the gateway over "
         "the unshaped downlink",
         "machine": {"cores": _cores()}, "started": time.time(), "scenarios": {}}

@@ -15,6 +15,7 @@ import math
 import os
 import shutil
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
@@ -75,6 +76,11 @@ class ActuatorSettings(Strict):
         "auto", description="How the gateway reads its uplink rate now, to skip a transmission "
         "that cannot make its deadline: iw (Wi-Fi tx bitrate), tc (the tbf rate on "
         "`interface`), auto (iw on a wireless interface, else tc), off.")
+    link_airtime: bool = Field(
+        False, description="Test beds whose tbf rate is set from outside (a link trace), "
+        "not by the emulated transmit power: hold each frame for the airtime at the sensed "
+        "rate of the part tbf's bucket passes at line speed, as the emulated radio does. "
+        "Never on a real link.")
     link_sense_interval_s: float = Field(
         0.5, gt=0, description="Seconds between link-rate readings: shorter notices a drop "
         "sooner. A tc reading is one rtnetlink dump (tens of µs of CPU); an iw reading "
@@ -98,6 +104,7 @@ class Actuators:
         self.cpu_hz: float | None = None
         self.tx_power_w: float | None = None
         self.errors: list[str] = []
+        self.link_rate: Callable[[], float | None] | None = None  # the link sensor's reading
         self.cpu_mode = self._pick_cpu()
         self.tx_mode = self._pick_tx()
 
@@ -179,10 +186,11 @@ class Actuators:
         frame nothing. Holding the frame for that part's airtime, bits / r(p), and leaving
         the rest to tbf, puts the whole frame on the air for its bits / r(p).
         """
-        if self.tx_mode != "emulated" or not self.tx_power_w:
-            return 0.0
         free = min(nbytes, TBF_BURST_BYTES)
-        return 8.0 * free / max(rate_bps(self.tx_power_w, self.s), 1.0)
+        if self.tx_mode == "emulated" and self.tx_power_w:
+            return 8.0 * free / max(rate_bps(self.tx_power_w, self.s), 1.0)
+        sensed = self.link_rate() if self.s.link_airtime and self.link_rate else None
+        return 8.0 * free / sensed if sensed else 0.0
 
     def _set_tx(self, p_w: float) -> None:
         iface = self.s.interface

@@ -36,6 +36,7 @@ class ControlPlane:
         gw.inferencer.link_rate = self.sensor.rate_bps
         gw.inferencer.set_clock = actuators.set_cpu
         gw.inferencer.airtime = actuators.airtime_s
+        actuators.link_rate = self.sensor.rate_bps
         self.last: Decision | None = None
         self.rejected = 0
         self.recent: deque[Result] = deque(maxlen=RECENT)

@@ -117,7 +117,21 @@ def test_emulated_airtime_covers_what_the_token_bucket_lets_through() -> None:
     assert big == pytest.approx(8 * TBF_BURST_BYTES / rate_bps(0.001, s))
     off = Actuators(ActuatorSettings(cpu_mode="off", tx_mode="off", interface=iface))
     off.tx_power_w = 0.001
-    assert off.airtime_s(1000) == 0.0
+    off.link_rate = lambda: 1e6
+    assert off.airtime_s(1000) == 0.0  # a real link: the sensed rate holds nothing back
+
+
+def test_link_airtime_holds_frames_at_the_sensed_rate() -> None:
+    """A test bed that sets the tbf rate itself: the hold follows the sensed rate."""
+    s = ActuatorSettings(cpu_mode="off", tx_mode="off", link_airtime=True)
+    a = Actuators(s)
+    assert a.airtime_s(1000) == 0.0  # no sensor wired
+    rate: dict[str, float | None] = {"bps": 0.5e6}
+    a.link_rate = lambda: rate["bps"]
+    assert a.airtime_s(1000) == pytest.approx(8000 / 0.5e6)
+    assert a.airtime_s(10 * TBF_BURST_BYTES) == pytest.approx(8 * TBF_BURST_BYTES / 0.5e6)
+    rate["bps"] = None  # no fresh reading: nothing to hold for
+    assert a.airtime_s(1000) == 0.0
 
 
 @pytest.mark.root

@@ -114,8 +114,10 @@ def gateway_config(spec: RunSpec, tb: Testbed, i: int, gw_id: str, state: Path
     if spec.actuators and spec.coordinator != "static":
         act = {"cpu_mode": "emulated", "cgroup": str(host.cpu.actuator_dir()),
                "nominal_hz": spec.nominal_hz,
-               # A trace is the channel changing under the radio: the test bed owns the rate.
+               # A trace is the channel changing under the radio: the test bed owns the rate,
+               # and the gateway holds frames for their airtime at the rate it senses.
                "tx_mode": "off" if spec.trace else "emulated", "interface": GW_IF,
+               "link_airtime": bool(spec.trace),
                "bandwidth_hz": BANDWIDTH_HZ, "gain": gain_for(spec.link_mbit * 1e6),
                "noise_w_per_hz": NOISE_W_PER_HZ}
     return {
