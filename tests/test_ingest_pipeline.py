@@ -287,6 +287,25 @@ async def test_a_trickle_is_journaled_at_once_and_only_a_burst_lingers(
     assert gw.counters["readings"] == 60
 
 
+@pytest.mark.asyncio
+async def test_telemetry_reports_frame_overhead_only_for_fresh_frames_on_a_sensed_link(
+        tmp_path: Path, tiny_bundle: Path) -> None:
+    gw = Gateway(config(tmp_path, tiny_bundle))
+    up, sensor = gw.inferencer.uplink, gw.control.sensor
+    for x in (0.004, 0.030, 0.005):  # one throttling spike among them: the median ignores it
+        up.learn_overhead(x + 0.001, 0.001, 8000.0, 8e6)
+    # A reading as the link sensor keeps it (this host has no tbf link to sense).
+    sensor._rate, sensor._at = 10e6, asyncio.get_running_loop().time()
+    assert gw.control.telemetry().frame_overhead_ms is None  # no frame went out since
+    up.bytes_sent += 1000
+    t = gw.control.telemetry()
+    assert t.link_bps == 10e6 and t.frame_overhead_ms == pytest.approx(4.0)
+    up.bytes_sent += 1000
+    sensor._rate = None  # measured against a rate no longer known: not reported
+    assert gw.control.telemetry().frame_overhead_ms is None
+    gw.store.close()
+
+
 def test_share_weights_setting_reaches_the_runtime(tmp_path: Path, tiny_bundle: Path) -> None:
     """[bundle] share_weights = false: every session loads its own copy (Python API)."""
     shared = Gateway(config(tmp_path / "a", tiny_bundle))
