@@ -33,11 +33,13 @@ from testbed.net import Testbed, TestbedError, available
 from testbed.plots import plot_all
 from testbed.run import Run, RunSpec, nominal_hz
 
+from edgetok.control import POLICY_NAMES
+
 log = logging.getLogger("e2e")
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "bench" / "out"
-POLICIES = ("joint", "device-only", "server-only", "fixed-split")
+POLICIES = POLICY_NAMES
 BASELINES = POLICIES[1:]
 # 100 ms per window: an interactive target, as in configs/scenarios/wifi.toml.
 DEADLINE_MS = 100.0

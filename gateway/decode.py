@@ -159,13 +159,6 @@ class Router:
         return stream, fresh, len(readings) - len(fresh)
 
 
-def admit(topic: str, payload: bytes, streams: Sequence[StreamConfig],
-          accepts: Callable[[str, float], bool], now: float
-          ) -> tuple[StreamConfig, list[Reading], int]:
-    """Router(streams).admit(...) for a single message."""
-    return Router(streams).admit(topic, payload, accepts, now)
-
-
 def _check_rate(stamps: list[float], stream: StreamConfig) -> None:
     """Reject a chunk sampled at another rate than the stream's (duplicates do not count)."""
     ordered = sorted(set(stamps))

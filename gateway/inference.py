@@ -191,24 +191,25 @@ class Inferencer:
 
     async def _fallback(self, variant: Variant, tokens: np.ndarray) -> tuple[np.ndarray, float]:
         """An on-device run of the fallback, at the decision's fallback clock if it has one."""
-        dec = self.decision
-        cpu, boost = dec.extra.get("cpu_hz"), dec.fallback_hz
-        if not self._boosts() or self.set_clock is None or boost is None \
-                or not isinstance(cpu, int | float):
+        dec, clocks = self.decision, self._boost_clocks()
+        if clocks is None or self.set_clock is None:
             return await self._device(variant, tokens)
+        boost, back = clocks
         self.set_clock(boost)
         try:
             return await self._device(variant, tokens, boosted=True)
         finally:
             if self.decision is dec:  # a newer decision has set its own clock
-                self.set_clock(cpu)
+                self.set_clock(back)
 
-    def _boosts(self) -> bool:
-        """Whether a fallback runs at a clock of its own (the decision names one, we can set
-        clocks, and we know the decision's clock to return to)."""
+    def _boost_clocks(self) -> tuple[float, float] | None:
+        """(fallback clock, decision clock to return to) when a fallback runs at a clock of
+        its own: the decision names one, we can set clocks, and we know the way back."""
         dec = self.decision
-        return (dec.fallback_hz is not None and self.set_clock is not None
-                and isinstance(dec.extra.get("cpu_hz"), int | float))
+        back = dec.extra.get("cpu_hz")
+        if dec.fallback_hz is None or self.set_clock is None or not isinstance(back, int | float):
+            return None
+        return dec.fallback_hz, float(back)
 
     def _skip_server(self, variant: Variant, precision: Precision, cutoff: float
                      ) -> Literal["down", "link"] | None:
@@ -244,7 +245,7 @@ class Inferencer:
     def fallback_reserve_s(self, fallback: Variant) -> float:
         """Time to keep back from the server for an on-device run of `fallback`."""
         parts = [p for p in ("head", "tail") if getattr(fallback, p)]
-        known = self.boosted_ms if self._boosts() else self.run_ms
+        known = self.boosted_ms if self._boost_clocks() else self.run_ms
         runs = [known.get((fallback.id, p)) for p in parts]
         if all(r is not None for r in runs):
             est = sum(r for r in runs if r is not None)
@@ -370,7 +371,7 @@ class Inferencer:
         if reply.error is None:
             rate = self.link_rate()
             up.learn(link_key, rtt_s, rate)
-            up.learn_overhead(rtt_s, reply.tail_ms / 1000, 8.0 * len(frame), rate)
+            up.learn_overhead(rtt_s, reply.tail_ms / 1000, up.frame_bits[link_key], rate)
         return reply, rtt_s * 1000
 
     def close(self) -> None:

@@ -108,12 +108,9 @@ class Store:
             self._sync("NORMAL")  # statements outside a transaction commit on their own
 
     # journal -----------------------------------------------------------------------------
-    def add_readings(self, stream: str, rows: Sequence[tuple[float, dict[str, float]]]) -> None:
-        """Journal readings; a reading at an existing timestamp merges its channels in."""
-        self.journal([(stream, ts, vals) for ts, vals in rows])
-
     def journal(self, rows: Sequence[tuple[str, float, dict[str, float]]]) -> None:
-        """Journal (stream, ts, values) rows in order, in one statement (group commit)."""
+        """Journal (stream, ts, values) rows in order, in one statement (group commit); a
+        reading at an existing timestamp merges its channels in."""
         self.db.executemany(
             "INSERT INTO readings (stream, ts, vals) VALUES (?, ?, ?) "
             "ON CONFLICT (stream, ts) DO UPDATE SET vals = json_patch(vals, excluded.vals)",
@@ -144,14 +141,6 @@ class Store:
             cur = self.db.execute("DELETE FROM seen WHERE id <= (SELECT max(id) FROM seen) - ?",
                                   (SEEN_KEEP,))
             self._seen_rows -= cur.rowcount
-
-    def seen(self, topic: str, payload: bytes) -> bool:
-        """Remember a message; True if the same topic and payload were taken in before."""
-        digest = self.digest(topic, payload)
-        if self.known([digest]):
-            return True
-        self.remember([digest])
-        return False
 
     def close_window(self, stream: str, window: int) -> None:
         """Record that a window was handed to inference (so a crash re-runs it)."""

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from edgetok.gateway import decode as decode_mod
 from edgetok.gateway.config import StreamConfig
-from edgetok.gateway.decode import DecodeError, Router, admit, decode_json
+from edgetok.gateway.decode import DecodeError, Router, decode_json
 
 NOW = time.time()
 STREAM = StreamConfig(name="imu", topics=["sensors/imu", "sensors/imu/+"],
@@ -67,11 +67,11 @@ def test_admit_routes_and_splits_late_readings() -> None:
                          window=60)
     streams = [other, STREAM]
     closed_before = NOW - 59.5
-    stream, fresh, late = admit("sensors/imu/left", chunk(10), streams,
-                                lambda s, ts: ts >= closed_before, NOW)
+    stream, fresh, late = Router(streams).admit("sensors/imu/left", chunk(10),
+                                                lambda s, ts: ts >= closed_before, NOW)
     assert stream.name == "imu" and len(fresh) == 5 and late == 5
     with pytest.raises(DecodeError) as info:
-        admit("sensors/imu/left/extra", chunk(2), streams, lambda s, ts: True, NOW)
+        Router(streams).admit("sensors/imu/left/extra", chunk(2), lambda s, ts: True, NOW)
     assert info.value.reason == "unknown_topic"
 
 

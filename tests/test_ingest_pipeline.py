@@ -114,7 +114,7 @@ async def test_windows_cut_off_out_of_order_are_rerun(tmp_path: Path, tiny_bundl
         for payload in window_messages(range(K0 + 1, K0 + 3)):
             doc = json.loads(payload)
             for i, t in enumerate(doc["ts"]):
-                gw.store.add_readings("imu", [(t, {c: doc[c][i] for c in DEFAULT_CHANNELS})])
+                gw.store.journal([("imu", t, {c: doc[c][i] for c in DEFAULT_CHANNELS})])
         gw.store.add_result(fake_result("imu", K0))
         gw.store.add_result(fake_result("imu", K0 + 2))
         gw.store.close_window("imu", K0 + 1)

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Literal
 
 from pydantic import Field, model_validator
 
 from edgetok.agent.coordinator.model import Environment, Objective
+from edgetok.agent.coordinator.solver import Prefer
 from edgetok.settings import Strict, load_toml
 
 
@@ -68,7 +68,7 @@ class Scenario(Strict):
     budget: BudgetTable = Field(description="Deadline, energy budget and privacy floor.")
     objective: Objective = Field("accuracy", description="What to minimise: 'accuracy' "
                                  "(1 − profiled accuracy) or 'output_distortion'.")
-    prefer: Literal["energy", "latency"] = Field(
+    prefer: Prefer = Field(
         "energy", description="After the objective: least energy, then latency ('energy'), "
         "or least latency within the energy budget, then energy ('latency').")
 

@@ -6,7 +6,9 @@ from __future__ import annotations
 import statistics
 from typing import Any
 
-BASELINES = ("device-only", "server-only", "fixed-split")
+from edgetok.control import POLICY_NAMES
+
+BASELINES = POLICY_NAMES[1:]
 # joint p50 over the best static baseline's p50, in every scenario.
 RATIO_ANYWHERE = 1.05
 # ... and where the best static choice differs from one link rate to another.

@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-POLICIES = ("joint", "device-only", "server-only", "fixed-split")
+from edgetok.control import POLICY_NAMES
+
+POLICIES = POLICY_NAMES
 STYLE = {"joint": ("C0", "o"), "device-only": ("C1", "s"), "server-only": ("C2", "^"),
          "fixed-split": ("C3", "D")}
 
