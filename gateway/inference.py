@@ -36,6 +36,9 @@ RTT_ALPHA = 0.3
 # Replies whose per-frame overhead the median is taken over: more rides out throttling
 # spikes on a slow gateway, fewer follows a change sooner.
 OVERHEAD_SAMPLES = 16
+# Runs of the on-device model timed on the first window's tokens; the first is dropped (ORT
+# allocates on a session's first run), the median of the rest kept.
+CALIBRATION_RUNS = 3
 
 Publish = Callable[[bytes, float], Awaitable[bool]]
 LinkRate = Callable[[], float | None]
@@ -148,6 +151,8 @@ class Inferencer:
         # Emulated radio: seconds to hold a frame of n bytes before sending (0 on a real one).
         self.airtime: Callable[[int], float] = lambda n: 0.0
         self._radio_free = 0.0  # monotonic time the emulated radio finishes its last frame
+        self._calibrated: set[str] = set()  # variants timed (or being timed) by calibrate()
+        self._background: set[asyncio.Task[None]] = set()
         # Open the fallback now: the first window that needs it is already late, and must
         # not also pay for creating a session.
         self.warm(self.fallback_of(decision))
@@ -158,6 +163,51 @@ class Inferencer:
         for part in ("head", "tail"):
             if getattr(variant, part):
                 self.runtime.session(variant.id, part)
+
+    def calibrate_soon(self, variant: Variant, tokens: np.ndarray) -> None:
+        """Time `variant` on the device once, after this window, if it has never run here.
+
+        Until the device runs a model the coordinator can only scale the bundle's profile
+        to this CPU, and a throttled or contended gateway can be twice as slow as that: it
+        would send windows to a device it believes fast. Timing the on-device model once,
+        on real tokens and at the clock in force, puts a measured figure in telemetry from
+        the first report. It costs one model run behind the next window, once per variant.
+        """
+        if variant.id in self._calibrated or (variant.id, "head") in self.run_ms:
+            return
+        self._calibrated.add(variant.id)
+        task = asyncio.get_running_loop().create_task(self._calibrate(variant, tokens))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _calibrate(self, variant: Variant, tokens: np.ndarray) -> None:
+        parts: list[Part] = [p for p in ("head", "tail") if getattr(variant, p)]
+        loop = asyncio.get_running_loop()
+        times: dict[Part, list[float]] = {p: [] for p in parts}
+
+        def run_all() -> None:
+            for _ in range(CALIBRATION_RUNS):
+                x = tokens
+                for part in parts:
+                    t0 = time.perf_counter()
+                    x = self.runtime.run(variant.id, part, x)
+                    times[part].append((time.perf_counter() - t0) * 1000)
+
+        try:
+            await loop.run_in_executor(self.executor, run_all)
+        except Exception as exc:  # a calibration is a nicety: never the daemon's end
+            log.warning("could not time %s on this device: %s", variant.id, exc)
+            return
+        for part, ms in times.items():
+            # A real run may have been timed meanwhile: it wins.
+            self.run_ms.setdefault((variant.id, part), statistics.median(ms[1:] or ms))
+        log.info("timed %s on this device: %s", variant.id,
+                 ", ".join(f"{p} {self.run_ms[(variant.id, p)]:.2f} ms" for p in parts))
+
+    async def calibrated(self) -> None:
+        """Return once no calibration run is under way."""
+        while self._background:
+            await asyncio.wait(list(self._background))
 
     def fallback_of(self, dec: Decision) -> Variant:
         """The on-device variant a window of `dec` falls back to."""
@@ -309,6 +359,8 @@ class Inferencer:
                                  f"finite: {bool(np.isfinite(flat).all())}")
         probs = softmax(flat)
         labels = self.manifest.labels
+        if where != "device":
+            self.calibrate_soon(self.fallback_of(dec), tokens)
         total_ms = (time.monotonic() - win.closed_mono) * 1000
         return Result(
             gateway=self.gateway, stream=win.stream, window=win.seq, start_ts=win.start_ts,

@@ -187,14 +187,18 @@ async def test_fallback_runs_at_the_fallback_clock_and_restores_it(
     inf.decision = Decision(split, "fp32", fallback_hz=2.0e9, extra={"cpu_hz": 1.0e9})
     inf.link_rate = lambda: 50e6
     await inf.infer(_window(inf.runtime, 1), deadline_s=1.0)
+    await _settled(inf)
     assert clocks == []
+    calibrated = dict(inf.head_ms)
     inf.link_rate = lambda: 100.0
     r = await inf.infer(_window(inf.runtime, 2), deadline_s=1.0)
     assert r.where == "device-fallback" and clocks == [2.0e9, 1.0e9]
     # The raised-clock run times size the reserve, but are not reported as head times at
-    # the decision's clock (the coordinator would read a faster device into them).
-    assert r.variant.id not in inf.head_ms
+    # the decision's clock (the coordinator would read a faster device into them): what
+    # telemetry reports is the calibration at the decision's clock, untouched.
     assert (r.variant.id, "head") in inf.boosted_ms
+    await _settled(inf)
+    assert inf.head_ms[r.variant.id] == calibrated[r.variant.id]
 
 
 @pytest.mark.asyncio
@@ -205,3 +209,56 @@ async def test_no_frame_overhead_without_a_sensed_rate(
     r = await inf.infer(_window(inf.runtime, 1), deadline_s=1.0)
     assert r.where == "split" and server.frames == 1
     assert inf.uplink.rtt_s and inf.uplink.overhead_s is None
+
+
+async def _settled(inf: Inferencer) -> None:
+    """Wait for the inferencer's background calibration, if any, to finish."""
+    await asyncio.wait_for(inf.calibrated(), 10.0)
+
+
+@pytest.mark.asyncio
+async def test_device_model_is_timed_once_before_it_ever_runs_a_window(
+        split_setup: tuple[Inferencer, Server, str]) -> None:
+    """A split gateway times its on-device fallback once, after its first window, so that
+    telemetry carries this device's speed before a window ever runs there."""
+    inf, server, split = split_setup
+    fallback = inf.fallback_of(inf.decision)
+    inf.link_rate = lambda: 50e6
+    assert fallback.id not in inf.head_ms
+    r = await inf.infer(_window(inf.runtime, 1), deadline_s=1.0)
+    assert r.where == "split" and server.frames == 1
+    await _settled(inf)
+    timed = inf.head_ms[fallback.id]
+    assert timed > 0 and ((fallback.id, "tail") in inf.run_ms) == bool(fallback.tail)
+    assert inf.uplink.fallbacks == 0
+    # Once: later windows leave the figure alone until the device really runs.
+    await inf.infer(_window(inf.runtime, 2), deadline_s=1.0)
+    await _settled(inf)
+    assert inf.head_ms[fallback.id] == timed and inf.head_ms[split] > 0
+    # A real run of it, here a fallback, then updates the figure as usual.
+    inf.link_rate = lambda: 100.0
+    r = await inf.infer(_window(inf.runtime, 3), deadline_s=1.0)
+    assert r.where == "device-fallback" and inf.head_ms[fallback.id] != timed
+
+
+@pytest.mark.asyncio
+async def test_a_device_decision_is_never_calibrated(tiny_bundle: Path) -> None:
+    """On the device every window is a measurement already: no extra run is made."""
+    runtime = Runtime(tiny_bundle, threads=1)
+    m = runtime.manifest
+    dev = next(v for v in m.variants if v.split == m.num_layers)
+    tok = TypeAdapter(TokenizerConfig).validate_python(m.input.tokenizer).build()
+    calls: list[tuple[str, str]] = []
+    run = runtime.run
+
+    def counted(variant: str, part: str, x: np.ndarray) -> np.ndarray:
+        calls.append((variant, part))
+        return run(variant, part, x)  # type: ignore[arg-type]
+
+    runtime.run = counted  # type: ignore[method-assign]
+    inf = Inferencer("gw1", runtime, {"imu": tok}, Server(runtime).publish,
+                     Decision(dev.id, "fp32"))
+    r = await inf.infer(_window(runtime, 1), deadline_s=1.0)
+    await _settled(inf)
+    assert r.where == "device" and calls == [(dev.id, p) for p in ("head", "tail")
+                                             if getattr(dev, p)]
