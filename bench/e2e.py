@@ -31,7 +31,7 @@ from testbed.goals import check, summary
 from testbed.metrics import summarise
 from testbed.net import Testbed, TestbedError, available
 from testbed.plots import plot_all
-from testbed.run import Run, RunSpec, nominal_hz
+from testbed.run import Run, RunData, RunSpec, merged, nominal_hz
 
 from edgetok.control import POLICY_NAMES
 
@@ -51,6 +51,8 @@ WINDOW_RATE = 2.0
 # steps of one CFS period (10 ms at 10% of a core).
 WINDOWS, QUICK_WINDOWS = 60, 16
 WARMUP = 4
+# Two rounds (forward, then backward) cost one process start per policy more than one.
+ROUNDS = 2
 # Link and CPU of the scenarios that vary something else.
 BASE_LINK_MBIT, BASE_CPU = 10.0, 1.0
 # A Raspberry-Pi-class gateway (several times slower than one core here): the link sweep and
@@ -95,6 +97,21 @@ def scenarios(quick: bool, replay_s: float, max_gateways: int) -> list[Scenario]
     out.append(Scenario("pi-trace-50-0.5-50", "trace-pi", link_mbit=50.0, cpu_share=PI_CPU,
                         trace=trace_drop(replay_s, 50.0, 0.5)))
     return out
+
+
+def round_order(policies: list[str], rounds: int) -> list[tuple[int, str]]:
+    """(round, policy) in run order: forward, then backward, and so on (A B B A ...), so a
+    slow drift of the machine weighs on every policy alike rather than on the first."""
+    out: list[tuple[int, str]] = []
+    for r in range(rounds):
+        out += [(r, p) for p in (policies if r % 2 == 0 else policies[::-1])]
+    return out
+
+
+def split_windows(windows: int, rounds: int, rnd: int) -> int:
+    """Measured windows in round `rnd` when `windows` are cut into `rounds` (the first rounds
+    take the remainder)."""
+    return windows // rounds + (1 if rnd < windows % rounds else 0)
 
 
 def coordinator_mode(choice: str) -> str:
@@ -142,7 +159,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="gateways keep full clock and power (decisions pick variants only)")
     p.add_argument("--deadline-ms", type=float, default=DEADLINE_MS)
     p.add_argument("--window-rate", type=float, default=WINDOW_RATE)
-    p.add_argument("--windows", type=int, default=None)
+    p.add_argument("--windows", type=int, default=None,
+                   help=f"measured windows per policy and scenario (default {WINDOWS})")
+    p.add_argument("--rounds", type=int, default=ROUNDS,
+                   help="cut each policy's windows into this many runs, in the order A B C D "
+                   "D C B A ..., so that a drift of a shared machine weighs on every policy "
+                   "alike (traces always run once)")
     p.add_argument("--max-gateways", type=int, default=16)
     p.add_argument("--only", default=None, help="comma-separated scenario names")
     p.add_argument("--policies", default=",".join(POLICIES))
@@ -164,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         log.warning("no coordinator: joint cannot run; measuring the static baselines only")
         policies.remove("joint")
     windows = args.windows or (QUICK_WINDOWS if args.quick else WINDOWS)
+    rounds = args.rounds
     replay_s = (WARMUP + windows) / args.window_rate
     matrix = scenarios(args.quick, replay_s, args.max_gateways)
     if args.only:
@@ -175,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         "bundle": str(bundle), "bundle_id": _bundle_id(bundle), "coordinator": mode,
         "actuators": not args.no_actuators, "prefer": args.prefer,
         "deadline_ms": args.deadline_ms, "window_rate_per_gateway": args.window_rate,
-        "windows_per_run": windows, "warmup_windows": WARMUP,
+        "windows_per_run": windows, "warmup_windows": WARMUP, "rounds": rounds,
         "latency_definition": "result.created_ts - wall time just before the sensor message "
         "completing the window was published (driver in the server namespace)",
         "link": "tc tbf on each gateway's veth (uplink only): the channel's full-power rate, "
@@ -204,26 +227,38 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 done[key] = sc.name
                 runs: dict[str, dict[str, Any]] = {}
-                for pol in policies:
+                parts: dict[str, list[RunData]] = {pol: [] for pol in policies}
+                loads: dict[str, list[float]] = {pol: [] for pol in policies}
+                # A trace spans one replay, so it cannot be cut into rounds.
+                n_rounds = 1 if sc.trace else max(rounds, 1)
+                for rnd, pol in round_order(policies, n_rounds):
+                    if pol in runs:  # an earlier round of it failed
+                        continue
                     run_id += 1
                     spec = replace(spec0, name=sc.name, policy=pol, gateways=sc.gateways,
                                    link_mbit=sc.link_mbit, cpu_share=sc.cpu_share,
-                                   trace=sc.trace)
-                    log.info("run %d: %s / %s", run_id, sc.name, pol)
+                                   trace=sc.trace, windows=split_windows(windows, n_rounds,
+                                                                         rnd))
+                    log.info("run %d: %s / %s (round %d of %d)", run_id, sc.name, pol,
+                             rnd + 1, n_rounds)
                     try:
-                        data = Run(tb, spec, work / f"{run_id:03d}-{sc.name}-{pol}",
-                                   run_id).execute()
+                        parts[pol].append(Run(tb, spec, work / f"{run_id:03d}-{sc.name}-{pol}",
+                                              run_id).execute())
                     except TestbedError as exc:
                         log.error("%s / %s failed: %s", sc.name, pol, exc)
                         runs[pol] = {"error": str(exc), "latency_ms": {"p50": None},
                                      "hit_rate": None}
                         continue
-                    runs[pol] = summarise(data)
-                    m = runs[pol]
                     # Other work on the machine shows up as CPU contention: keep the record.
-                    m["loadavg_1m"] = round(os.getloadavg()[0], 2)
-                    log.info("  p50 %s ms, p95 %s, hit %s, acc %s, E %s mJ, where %s",
-                             m["latency_ms"]["p50"], m["latency_ms"]["p95"], m["hit_rate"],
+                    loads[pol].append(round(os.getloadavg()[0], 2))
+                for pol in policies:
+                    if pol in runs:
+                        continue
+                    m = runs[pol] = summarise(merged(parts[pol]))
+                    m["rounds"] = len(parts[pol])
+                    m["loadavg_1m"] = max(loads[pol])
+                    log.info("  %s: p50 %s ms, p95 %s, hit %s, acc %s, E %s mJ, where %s",
+                             pol, m["latency_ms"]["p50"], m["latency_ms"]["p95"], m["hit_rate"],
                              m["accuracy"], m["energy_mj_per_window"], m["where"])
                 doc["scenarios"][sc.name] = {
                     "group": sc.group, "link_mbit": sc.link_mbit, "cpu_share": sc.cpu_share,

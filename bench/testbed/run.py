@@ -10,7 +10,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +88,25 @@ class RunData:
     rate_log: list[tuple[float, float]] = field(default_factory=list)
     logs: Path | None = None
     exit_codes: dict[str, int | None] = field(default_factory=dict)
+
+
+def merged(parts: list[RunData]) -> RunData:
+    """Runs of one policy and scenario (rounds of one measurement) as one, in time order."""
+    if len(parts) == 1:
+        return parts[0]
+    first = parts[0]
+    driver: dict[str, Any] = {"started": first.driver["started"]}
+    for key in ("sent", "results", "frames"):
+        driver[key] = [x for p in parts for x in p.driver[key]]
+    # Each round's driver also sees the decisions retained from the rounds before it.
+    seen = {(d.get("gateway"), d.get("epoch"), d.get("seq")): d
+            for p in parts for d in p.driver["decisions"]}
+    driver["decisions"] = list(seen.values())
+    windows = sum(p.spec.windows for p in parts)
+    return RunData(spec=replace(first.spec, windows=windows), driver=driver,
+                   wire_bytes=[b for p in parts for b in p.wire_bytes],
+                   rate_log=sorted(x for p in parts for x in p.rate_log),
+                   exit_codes={k: v for p in parts for k, v in p.exit_codes.items()})
 
 
 def controller_config(spec: RunSpec) -> dict[str, Any]:
