@@ -36,10 +36,6 @@ RTT_ALPHA = 0.3
 # Replies whose per-frame overhead the median is taken over: more rides out throttling
 # spikes on a slow gateway, fewer follows a change sooner.
 OVERHEAD_SAMPLES = 16
-# Shadow runs of the on-device fallback, one beside each of the first off-device windows,
-# whose median stands for its run time until it really runs: odd, so a session's slow first
-# run is outvoted.
-CALIBRATION_RUNS = 3
 
 Publish = Callable[[bytes, float], Awaitable[bool]]
 LinkRate = Callable[[], float | None]
@@ -152,10 +148,6 @@ class Inferencer:
         # Emulated radio: seconds to hold a frame of n bytes before sending (0 on a real one).
         self.airtime: Callable[[int], float] = lambda n: 0.0
         self._radio_free = 0.0  # monotonic time the emulated radio finishes its last frame
-        # Shadow run times of on-device variants not run here yet (calibrate_soon).
-        self._calibration: dict[str, dict[Part, list[float]]] = {}
-        self._calibrating: set[str] = set()
-        self._background: set[asyncio.Task[None]] = set()
         # Open the fallback now: the first window that needs it is already late, and must
         # not also pay for creating a session.
         self.warm(self.fallback_of(decision))
@@ -166,55 +158,6 @@ class Inferencer:
         for part in ("head", "tail"):
             if getattr(variant, part):
                 self.runtime.session(variant.id, part)
-
-    def calibrate_soon(self, variant: Variant, tokens: np.ndarray) -> None:
-        """Time one run of the on-device `variant` beside this window's frame, until it has
-        CALIBRATION_RUNS such times, if it has never run here.
-
-        Until the device runs a model the coordinator can only scale the bundle's profile to
-        this CPU, which a throttled or busy gateway can miss by a factor of two either way:
-        it would then send windows to a device it believes fast. A shadow run while the
-        frame is on its way meets what a window's own run would (ingest, the reply, a CPU
-        quota part spent), so the first reports carry a measured figure. Each costs one model
-        run on the ORT thread, which is idle while a frame is out.
-        """
-        if (variant.id, "head") in self.run_ms or variant.id in self._calibrating:
-            return
-        self._calibrating.add(variant.id)
-        task = asyncio.get_running_loop().create_task(self._calibrate(variant, tokens))
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-
-    async def _calibrate(self, variant: Variant, tokens: np.ndarray) -> None:
-        parts: list[Part] = [p for p in ("head", "tail") if getattr(variant, p)]
-        times = self._calibration.setdefault(variant.id, {})
-
-        def run_once() -> None:
-            x = tokens
-            for part in parts:
-                t0 = time.perf_counter()
-                x = self.runtime.run(variant.id, part, x)
-                times.setdefault(part, []).append((time.perf_counter() - t0) * 1000)
-
-        try:
-            await asyncio.get_running_loop().run_in_executor(self.executor, run_once)
-        except Exception as exc:  # a calibration is a nicety: never the daemon's end
-            # Left marked as under way, so it is not tried again window after window.
-            log.warning("could not time %s on this device: %s", variant.id, exc)
-            return
-        self._calibrating.discard(variant.id)
-        if len(times.get("head", ())) < CALIBRATION_RUNS:
-            return
-        for part in parts:  # the median: a session's first run is slow, one outlier
-            # A real run may have been timed meanwhile: it wins.
-            self.run_ms.setdefault((variant.id, part), statistics.median(times[part]))
-        log.info("timed %s on this device: %s", variant.id,
-                 ", ".join(f"{p} {self.run_ms[(variant.id, p)]:.2f} ms" for p in parts))
-
-    async def calibrated(self) -> None:
-        """Return once no calibration run is under way."""
-        while self._background:
-            await asyncio.wait(list(self._background))
 
     def fallback_of(self, dec: Decision) -> Variant:
         """The on-device variant a window of `dec` falls back to."""
@@ -342,8 +285,6 @@ class Inferencer:
                 feats = tokens
                 if variant.head:
                     feats, head_ms = await self._run(variant.id, "head", tokens)
-                # On the ORT thread, idle while this frame is out.
-                self.calibrate_soon(fallback, tokens)
                 reply, uplink_ms = await self._remote(win, variant, dec.precision, feats, cutoff)
             if reply is not None and reply.error is None:
                 logits = np.asarray(reply.logits, dtype=np.float32)[None, :]

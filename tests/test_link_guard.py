@@ -15,7 +15,7 @@ from pydantic import TypeAdapter
 
 from edgetok.frames import TailReply, decode_frame
 from edgetok.gateway import qdisc
-from edgetok.gateway.inference import CALIBRATION_RUNS, Decision, Inferencer
+from edgetok.gateway.inference import Decision, Inferencer
 from edgetok.gateway.linksense import LinkSensor, parse_iw_link
 from edgetok.gateway.windows import ClosedWindow
 from edgetok.models.runtime import Runtime
@@ -186,20 +186,15 @@ async def test_fallback_runs_at_the_fallback_clock_and_restores_it(
     inf.set_clock = clocks.append
     inf.decision = Decision(split, "fp32", fallback_hz=2.0e9, extra={"cpu_hz": 1.0e9})
     inf.link_rate = lambda: 50e6
-    for w in range(CALIBRATION_RUNS):
-        await inf.infer(_window(inf.runtime, w), deadline_s=1.0)
-        await _settled(inf)
+    await inf.infer(_window(inf.runtime, 1), deadline_s=1.0)
     assert clocks == []
-    calibrated = dict(inf.head_ms)
     inf.link_rate = lambda: 100.0
     r = await inf.infer(_window(inf.runtime, 2), deadline_s=1.0)
     assert r.where == "device-fallback" and clocks == [2.0e9, 1.0e9]
     # The raised-clock run times size the reserve, but are not reported as head times at
-    # the decision's clock (the coordinator would read a faster device into them): what
-    # telemetry reports is the calibration at the decision's clock, untouched.
+    # the decision's clock (the coordinator would read a faster device into them).
+    assert r.variant.id not in inf.head_ms
     assert (r.variant.id, "head") in inf.boosted_ms
-    await _settled(inf)
-    assert inf.head_ms[r.variant.id] == calibrated[r.variant.id]
 
 
 @pytest.mark.asyncio
@@ -210,83 +205,3 @@ async def test_no_frame_overhead_without_a_sensed_rate(
     r = await inf.infer(_window(inf.runtime, 1), deadline_s=1.0)
     assert r.where == "split" and server.frames == 1
     assert inf.uplink.rtt_s and inf.uplink.overhead_s is None
-
-
-async def _settled(inf: Inferencer) -> None:
-    """Wait for the inferencer's background calibration, if any, to finish."""
-    await asyncio.wait_for(inf.calibrated(), 10.0)
-
-
-@pytest.mark.asyncio
-async def test_device_model_is_timed_beside_the_first_frames(
-        split_setup: tuple[Inferencer, Server, str]) -> None:
-    """A split gateway times its on-device fallback beside its first frames, so that
-    telemetry carries this device's speed before a window ever runs there."""
-    inf, server, split = split_setup
-    fallback = inf.fallback_of(inf.decision)
-    inf.link_rate = lambda: 50e6
-    for w in range(1, CALIBRATION_RUNS + 1):
-        assert fallback.id not in inf.head_ms, "one shadow run is not a figure yet"
-        r = await inf.infer(_window(inf.runtime, w), deadline_s=1.0)
-        assert r.where == "split" and server.frames == w
-        await _settled(inf)
-    timed = inf.head_ms[fallback.id]
-    assert timed > 0 and ((fallback.id, "tail") in inf.run_ms) == bool(fallback.tail)
-    assert inf.uplink.fallbacks == 0
-    # Then no more shadow runs: later windows leave the figure alone.
-    await inf.infer(_window(inf.runtime, 9), deadline_s=1.0)
-    await _settled(inf)
-    assert inf.head_ms[fallback.id] == timed and inf.head_ms[split] > 0
-    # A real run of it, here a fallback, updates the figure as usual.
-    inf.link_rate = lambda: 100.0
-    r = await inf.infer(_window(inf.runtime, 10), deadline_s=1.0)
-    assert r.where == "device-fallback" and inf.head_ms[fallback.id] != timed
-
-
-@pytest.mark.asyncio
-async def test_a_device_decision_is_never_calibrated(tiny_bundle: Path) -> None:
-    """On the device every window is a measurement already: no extra run is made."""
-    runtime = Runtime(tiny_bundle, threads=1)
-    m = runtime.manifest
-    dev = next(v for v in m.variants if v.split == m.num_layers)
-    tok = TypeAdapter(TokenizerConfig).validate_python(m.input.tokenizer).build()
-    calls: list[tuple[str, str]] = []
-    run = runtime.run
-
-    def counted(variant: str, part: str, x: np.ndarray) -> np.ndarray:
-        calls.append((variant, part))
-        return run(variant, part, x)  # type: ignore[arg-type]
-
-    runtime.run = counted  # type: ignore[method-assign]
-    inf = Inferencer("gw1", runtime, {"imu": tok}, Server(runtime).publish,
-                     Decision(dev.id, "fp32"))
-    r = await inf.infer(_window(runtime, 1), deadline_s=1.0)
-    await _settled(inf)
-    assert r.where == "device" and calls == [(dev.id, p) for p in ("head", "tail")
-                                             if getattr(dev, p)]
-
-
-@pytest.mark.asyncio
-async def test_a_failing_shadow_run_costs_the_windows_nothing_and_is_not_retried(
-        split_setup: tuple[Inferencer, Server, str]) -> None:
-    """A fallback that cannot run (here: its session fails) is tried once, logged, and the
-    windows go on over the server."""
-    inf, server, _ = split_setup
-    fallback = inf.fallback_of(inf.decision)
-    attempts: list[str] = []
-    run = inf.runtime.run
-
-    def failing(variant: str, part: str, x: np.ndarray) -> np.ndarray:
-        if variant == fallback.id:
-            attempts.append(part)
-            raise RuntimeError("injected: session broke")
-        return run(variant, part, x)  # type: ignore[arg-type]
-
-    inf.runtime.run = failing  # type: ignore[method-assign]
-    inf.link_rate = lambda: 50e6
-    for w in range(CALIBRATION_RUNS + 1):
-        r = await inf.infer(_window(inf.runtime, w), deadline_s=1.0)
-        await _settled(inf)
-        assert r.where == "split"
-    assert attempts == ["head"] and fallback.id not in inf.head_ms
-    assert server.frames == CALIBRATION_RUNS + 1

@@ -20,8 +20,10 @@ from testbed.run import (  # noqa: E402
     RunData,
     RunSpec,
     gain_for,
+    merged,
     rate_for,
 )
+from e2e import round_order, split_windows  # noqa: E402
 
 
 def _spec(**kw: Any) -> RunSpec:
@@ -135,3 +137,38 @@ def test_goals_apply_the_strict_ratio_only_where_the_best_static_choice_changes(
     assert t["best_differs"] and t["ratio_goal"] == 0.6 and not t["ratio_met"]
     assert not f["best_differs"] and f["ratio_goal"] == 1.05 and f["ratio_met"]
     assert t["hit_met"] and not f["hit_met"]
+
+
+def test_rounds_run_forward_then_backward_and_share_the_windows() -> None:
+    """A B C, C B A: a drift of the machine weighs on every policy alike."""
+    assert round_order(["a", "b", "c"], 2) == [(0, "a"), (0, "b"), (0, "c"),
+                                               (1, "c"), (1, "b"), (1, "a")]
+    assert [p for _, p in round_order(["a", "b"], 3)] == ["a", "b", "b", "a", "a", "b"]
+    assert [split_windows(61, 2, r) for r in range(2)] == [31, 30]
+    assert sum(split_windows(60, 7, r) for r in range(7)) == 60
+
+
+def test_rounds_merge_into_one_run_of_all_their_windows() -> None:
+    """Two rounds summarise as one run: every window once, each run's decisions once."""
+    spec = _spec(actuators=True)
+    first, second = _data(spec), _data(spec)
+    later = 100.0
+    for row in second.driver["sent"]:
+        row["gateway"], row["t_pub"] = "g0-r2", row["t_pub"] + later
+    for row in second.driver["results"]:
+        row["gateway"], row["created_ts"] = "g0-r2", row["created_ts"] + later
+    for row in second.driver["frames"]:
+        row["gateway"] = "g0-r2"
+    decision = {"gateway": "g0", "epoch": 1, "seq": 1, "received_ts": 999.0,
+                "cpu_hz": 0.5e9, "tx_power_w": 0.01}
+    first.driver["decisions"] = [decision]
+    # The second round's driver sees the first's retained decision again, and its own.
+    second.driver["decisions"] = [decision, {**decision, "gateway": "g0-r2",
+                                             "received_ts": 1099.0}]
+    one, both = summarise(first), summarise(merged([first, second]))
+    assert both["windows"] == 2 * one["windows"] and both["missing"] == 2 * one["missing"]
+    assert both["hit_rate"] == one["hit_rate"] and both["accuracy"] == one["accuracy"]
+    assert both["latency_ms"]["p50"] == one["latency_ms"]["p50"]
+    assert both["uplink_wire_bytes"] == 2 * one["uplink_wire_bytes"]
+    assert both["decisions"] == 2
+    assert merged([first]) is first
