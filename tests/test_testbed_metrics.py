@@ -12,6 +12,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
+from e2e import round_order, split_windows  # noqa: E402
 from testbed.goals import check  # noqa: E402
 from testbed.metrics import summarise  # noqa: E402
 from testbed.run import (  # noqa: E402
@@ -23,7 +24,6 @@ from testbed.run import (  # noqa: E402
     merged,
     rate_for,
 )
-from e2e import round_order, split_windows  # noqa: E402
 
 
 def _spec(**kw: Any) -> RunSpec:
