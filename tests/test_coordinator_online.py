@@ -116,6 +116,37 @@ def test_compute_speed_is_estimated_from_head_latency() -> None:
     assert env.compute_scale == pytest.approx(2.0, rel=1e-6)
 
 
+def test_an_unmeasured_device_is_planned_slower_than_its_profile_until_it_reports() -> None:
+    """No head time yet: the profile slowed by unmeasured_speed_factor; then the measure."""
+    ctl = OnlineController(config(unmeasured_speed_factor=2.5), MANIFEST)
+    ctl.observe(Telemetry(gateway="gw1", ts=0.0, link_bps=20e6, tx_power_w=P_MAX), 0.0)
+    assert ctl.environment("gw1", 0.0)[0].compute_scale == pytest.approx(2.5)
+    # A device that runs as fast as its profile says, once measured, is planned so.
+    o = next(o for o in ctl.table.options if o.c_head > 0)
+    ctl.observe(Telemetry(gateway="gw1", ts=1.0, cpu_hz=1e9,
+                          head_ms={o.variant: o.c_head / 1e9 * 1000.0}), 1.0)
+    assert ctl.environment("gw1", 1.0)[0].compute_scale == pytest.approx(1.0)
+
+
+def test_a_link_that_recovers_is_trusted_soon_a_link_that_falls_is_not() -> None:
+    """The gain back-off grows with falls below the estimate, not with rises above it."""
+    def planned_after(*spells: tuple[int, float]) -> float:
+        ctl = OnlineController(config(), MANIFEST)
+        sim, t = Sim(ctl), 0
+        for reports, rate in spells:
+            sim.run("gw1", range(t, t + reports), gain(rate))
+            t += reports
+        return float(rate_bps(P_MAX, ctl.environment("gw1", float(t))[0]))
+
+    # Four reports after 20 -> 0.5 -> 20 Mbit/s the plan is well above the slow link (a
+    # symmetric variance would have backed it off to about 1.2 Mbit/s).
+    recovered = planned_after((10, 20e6), (10, 0.5e6), (4, 20e6))
+    assert recovered > 4e6
+    # A link that keeps falling is planned with a wide back-off.
+    flaky = planned_after((10, 20e6), (2, 0.5e6), (2, 20e6), (2, 0.5e6), (4, 20e6))
+    assert flaky < recovered / 2
+
+
 def test_energy_queue_holds_the_long_term_average() -> None:
     budget = 10.0
     # Everything on the device (floor 4): the unpruned model costs ~18 mJ, ρ=0.25 ~8 mJ.
