@@ -180,7 +180,7 @@ class OnlineController:
             g = gain_from_rate(bps, p, self._bandwidth(t.gateway, True),
                                self.config.link.noise_w_per_hz)
             if g > 0:
-                st.log_gain.update(math.log(g), self.config.gain_alpha_down, downside=True)
+                st.log_gain.update(math.log(g), self.config.gain_alpha_down, downside=False)
                 st.last_gain_ts = now
         if t.cpu_hz is not None:
             for variant, ms in t.head_ms.items():
@@ -258,7 +258,14 @@ class OnlineController:
                                 math.exp(st.log_speed.value(unmeasured)), wait, deadline)
         # Applied to transmitting options only, as the server queue is (fixed_latency).
         return env, self._queue(gateway, st) + self._overhead(st, now) + \
-            self.fallback_reserve(env)
+            self.fallback_reserve(self._as_gateway_sees(st, env))
+
+    @staticmethod
+    def _as_gateway_sees(st: GatewayState, env: Environment) -> Environment:
+        """`env` with the compute speed the gateway itself sizes its fallback with: measured,
+        else the profile's (the reserve and fallback must match the gateway's own rule, or
+        the plan keeps back time the gateway does not, or the reverse)."""
+        return replace(env, compute_scale=math.exp(st.log_speed.value(0.0)))
 
     def _overhead(self, st: GatewayState, now: float) -> float:
         """The per-frame overhead, relaxed to nothing once stale, as the gain relaxes to
@@ -334,8 +341,9 @@ class OnlineController:
             return None
         prefer = self.config.prefer
         sol = solve_options(self.table, env, queue, prefer)
-        fb = self.fallback(env)
-        reserve = self.fallback_reserve(env, fb)  # planned for, not latency a window sees
+        seen_by_gw = self._as_gateway_sees(st, env)
+        fb = self.fallback(seen_by_gw)
+        reserve = self.fallback_reserve(seen_by_gw, fb)  # planned for, not a window's latency
         penalty, margin = self._penalty(st, sol)
         # Feasibility counts the fallback reserve; ranking by latency must not, or every
         # transmitting option would look slower by a fallback it will rarely run.
