@@ -45,23 +45,16 @@ class Ewma:
     var: float = 0.0
     count: int = 0
 
-    def update(self, x: float, alpha_down: float | None = None, downside: bool = False
-               ) -> None:
+    def update(self, x: float, alpha_down: float | None = None) -> None:
         """Fold in a sample; `alpha_down`, if given, weighs a sample below the mean in the mean
-        (the variance always uses `alpha`, so a quick step down does not erase it).
-
-        With `downside`, only samples below the mean add to the variance (twice, so that
-        symmetric noise gives the usual figure): the semivariance, for a quantity whose
-        rises are no risk. Then a step up does not look like a spell of fading.
-        """
+        (the variance always uses `alpha`, so a quick step down does not erase it)."""
         if self.count == 0:
             self.mean = x
         else:
             d = x - self.mean
             a = alpha_down if alpha_down is not None and d < 0 else self.alpha
             self.mean += a * d
-            spread = 0.0 if downside and d > 0 else (2.0 if downside else 1.0) * d * d
-            self.var = (1 - self.alpha) * (self.var + self.alpha * spread)
+            self.var = (1 - self.alpha) * (self.var + self.alpha * d * d)
         self.count += 1
 
     def value(self, default: float) -> float:
@@ -180,7 +173,7 @@ class OnlineController:
             g = gain_from_rate(bps, p, self._bandwidth(t.gateway, True),
                                self.config.link.noise_w_per_hz)
             if g > 0:
-                st.log_gain.update(math.log(g), self.config.gain_alpha_down, downside=False)
+                st.log_gain.update(math.log(g), self.config.gain_alpha_down)
                 st.last_gain_ts = now
         if t.cpu_hz is not None:
             for variant, ms in t.head_ms.items():
