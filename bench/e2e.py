@@ -6,8 +6,9 @@ same test bed, replaying the same BasicMotions windows at a fixed rate; its wind
 into rounds run A B C D, D C B A (a trace runs once), so the machine's drift is shared.
 Per policy it reports end-to-end latency p50/p95/p99 (sensor publish to result stored, see
 testbed/driver.py), deadline hit rate, gateway energy from the system model (measured head
-time and frame bytes), accuracy against the dataset labels and bytes sent. Writes bench/out/e2e.json and
-PNG plots; the headline is joint p50 / best static baseline p50 per scenario.
+time and frame bytes), accuracy against the dataset labels and bytes sent. Writes
+bench/out/e2e.json and PNG plots; the headline is joint p50 / best static baseline p50 per
+scenario.
 
     sudo .venv/bin/python bench/e2e.py [--quick] [--bundle DIR] [--coordinator auto]
 """
