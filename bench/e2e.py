@@ -167,6 +167,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="cut each policy's windows into this many runs, in the order A B C D "
                    "D C B A ..., so that a drift of a shared machine weighs on every policy "
                    "alike (traces always run once)")
+    p.add_argument("--no-pin", action="store_true",
+                   help="let the scheduler place every process (default: the server side on "
+                   "CPU 0, the gateways on the other CPUs, as on separate machines)")
     p.add_argument("--max-gateways", type=int, default=16)
     p.add_argument("--only", default=None, help="comma-separated scenario names")
     p.add_argument("--policies", default=",".join(POLICIES))
@@ -218,7 +221,9 @@ def main(argv: list[str] | None = None) -> int:
                     actuators=not args.no_actuators, prefer=args.prefer)
     run_id = 0
     try:
-        with Testbed(n_gw) as tb:
+        with Testbed(n_gw, pin=not args.no_pin) as tb:
+            doc["machine"]["cpus"] = None if tb.cpus is None else {
+                "server_side": tb.cpus[0], "gateways": tb.cpus[1]}
             tb.start_broker(work / "broker")
             done: dict[tuple[Any, ...], str] = {}
             for sc in matrix:

@@ -116,23 +116,6 @@ def test_compute_speed_is_estimated_from_head_latency() -> None:
     assert env.compute_scale == pytest.approx(2.0, rel=1e-6)
 
 
-def test_an_unmeasured_device_is_planned_slower_than_its_profile_until_it_reports() -> None:
-    """No head time yet: the profile slowed by unmeasured_speed_factor; then the measure."""
-    ctl = OnlineController(config(unmeasured_speed_factor=2.5), MANIFEST)
-    plain = OnlineController(config(unmeasured_speed_factor=1.0), MANIFEST)
-    for c in (ctl, plain):
-        c.observe(Telemetry(gateway="gw1", ts=0.0, link_bps=20e6, tx_power_w=P_MAX), 0.0)
-    assert ctl.environment("gw1", 0.0)[0].compute_scale == pytest.approx(2.5)
-    # The fallback reserve follows the gateway's own rule, the profile, not the caution.
-    tx = ctl.table.transmits
-    assert np.allclose(ctl.environment("gw1", 0.0)[1][tx], plain.environment("gw1", 0.0)[1][tx])
-    # A device that runs as fast as its profile says, once measured, is planned so.
-    o = next(o for o in ctl.table.options if o.c_head > 0)
-    ctl.observe(Telemetry(gateway="gw1", ts=1.0, cpu_hz=1e9,
-                          head_ms={o.variant: o.c_head / 1e9 * 1000.0}), 1.0)
-    assert ctl.environment("gw1", 1.0)[0].compute_scale == pytest.approx(1.0)
-
-
 def test_energy_queue_holds_the_long_term_average() -> None:
     budget = 10.0
     # Everything on the device (floor 4): the unpruned model costs ~18 mJ, ρ=0.25 ~8 mJ.
@@ -257,7 +240,7 @@ def test_plans_keep_back_the_gateways_fallback_reserve() -> None:
     from edgetok.control import FALLBACK_MARGIN, FALLBACK_SLACK_S
 
     fast = synthetic_manifest(num_layers=4, ratios=(0.0, 0.5), layer_ms=1.0)
-    ctl = OnlineController(config(policy="server-only", unmeasured_speed_factor=1.0,
+    ctl = OnlineController(config(policy="server-only",
                                   budget={"deadline_ms": 60.0, "privacy_min_split": 0}), fast)
     Sim(ctl).report("gw1", 0.0, gain(20e6))
     env, _ = ctl.environment("gw1", 0.0)
@@ -298,8 +281,8 @@ def test_latency_preference_ranks_transmissions_without_their_fallback_reserve()
     slow_device = synthetic_manifest(num_layers=4, ratios=(0.0,), layer_ms=10.0,
                                      server_speedup=20.0)
     ctl = OnlineController(config(prefer="latency", server={"slowdown": 1.0, "queue_ms": 0.5},
-                                  budget={"deadline_ms": 400.0, "privacy_min_split": 0},
-                                  unmeasured_speed_factor=1.0), slow_device)
+                                  budget={"deadline_ms": 400.0, "privacy_min_split": 0}),
+                           slow_device)
     Sim(ctl).report("gw1", 0.0, gain(20e6))
     env, queue = ctl.environment("gw1", 0.0)
     table = ctl.table

@@ -55,11 +55,6 @@ class ControllerConfig(Strict):
     gain_backoff_sigma: float = Field(
         2.0, ge=0, description="Plan against the gain this many standard deviations (of the "
         "smoothed log-gain) below its mean: robustness to fading, at some efficiency.")
-    unmeasured_speed_factor: float = Field(
-        2.0, ge=1, description="Until a gateway reports a head time, plan its compute this "
-        "many times slower than the bundle's profile scaled to its clock: profiles are timed "
-        "warm and alone, and a live gateway ran 1.3-1.8x slower than them in the test bed. "
-        "Like an unmeasured gain, an unmeasured device is planned conservatively.")
     resolve_threshold: float = Field(
         0.1, gt=0, description="Relative change of an estimate (gain, compute speed, queue, "
         "bandwidth share) that triggers a re-solve.")

@@ -245,20 +245,11 @@ class OnlineController:
         st = self._state(gateway)
         wait = st.queue_depth * st.head_s
         deadline = self._deadline(st) * (1.0 - self.config.latency_margin)
-        # A device that has not reported a head time yet is planned slower than its profile.
-        unmeasured = math.log(self.config.unmeasured_speed_factor)
         env = self._environment(self._gain(st, now), self._bandwidth(gateway, True),
-                                math.exp(st.log_speed.value(unmeasured)), wait, deadline)
+                                math.exp(st.log_speed.value(0.0)), wait, deadline)
         # Applied to transmitting options only, as the server queue is (fixed_latency).
         return env, self._queue(gateway, st) + self._overhead(st, now) + \
-            self.fallback_reserve(self._as_gateway_sees(st, env))
-
-    @staticmethod
-    def _as_gateway_sees(st: GatewayState, env: Environment) -> Environment:
-        """`env` with the compute speed the gateway itself sizes its fallback with: measured,
-        else the profile's (the reserve and fallback must match the gateway's own rule, or
-        the plan keeps back time the gateway does not, or the reverse)."""
-        return replace(env, compute_scale=math.exp(st.log_speed.value(0.0)))
+            self.fallback_reserve(env)
 
     def _overhead(self, st: GatewayState, now: float) -> float:
         """The per-frame overhead, relaxed to nothing once stale, as the gain relaxes to
@@ -334,9 +325,8 @@ class OnlineController:
             return None
         prefer = self.config.prefer
         sol = solve_options(self.table, env, queue, prefer)
-        seen_by_gw = self._as_gateway_sees(st, env)
-        fb = self.fallback(seen_by_gw)
-        reserve = self.fallback_reserve(seen_by_gw, fb)  # planned for, not a window's latency
+        fb = self.fallback(env)
+        reserve = self.fallback_reserve(env, fb)  # planned for, not latency a window sees
         penalty, margin = self._penalty(st, sol)
         # Feasibility counts the fallback reserve; ranking by latency must not, or every
         # transmitting option would look slower by a fallback it will rarely run.
