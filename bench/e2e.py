@@ -53,8 +53,11 @@ WINDOW_RATE = 2.0
 # steps of one CFS period (10 ms at 10% of a core).
 WINDOWS, QUICK_WINDOWS = 60, 16
 WARMUP = 4
-# Two rounds (forward, then backward) cost one process start per policy more than one.
-ROUNDS = 2
+# Each run is a fresh process whose median moves ~4% from the next one's (layout, caches: a
+# link-10 A/A check gave per-run medians of 5.11-5.67 ms), so more, shorter runs per policy
+# beat fewer long ones; four rounds (A B C D, D C B A, twice) also put every policy at the same
+# mean position in the order, at the cost of three more process starts per policy.
+ROUNDS = 4
 # Link and CPU of the scenarios that vary something else.
 BASE_LINK_MBIT, BASE_CPU = 10.0, 1.0
 # A Raspberry-Pi-class gateway (several times slower than one core here): the link sweep and
