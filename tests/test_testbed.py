@@ -99,24 +99,6 @@ def test_cpu_quota_caps_the_process_and_follows_the_actuator_file(bed: Testbed) 
     bed.stop(proc)
 
 
-@needs_testbed
-@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs to pin")
-def test_server_side_and_gateways_run_on_cpus_of_their_own(bed: Testbed) -> None:
-    """As on separate machines: the server side on the first CPU, gateways on the rest."""
-    host = bed.hosts[0]
-    mine = sorted(os.sched_getaffinity(0))
-    gw = bed.popen(host.netns, ["sleep", "30"], cgroup=host.cpu)
-    srv = bed.popen(bed.server_ns, ["sleep", "30"])
-    # The affinity is set before exec, so it is there once the command runs.
-    assert _until(lambda: os.sched_getaffinity(gw.pid) == set(mine[1:]))
-    assert _until(lambda: os.sched_getaffinity(srv.pid) == {mine[0]})
-    assert _until(lambda: gw.pid in host.cpu.pids())  # pinning keeps the quota's cgroup
-    bed.stop(gw)
-    bed.stop(srv)
-    loose = Testbed(1, tag=_tag(), pin=False)
-    assert loose.cpus is None
-
-
 def _share(g: CpuGroup) -> float:
     """The cgroup's CPU quota over its period."""
     if g.version == "v2":

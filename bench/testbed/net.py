@@ -75,16 +75,11 @@ def run(argv: list[str], check: bool = True) -> subprocess.CompletedProcess[str]
     return out
 
 
-def split_cpus(cpus: list[int]) -> tuple[list[int], list[int]] | None:
-    """(server side, gateways): the first CPU, and the rest; None with a single CPU."""
-    return (cpus[:1], cpus[1:]) if len(cpus) >= 2 else None
-
-
 def available() -> str | None:
     """None if a test bed can be built here, else the reason it cannot."""
     if os.geteuid() != 0:
         return "needs root (network namespaces, tc, cgroups)"
-    for tool in ("ip", "tc", "taskset"):
+    for tool in ("ip", "tc"):
         if subprocess.run(["which", tool], capture_output=True).returncode != 0:
             return f"`{tool}` is not installed"
     probe = f"{PREFIX}-gw-{os.getpid()}-probe"
@@ -117,16 +112,10 @@ class Testbed:
 
     __test__ = False  # not a pytest test class, despite the name
 
-    def __init__(self, gateways: int = 1, tag: str | None = None, pin: bool = True) -> None:
-        """Plan a test bed; nothing is created before up().
-
-        With `pin` (and at least two CPUs) the server side (broker, server, sensors) runs on
-        CPU 0 and the gateways on the others, as on separate machines: a gateway's time then
-        does not depend on where the scheduler happens to put it next to the server.
-        """
+    def __init__(self, gateways: int = 1, tag: str | None = None) -> None:
+        """Plan a test bed; nothing is created before up()."""
         if not 1 <= gateways <= 250:
             raise ValueError("1..250 gateways (one /30 per gateway under 10.77.0.0/16)")
-        self.cpus = split_cpus(sorted(os.sched_getaffinity(0))) if pin else None
         self.tag = tag or str(os.getpid())
         if owner_of(self.tag) is None:
             raise ValueError(f"tag {self.tag!r}: use the owner's pid, optionally + 't<n>'")
@@ -209,17 +198,13 @@ class Testbed:
     def popen(self, netns: str, argv: list[str], log_path: Path | None = None,
               env: dict[str, str] | None = None, cgroup: CpuGroup | None = None,
               stdout: int | IO[bytes] | None = None) -> subprocess.Popen[bytes]:
-        """Start argv inside a namespace (and, before exec, inside a cgroup, on the CPUs of
-        its side); tracked."""
+        """Start argv inside a namespace (and, before exec, inside a cgroup); tracked."""
         cmd = ["ip", "netns", "exec", netns]
         if cgroup is not None:
             # The shell joins the cgroup and then execs: every thread starts capped. It must
             # come before `ip netns exec`, which mounts a fresh /sys without the cgroups.
             cmd = ["sh", "-c", f'echo $$ > {shlex.quote(str(cgroup.procs_file))} && '
                    'exec "$@"', "sh", *cmd]
-        if self.cpus is not None:
-            side = self.cpus[0] if netns == self.server_ns else self.cpus[1]
-            cmd = ["taskset", "-c", ",".join(map(str, side)), *cmd]
         out: int | IO[bytes] | None = stdout
         if log_path is not None:
             out = log_path.open("ab")
