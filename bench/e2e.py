@@ -119,6 +119,14 @@ def split_windows(windows: int, rounds: int, rnd: int) -> int:
     return windows // rounds + (1 if rnd < windows % rounds else 0)
 
 
+def _positive(text: str) -> int:
+    """argparse type: an integer of at least 1."""
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {n}")
+    return n
+
+
 def coordinator_mode(choice: str) -> str:
     """'server' once `edgetok server` runs the OnlineController, else the test bed's shim."""
     if choice != "auto":
@@ -166,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--window-rate", type=float, default=WINDOW_RATE)
     p.add_argument("--windows", type=int, default=None,
                    help=f"measured windows per policy and scenario (default {WINDOWS})")
-    p.add_argument("--rounds", type=int, default=ROUNDS,
+    p.add_argument("--rounds", type=_positive, default=ROUNDS,
                    help="cut each policy's windows into this many runs, in the order A B C D "
                    "D C B A ..., so that a drift of a shared machine weighs on every policy "
                    "alike (traces always run once)")
@@ -191,7 +199,6 @@ def main(argv: list[str] | None = None) -> int:
         log.warning("no coordinator: joint cannot run; measuring the static baselines only")
         policies.remove("joint")
     windows = args.windows or (QUICK_WINDOWS if args.quick else WINDOWS)
-    rounds = args.rounds
     replay_s = (WARMUP + windows) / args.window_rate
     matrix = scenarios(args.quick, replay_s, args.max_gateways)
     if args.only:
@@ -203,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         "bundle": str(bundle), "bundle_id": _bundle_id(bundle), "coordinator": mode,
         "actuators": not args.no_actuators, "prefer": args.prefer,
         "deadline_ms": args.deadline_ms, "window_rate_per_gateway": args.window_rate,
-        "windows_per_run": windows, "warmup_windows": WARMUP, "rounds": rounds,
+        "windows_per_run": windows, "warmup_windows": WARMUP, "rounds": args.rounds,
         "latency_definition": "result.created_ts - wall time just before the sensor message "
         "completing the window was published (driver in the server namespace)",
         "link": "tc tbf on each gateway's veth (uplink only): the channel's full-power rate, "
@@ -235,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
                 parts: dict[str, list[RunData]] = {pol: [] for pol in policies}
                 loads: dict[str, list[float]] = {pol: [] for pol in policies}
                 # A trace spans one replay, so it cannot be cut into rounds.
-                n_rounds = 1 if sc.trace else max(rounds, 1)
+                n_rounds = 1 if sc.trace else args.rounds
                 for rnd, pol in round_order(policies, n_rounds):
                     if pol in runs:  # an earlier round of it failed
                         continue
