@@ -73,10 +73,21 @@ class UplinkState:
     # server's tail: encoding and publishing here, the broker's hops, the reply's way back.
     overheads_s: deque[float] = field(default_factory=lambda: deque(maxlen=OVERHEAD_SAMPLES))
 
-    def learn(self, key: str, rtt_s: float, rate_bps: float | None) -> None:
-        """Fold one reply's round trip (and the link rate sensed then) into the estimates."""
+    def learn(self, key: str, rtt_s: float, rate_bps: float | None, fresh: bool = False
+              ) -> None:
+        """Fold one reply's round trip (and the link rate sensed then) into the estimates.
+
+        Smoothing rides out one slow reply among frequent ones. A `fresh` reply (to a probe
+        the guard's history had advised against) starts afresh: what made the old round trips
+        slow, such as a cold session, may be long gone, and averaging with them would keep
+        the guard shut for several more probes.
+        """
         old = self.rtt_s.get(key)
-        self.rtt_s[key] = rtt_s if old is None else old + RTT_ALPHA * (rtt_s - old)
+        if old is None or fresh:
+            self.rtt_s[key] = rtt_s
+            self.rtt_rate.pop(key, None)
+        else:
+            self.rtt_s[key] = old + RTT_ALPHA * (rtt_s - old)
         if rate_bps is not None:
             r = self.rtt_rate.get(key)
             self.rtt_rate[key] = rate_bps if r is None else r + RTT_ALPHA * (rate_bps - r)
@@ -212,12 +223,14 @@ class Inferencer:
         return dec.fallback_hz, float(back)
 
     def _skip_server(self, variant: Variant, precision: Precision, cutoff: float
-                     ) -> Literal["down", "link"] | None:
-        """Why this window should not even try the server, or None.
+                     ) -> Literal["down", "link", "probe"] | None:
+        """Why this window should not even try the server; "probe" or None to try it.
 
         "down": a recent reply timed out and the next probe is not due. "link": the head plus
-        the predicted round trip overruns the cutoff. With a sensed link rate that holds for
-        sure; from reply history alone it may be stale, so a due probe still goes out.
+        the frame's round trip overruns the cutoff. The frame's bits at the sensed link rate
+        are physics, and skip for sure. The rest of a predicted round trip is reply history,
+        which may be stale (one cold reply must not shut the server out for good), so when
+        only history says late, a due probe still goes out ("probe").
         """
         up, now = self.uplink, time.monotonic()
         if not up.server_ok and now < up.next_probe:
@@ -225,12 +238,16 @@ class Inferencer:
         key = f"{variant.id}/{precision}"
         bits = up.frame_bits.get(key) or 8.0 * variant.profile.feature_bytes.get(precision, 0)
         rate = self.link_rate()
+        head_s = self.run_ms.get((variant.id, "head"), 0.0) / 1000 if variant.head else 0.0
+        budget = cutoff - now
+        if rate is not None and (head_s + bits / rate) * (1 + GUARD_MARGIN) > budget:
+            return "link"
         rtt = up.predict(key, bits, rate)
         if rtt is None:
             return None
-        head_s = self.run_ms.get((variant.id, "head"), 0.0) / 1000 if variant.head else 0.0
-        late = (head_s + rtt) * (1 + GUARD_MARGIN) > cutoff - now
-        return "link" if late and (rate is not None or now < up.next_probe) else None
+        if (head_s + rtt) * (1 + GUARD_MARGIN) <= budget:
+            return None
+        return "link" if now < up.next_probe else "probe"
 
     async def _device(self, variant: Variant, tokens: np.ndarray, boosted: bool = False
                       ) -> tuple[np.ndarray, float]:
@@ -281,11 +298,12 @@ class Inferencer:
             cutoff = deadline_mono - reserve
             skip = self._skip_server(variant, dec.precision, cutoff)
             reply: TailReply | None = None
-            if skip is None:
+            if skip in (None, "probe"):
                 feats = tokens
                 if variant.head:
                     feats, head_ms = await self._run(variant.id, "head", tokens)
-                reply, uplink_ms = await self._remote(win, variant, dec.precision, feats, cutoff)
+                reply, uplink_ms = await self._remote(win, variant, dec.precision, feats, cutoff,
+                                                      probe=skip == "probe")
             if reply is not None and reply.error is None:
                 logits = np.asarray(reply.logits, dtype=np.float32)[None, :]
                 tail_ms = reply.tail_ms
@@ -323,8 +341,12 @@ class Inferencer:
             created_ts=time.time())
 
     async def _remote(self, win: ClosedWindow, variant: Variant, precision: Precision,
-                      feats: np.ndarray, deadline_mono: float) -> tuple[TailReply | None, float]:
-        """Send a frame and await its reply until the deadline; (None, waited) on failure."""
+                      feats: np.ndarray, deadline_mono: float, probe: bool = False
+                      ) -> tuple[TailReply | None, float]:
+        """Send a frame and await its reply until the deadline; (None, waited) on failure.
+
+        `probe`: the guard's reply history advised against this frame. Its reply, like the
+        first after an outage, replaces that history rather than being averaged into it."""
         up = self.uplink
         now = time.monotonic()
         if not up.server_ok and now < up.next_probe:
@@ -364,13 +386,14 @@ class Inferencer:
                             win.stream, win.seq)
             up.server_ok = False
             return None, (time.monotonic() - t0) * 1000
+        fresh = probe or not up.server_ok  # a probe's reply, or the first after an outage
         if not up.server_ok:
             log.info("edge server answers again; resuming split inference")
         up.server_ok = True
         rtt_s = time.monotonic() - t0
         if reply.error is None:
             rate = self.link_rate()
-            up.learn(link_key, rtt_s, rate)
+            up.learn(link_key, rtt_s, rate, fresh=fresh)
             up.learn_overhead(rtt_s, reply.tail_ms / 1000, up.frame_bits[link_key], rate)
         return reply, rtt_s * 1000
 

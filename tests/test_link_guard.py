@@ -14,7 +14,7 @@ import pytest
 from pydantic import TypeAdapter
 
 from edgetok.frames import TailReply, decode_frame
-from edgetok.gateway import qdisc
+from edgetok.gateway import inference, qdisc
 from edgetok.gateway.inference import Decision, Inferencer
 from edgetok.gateway.linksense import LinkSensor, parse_iw_link
 from edgetok.gateway.windows import ClosedWindow
@@ -108,6 +108,7 @@ class Server:
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
         self.frames = 0
+        self.delay_s = 0.0  # how long the next replies take (a cold session, a busy server)
         self.inferencer: Inferencer | None = None
 
     async def publish(self, frame: bytes, wait_s: float) -> bool:
@@ -118,7 +119,7 @@ class Server:
                           variant=header.variant, logits=logits.reshape(-1).tolist(),
                           tail_ms=0.1, server="test", received_ts=time.time())
         assert self.inferencer is not None
-        asyncio.get_running_loop().call_soon(self.inferencer.on_reply, reply)
+        asyncio.get_running_loop().call_later(self.delay_s, self.inferencer.on_reply, reply)
         return True
 
 
@@ -205,3 +206,26 @@ async def test_no_frame_overhead_without_a_sensed_rate(
     r = await inf.infer(_window(inf.runtime, 1), deadline_s=1.0)
     assert r.where == "split" and server.frames == 1
     assert inf.uplink.rtt_s and inf.uplink.overhead_s is None
+
+
+@pytest.mark.asyncio
+async def test_one_slow_reply_does_not_shut_the_server_out(
+        split_setup: tuple[Inferencer, Server, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reply history says the server is too slow, the sensed link says it is not: the guard
+    keeps windows off it only until a probe is due, and the probe's fast reply replaces the
+    slow history at once (averaged in, it would still keep the next window off)."""
+    inf, server, _ = split_setup
+    monkeypatch.setattr(inference, "PROBE_INTERVAL_S", 1.0)
+    inf.link_rate = lambda: 50e6  # the frame's bits take microseconds: only history is slow
+    server.delay_s = 0.6  # one slow spell, such as a tail session opened on first use
+    r = await inf.infer(_window(inf.runtime, 1), deadline_s=1.0)
+    assert r.where == "split" and server.frames == 1
+    server.delay_s = 0.0
+    r = await inf.infer(_window(inf.runtime, 2), deadline_s=0.4)
+    assert r.where == "device-fallback" and server.frames == 1 and inf.uplink.guarded == 1
+    await asyncio.sleep(inf.uplink.next_probe - time.monotonic() + 0.05)  # a probe is due
+    r = await inf.infer(_window(inf.runtime, 3), deadline_s=0.4)
+    assert r.where == "split" and server.frames == 2, "a due probe goes out despite history"
+    r = await inf.infer(_window(inf.runtime, 4), deadline_s=0.4)
+    assert r.where == "split" and server.frames == 3, "the probe's reply replaced the history"
+    assert inf.uplink.guarded == 1
