@@ -50,6 +50,9 @@ class ServerStatus(BaseModel):
     group: str = Field(description="Shared-subscription group.")
     uptime_s: int = Field(description="Seconds since start.")
     bundles: list[str] = Field(description="Bundle ids this server runs tails for.")
+    sessions: dict[str, list[str]] = Field(
+        description="Open ONNX sessions by bundle, as 'variant/part', least recently used "
+                    "first. A coordinating server opens a tail when it decides on it.")
     mqtt: ServerMqtt = Field(description="Broker connection.")
     counters: dict[str, int] = Field(description="Frames, replies, expired frames, errors.")
     busy_s: float = Field(description="Seconds spent computing tails.")

@@ -102,9 +102,26 @@ class TailServer:
             for d in self.controller.step(time.time()):
                 topic = Topics(self.cfg.mqtt.prefix, d.gateway).control
                 d = d.model_copy(update={"bundle": self.coordinated_bundle})
+                if d.split < self.controller.table.num_layers:
+                    # Before the gateway hears of it: else its first frame pays for opening
+                    # the session (~40 ms), misses a tight deadline, and teaches its link
+                    # guard that this server is slow.
+                    await asyncio.get_running_loop().run_in_executor(
+                        self.executor, self._warm_tail, self.runtimes[d.bundle], d.variant)
                 if await self.session.publish(topic, encode_decision(d), qos=1, retain=True,
                                               wait_s=1.0):
                     self.decisions += 1
+
+    def _warm_tail(self, rt: Runtime, variant: str) -> None:
+        """Open a variant's tail session and run it once on zeros (ORT's first run also
+        allocates); a failure is logged, as the first real frame will report it."""
+        v = rt.manifest.variant(variant)
+        if not v.tail:
+            return
+        try:
+            rt.run(variant, "tail", np.zeros((1, *v.feature_shape), dtype=v.feature_dtype))
+        except (BundleError, ValueError, RuntimeError) as exc:
+            log.warning("could not warm the tail of %s: %s", variant, exc)
 
     def _tail(self, rt: Runtime, variant: str, feats: np.ndarray) -> tuple[np.ndarray, float]:
         t0 = time.perf_counter()
@@ -166,6 +183,7 @@ class TailServer:
         return {
             "server": self.cfg.id, "version": __version__, "group": self.cfg.group,
             "uptime_s": round(time.time() - self.started), "bundles": sorted(self.runtimes),
+            "sessions": {b: rt.session_names for b, rt in sorted(self.runtimes.items())},
             "mqtt": {"connected": self.session.connected.is_set(),
                      "connects": self.session.connects},
             "counters": self.counters, "busy_s": round(self.busy_s, 3),

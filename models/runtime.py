@@ -168,6 +168,12 @@ class Runtime:
         return len(self._sessions)
 
     @property
+    def session_names(self) -> list[str]:
+        """The cached sessions as 'variant/part', oldest use first."""
+        with self._lock:
+            return [f"{v}/{p}" for v, p in self._sessions]
+
+    @property
     def weight_files(self) -> list[str]:
         """Weights files currently mapped and shared (one per pruning ratio in use)."""
         return sorted(p.name for p in list(self._weights))

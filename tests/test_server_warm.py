@@ -1,0 +1,54 @@
+"""A coordinating server opens a tail before it tells a gateway to send frames for it."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from conftest import Broker, free_port
+from harness import gateway_config, server_config, spawn
+
+
+def _status(port: int) -> dict[str, Any]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/status", timeout=5) as resp:
+        doc: dict[str, Any] = json.loads(resp.read())
+    return doc
+
+
+def test_decided_tail_is_open_before_the_first_frame(tmp_path: Path, mosquitto: Broker,
+                                                      tiny_bundle: Path) -> None:
+    """server-only: the gateway's first decision names a split-0 variant. Its tail session is
+    open (and has run once) on the server while no frame has arrived yet, so the first
+    window does not pay ~40 ms for opening it."""
+    srv_cfg = server_config(tiny_bundle, mosquitto.port)
+    srv_cfg["coordinator"] = {
+        "policy": "server-only", "resolve_interval_s": 1.0,
+        "link": {"bandwidth_hz": 20e6, "gain": 7.96e-12, "noise_w_per_hz": 3.98e-20,
+                 "p_max_w": 0.1},
+        "device": {"f_min_hz": 0.6e9, "f_max_hz": 1.5e9, "kappa": 1e-25},
+        "budget": {"deadline_ms": 1000.0}}
+    server = spawn("server", srv_cfg, tmp_path, "server")
+    gw = spawn("gateway", gateway_config(tmp_path, tiny_bundle, mosquitto.port, free_port(),
+                                         extra={"telemetry_interval_s": 0.3}),
+               tmp_path, "gateway")
+    server.start()
+    gw.start()
+    try:
+        deadline = time.monotonic() + 30
+        decision: dict[str, Any] | None = None
+        while decision is None and time.monotonic() < deadline:
+            status = _status(server.http_port)
+            view = (status["coordinator"] or {}).get("gateways", {}).get("gw-test")
+            decision = view and view["decision"]
+            time.sleep(0.2)
+        assert decision is not None, server.logtext()[-2000:]
+        assert decision["split"] == 0, decision
+        bundle = json.loads((tiny_bundle / "manifest.json").read_text())["bundle_id"]
+        assert f"{decision['variant']}/tail" in status["sessions"][bundle], status["sessions"]
+        assert status["counters"]["frames"] == 0, "no window was sent: the tail was warmed"
+    finally:
+        gw.stop()
+        server.stop()
