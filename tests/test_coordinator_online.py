@@ -305,8 +305,9 @@ def test_frame_overhead_is_charged_per_frame_not_to_the_rate() -> None:
     ctl.observe(Telemetry(gateway="a", ts=0.0, link_bps=10e6, frame_overhead_ms=8.0,
                           uplink_bps=1e6, tx_power_w=P_MAX), 0.0)
     env, queue = ctl.environment("a", 0.0)
-    ctl.observe(Telemetry(gateway="b", ts=0.0, tx_power_w=P_MAX, link_bps=10e6), 0.0)
-    env_b, plain = ctl.environment("b", 0.0)
+    alone = OnlineController(config(), MANIFEST)  # no fleet to borrow an overhead from
+    alone.observe(Telemetry(gateway="b", ts=0.0, tx_power_w=P_MAX, link_bps=10e6), 0.0)
+    env_b, plain = alone.environment("b", 0.0)
     assert env.gain == pytest.approx(env_b.gain)  # the rate is the sensed one, not goodput
     tx = t.transmits
     assert np.allclose(queue[tx] - plain[tx], 0.008)
@@ -318,6 +319,30 @@ def test_frame_overhead_is_charged_per_frame_not_to_the_rate() -> None:
     ctl.observe(Telemetry(gateway="a", ts=1.0, uplink_bps=1e6, tx_power_w=P_MAX), 1.0)
     _, after = ctl.environment("a", 1.0)
     assert np.allclose(after[tx], plain[tx])
+
+
+def test_a_newcomer_borrows_the_fleets_frame_overhead_until_it_has_its_own() -> None:
+    """The broker's hops are the same for every gateway of a server: one that has sent no
+    frame yet plans with the median of the others' fresh overheads, not with none."""
+    ctl = OnlineController(config(), MANIFEST)
+    tx = ctl.table.transmits
+    for gw, ms in (("a", 2.0), ("b", 3.0), ("c", 40.0)):  # c: a slow gateway, an outlier
+        ctl.observe(Telemetry(gateway=gw, ts=0.0, link_bps=10e6, frame_overhead_ms=ms,
+                              tx_power_w=P_MAX), 0.0)
+    ctl.observe(Telemetry(gateway="new", ts=0.0, link_bps=10e6, tx_power_w=P_MAX), 0.0)
+    alone = OnlineController(config(), MANIFEST)
+    alone.observe(Telemetry(gateway="new", ts=0.0, link_bps=10e6, tx_power_w=P_MAX), 0.0)
+    borrowed = ctl.environment("new", 1.0)[1] - alone.environment("new", 1.0)[1]
+    assert np.allclose(borrowed[tx], 0.003)  # (the model charges it to transmissions only)
+    # Its own first measurement wins at once ...
+    ctl.observe(Telemetry(gateway="new", ts=2.0, link_bps=10e6, frame_overhead_ms=10.0,
+                          tx_power_w=P_MAX), 2.0)
+    own = ctl.environment("new", 2.0)[1] - alone.environment("new", 2.0)[1]
+    assert np.allclose(own[tx], 0.010)
+    # ... and stale figures, the fleet's included, count for nothing.
+    late = 10 * ctl.config.stale_after_s
+    gone = ctl.environment("new", late)[1] - alone.environment("new", late)[1]
+    assert np.allclose(gone[tx], 0.0)
 
 
 def test_a_stale_frame_overhead_relaxes_so_the_server_is_tried_again() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import statistics
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -85,6 +86,7 @@ class GatewayState:
     last_seen: float = -math.inf
     frame_overhead_s: float = 0.0  # per frame, beside bits / rate (see Telemetry)
     last_overhead_ts: float = -math.inf
+    overhead_in_rate: bool = False  # no sensed rate: goodput carries the overhead
 
 
 class OnlineController:
@@ -162,10 +164,12 @@ class OnlineController:
         if t.frame_overhead_ms is not None and t.link_bps is not None:
             st.frame_overhead_s = t.frame_overhead_ms / 1000.0
             st.last_overhead_ts = now
+            st.overhead_in_rate = False
             bps: float | None = t.link_bps
         else:
             if t.uplink_bps is not None:
                 st.frame_overhead_s = 0.0
+                st.overhead_in_rate = True
             bps = t.uplink_bps if t.uplink_bps is not None else t.link_bps
         if bps is not None:
             p = t.tx_power_w or (st.decision.tx_power_w if st.decision else 0.0)
@@ -252,13 +256,32 @@ class OnlineController:
             self.fallback_reserve(env)
 
     def _overhead(self, st: GatewayState, now: float) -> float:
-        """The per-frame overhead, relaxed to nothing once stale, as the gain relaxes to
-        nominal: a gateway that stopped sending after a slow spell tries the server again
-        (its link guard and fallback cover the try) rather than trust that spell forever."""
+        """The per-frame overhead: the gateway's own while fresh; before it has sent a frame,
+        the fleet's (`_fleet_overhead`); once stale, relaxed toward the fleet's, as the gain
+        relaxes to nominal: a gateway that stopped sending after a slow spell tries the
+        server again (its link guard and fallback cover the try) rather than trust that
+        spell forever."""
+        if st.overhead_in_rate:
+            return 0.0
+        prior = self._fleet_overhead(st, now)
         age = now - st.last_overhead_ts - self.config.stale_after_s
         if age <= 0:
             return st.frame_overhead_s
-        return st.frame_overhead_s * max(1.0 - age / self.config.stale_after_s, 0.0)
+        w = min(age / self.config.stale_after_s, 1.0)
+        return st.frame_overhead_s + w * (prior - st.frame_overhead_s)
+
+    def _fleet_overhead(self, st: GatewayState, now: float) -> float:
+        """The median fresh per-frame overhead of the other gateways; 0 when there is none.
+
+        The broker's hops and the server's share of a reply are common to every gateway of
+        this server, so a newcomer need not probe the server near a tie just to learn them
+        (16 gateways starting at once each did). With nothing to go on, optimism: an untried
+        path must get tried, or it is never measured.
+        """
+        fresh = [o.frame_overhead_s for o in self.gateways.values()
+                 if o is not st and not o.overhead_in_rate
+                 and now - o.last_overhead_ts <= self.config.stale_after_s]
+        return statistics.median(fresh) if fresh else 0.0
 
     def fallback(self, env: Environment) -> int:
         """The on-device option a gateway runs when the server cannot answer in time.
