@@ -122,7 +122,7 @@ class ControlPlane:
             tx_power_w=self.actuators.effective_tx_power_w(), link_bps=link,
             frame_overhead_ms=overhead,
             cpu_hz=self.actuators.effective_cpu_hz(),
-            head_ms={k: round(v, 3) for k, v in gw.inferencer.head_ms.items()},
+            head_ms={k: round(v, 3) for k, v in gw.inferencer.take_fresh_head_ms().items()},
             queue_depth=len(gw.inflight), windows_per_s=round(rate, 4), windows_done=done,
             latency_ms=self.measured()["latency_ms"],
             deadline_ms=min(s.deadline_ms for s in gw.cfg.streams),

@@ -152,6 +152,7 @@ class Inferencer:
         # Fallback runs at a raised clock are kept apart: telemetry reports head times at the
         # decision's clock, and the coordinator reads compute speed from them.
         self.boosted_ms: dict[tuple[str, Part], float] = {}
+        self._fresh_heads: set[str] = set()  # heads run since telemetry last took them
         # The uplink rate sensed now (gateway/linksense.py) and the CPU clock setter; the
         # control plane plugs both in when it has them.
         self.link_rate: LinkRate = lambda: None
@@ -189,6 +190,14 @@ class Inferencer:
         """Smoothed head latency by variant id (ms), as telemetry reports it."""
         return {v: ms for (v, part), ms in self.run_ms.items() if part == "head"}
 
+    def take_fresh_head_ms(self) -> dict[str, float]:
+        """`head_ms` of the heads that ran since the previous call, for telemetry: a figure
+        sent again and again would be folded in again and again by the coordinator, long
+        after the device (its clock, its load) has changed."""
+        fresh = {v: ms for v, ms in self.head_ms.items() if v in self._fresh_heads}
+        self._fresh_heads.clear()
+        return fresh
+
     async def _run(self, variant: str, part: Part, x: np.ndarray, boosted: bool = False
                    ) -> tuple[np.ndarray, float]:
         loop = asyncio.get_running_loop()
@@ -196,6 +205,8 @@ class Inferencer:
         out = await loop.run_in_executor(self.executor, self.runtime.run, variant, part, x)
         ms = (time.perf_counter() - t0) * 1000
         runs = self.boosted_ms if boosted else self.run_ms
+        if part == "head" and not boosted:
+            self._fresh_heads.add(variant)
         old = runs.get((variant, part))
         runs[(variant, part)] = ms if old is None else 0.8 * old + 0.2 * ms
         return out, ms

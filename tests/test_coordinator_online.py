@@ -116,6 +116,18 @@ def test_compute_speed_is_estimated_from_head_latency() -> None:
     assert env.compute_scale == pytest.approx(2.0, rel=1e-6)
 
 
+def test_a_stale_compute_speed_relaxes_to_the_profile() -> None:
+    """A gateway that has run no head for long (it was sent to the server) is planned at its
+    profile speed again, or one slow spell would keep it off its own device for good."""
+    ctl = OnlineController(config(stale_after_s=10.0), MANIFEST)
+    Sim(ctl).run("gw1", range(5), gain(20e6), scale=3.0)
+    assert ctl.environment("gw1", 5.0)[0].compute_scale == pytest.approx(3.0, rel=1e-6)
+    ctl.observe(Telemetry(gateway="gw1", ts=20.0, link_bps=20e6), 20.0)  # no head ran
+    half = ctl.environment("gw1", 4.0 + 15.0)[0].compute_scale
+    assert half == pytest.approx(math.sqrt(3.0), rel=1e-6)  # halfway, in log terms
+    assert ctl.environment("gw1", 40.0)[0].compute_scale == pytest.approx(1.0)
+
+
 def test_energy_queue_holds_the_long_term_average() -> None:
     budget = 10.0
     # Everything on the device (floor 4): the unpruned model costs ~18 mJ, ρ=0.25 ~8 mJ.

@@ -229,3 +229,20 @@ async def test_one_slow_reply_does_not_shut_the_server_out(
     r = await inf.infer(_window(inf.runtime, 4), deadline_s=0.4)
     assert r.where == "split" and server.frames == 3, "the probe's reply replaced the history"
     assert inf.uplink.guarded == 1
+
+
+@pytest.mark.asyncio
+async def test_telemetry_gets_only_the_heads_that_ran_since_it_last_asked(
+        split_setup: tuple[Inferencer, Server, str]) -> None:
+    """A head time reported again and again would be folded into the coordinator's speed
+    estimate again and again, long after the device changed."""
+    inf, _, split = split_setup
+    inf.link_rate = lambda: 50e6
+    await inf.infer(_window(inf.runtime, 1), deadline_s=1.0)
+    assert set(inf.take_fresh_head_ms()) == {split}
+    assert inf.take_fresh_head_ms() == {}, "nothing ran since"
+    inf.link_rate = lambda: 100.0  # guarded: the split head does not run, the fallback does
+    r = await inf.infer(_window(inf.runtime, 2), deadline_s=1.0)
+    assert r.where == "device-fallback"
+    assert set(inf.take_fresh_head_ms()) == {r.variant.id}
+    assert split in inf.head_ms, "the status page keeps every head's last figure"

@@ -71,6 +71,7 @@ class GatewayState:
     log_speed: Ewma
     rate: Ewma
     last_gain_ts: float = -math.inf
+    last_speed_ts: float = -math.inf
     cell: str | None = None
     queue_depth: int = 0
     head_s: float = 0.0
@@ -184,6 +185,7 @@ class OnlineController:
                 cycles = self._head_cycles.get(variant)
                 if cycles and ms > 0:
                     st.log_speed.update(math.log(ms / 1000.0 * t.cpu_hz / cycles))
+                    st.last_speed_ts = now
         if st.decision is not None and st.decision.variant in t.head_ms:
             st.head_s = t.head_ms[st.decision.variant] / 1000.0
         st.queue_depth = t.queue_depth
@@ -223,6 +225,17 @@ class OnlineController:
             mean += w * (nominal - mean)
         return math.exp(mean)
 
+    def _speed(self, st: GatewayState, now: float) -> float:
+        """The compute-time scale against the profile; relaxed to the profile once stale, as
+        the gain is: a gateway kept on the server after a slow spell (say, 16 gateways
+        starting at once on one machine) runs no head, so only relaxing lets it try its own
+        device again rather than trust that spell forever."""
+        mean = st.log_speed.value(0.0)
+        age = now - st.last_speed_ts - self.config.stale_after_s
+        if age > 0:
+            mean *= max(1.0 - age / self.config.stale_after_s, 0.0)
+        return math.exp(mean)
+
     def _queue(self, gateway: str, st: GatewayState) -> np.ndarray:
         """Server queueing per option: measured delay or M/M/1 under everyone's load."""
         slow = self.config.server.slowdown
@@ -250,7 +263,7 @@ class OnlineController:
         wait = st.queue_depth * st.head_s
         deadline = self._deadline(st) * (1.0 - self.config.latency_margin)
         env = self._environment(self._gain(st, now), self._bandwidth(gateway, True),
-                                math.exp(st.log_speed.value(0.0)), wait, deadline)
+                                self._speed(st, now), wait, deadline)
         # Applied to transmitting options only, as the server queue is (fixed_latency).
         return env, self._queue(gateway, st) + self._overhead(st, now) + \
             self.fallback_reserve(env)
