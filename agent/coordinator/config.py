@@ -76,5 +76,7 @@ class ControllerConfig(Strict):
     server_workers: int = Field(1, ge=1, description="Tail workers serving the gateways in "
                                 "parallel (for the queueing model).")
     stale_after_s: float = Field(
-        30.0, gt=0, description="Without uplink measurements for this long the gain estimate "
-        "relaxes back to the nominal gain, so a gateway that went device-only is retried.")
+        30.0, gt=0, description="An estimate not refreshed for this long (gain, per-frame "
+        "overhead, compute speed) relaxes to its prior over the next as long: the nominal "
+        "gain, the fleet's overhead, the profile's speed; so an option left after one bad "
+        "spell is tried again.")
