@@ -114,13 +114,12 @@ class TailServer:
 
     def _warm_tail(self, rt: Runtime, variant: str) -> None:
         """Open a variant's tail session and run it once on zeros (ORT's first run also
-        allocates); a failure is logged, as the first real frame will report it."""
-        v = rt.manifest.variant(variant)
-        if not v.tail:
-            return
+        allocates); a failure is only logged, as the first real frame will report it."""
         try:
-            rt.run(variant, "tail", np.zeros((1, *v.feature_shape), dtype=v.feature_dtype))
-        except (BundleError, ValueError, RuntimeError) as exc:
+            v = rt.manifest.variant(variant)
+            if v.tail:
+                rt.run(variant, "tail", np.zeros((1, *v.feature_shape), dtype=v.feature_dtype))
+        except Exception as exc:  # best effort: it must never stop the coordinator's loop
             log.warning("could not warm the tail of %s: %s", variant, exc)
 
     def _tail(self, rt: Runtime, variant: str, feats: np.ndarray) -> tuple[np.ndarray, float]:
