@@ -154,6 +154,8 @@ class TailServer:
                                                      header.variant, feats)
                 self.busy_s += ms / 1000
                 self.metrics.on_tail(ms / 1000)
+                if self.controller is not None and header.bundle == self.coordinated_bundle:
+                    self.controller.observe_tail(header.variant, ms, time.time())
                 reply = TailReply(
                     gateway=reply.gateway, stream=reply.stream, window=reply.window,
                     variant=reply.variant, logits=[float(x) for x in out.reshape(-1)],

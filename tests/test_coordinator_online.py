@@ -128,6 +128,26 @@ def test_a_stale_compute_speed_relaxes_to_the_profile() -> None:
     assert ctl.environment("gw1", 40.0)[0].compute_scale == pytest.approx(1.0)
 
 
+def test_the_servers_slowdown_is_learned_from_the_tails_it_ran() -> None:
+    """Tails running 3x slower than profiled make every transmission 2 profiled tails
+    dearer; once no tail has run for long, the configured slowdown is back."""
+    ctl = OnlineController(config(stale_after_s=10.0), MANIFEST)
+    Sim(ctl).report("gw1", 0.0, gain(20e6))
+    t = ctl.table
+    o = int(np.flatnonzero(t.transmits & (t.t_tail > 0))[0])
+    env0, q0 = ctl.environment("gw1", 0.0)
+    for i in range(40):
+        ctl.observe_tail(t.options[o].variant, 3.0 * t.t_tail[o] * 1000.0, 0.1 * i)
+    env, q = ctl.environment("gw1", 4.0)
+    assert env0.slowdown == 1.0 and env.slowdown == pytest.approx(3.0)
+    lat0, _ = evaluate(t, env0, env0.f_max_hz, P_MAX, q0)
+    lat, _ = evaluate(t, env, env.f_max_hz, P_MAX, q)
+    assert lat[o] - lat0[o] == pytest.approx(2 * t.t_tail[o], rel=1e-6)
+    assert np.allclose(lat[~t.transmits], lat0[~t.transmits])
+    assert ctl.snapshot(4.0)["server_slowdown"] == pytest.approx(3.0)
+    assert ctl.environment("gw1", 40.0)[0].slowdown == pytest.approx(1.0)
+
+
 def test_energy_queue_holds_the_long_term_average() -> None:
     budget = 10.0
     # Everything on the device (floor 4): the unpruned model costs ~18 mJ, ρ=0.25 ~8 mJ.

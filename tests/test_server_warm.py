@@ -8,8 +8,12 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import pytest
 from conftest import Broker, free_port
 from harness import gateway_config, server_config, spawn
+
+from edgetok.agent.config import ServerConfig
+from edgetok.agent.server import TailServer
 
 
 def _status(port: int) -> dict[str, Any]:
@@ -52,3 +56,13 @@ def test_decided_tail_is_open_before_the_first_frame(tmp_path: Path, mosquitto: 
     finally:
         gw.stop()
         server.stop()
+
+
+def test_a_failing_warm_up_is_logged_and_never_raised(tiny_bundle: Path,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    """Warm-up runs inside the coordinator's loop: an exception there would stop the server."""
+    srv = TailServer(ServerConfig.model_validate(server_config(tiny_bundle, free_port())))
+    rt = next(iter(srv.runtimes.values()))
+    srv._warm_tail(rt, "r9.99-s0")  # no such variant
+    assert "could not warm the tail of r9.99-s0" in caplog.text
+    assert rt.session_names == []

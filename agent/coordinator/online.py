@@ -107,6 +107,10 @@ class OnlineController:
         self.policy = make_policy(config.policy, self.table, self.nominal)
         self.epoch_ms = int(time.time() * 1000) if epoch_ms is None else epoch_ms
         self.server_queue = Ewma(config.ewma_alpha)
+        # log(measured tail / profiled tail): the server's own slowdown, from the tails it ran.
+        self.server_slowness = Ewma(config.ewma_alpha)
+        self.last_tail_ts = -math.inf
+        self._tail_s = {o.variant: o.t_tail_s for o in self.table.options if o.t_tail_s > 0}
         self.gateways: dict[str, GatewayState] = {}
         self._head_cycles = {o.variant: o.c_head for o in self.table.options if o.c_head > 0}
         self._device_options = np.flatnonzero(~self.table.transmits)
@@ -114,12 +118,13 @@ class OnlineController:
         self.solve_seconds = 0.0  # wall time inside decide() when it solved: for metrics
 
     def _environment(self, gain: float, bandwidth: float, scale: float, wait_s: float,
-                     deadline_s: float) -> Environment:
+                     deadline_s: float, slowdown: float | None = None) -> Environment:
         c = self.config
         return Environment(
             bandwidth_hz=bandwidth, gain=gain, noise_w_per_hz=c.link.noise_w_per_hz,
             p_max_w=c.link.p_max_w, f_min_hz=c.device.f_min_hz, f_max_hz=c.device.f_max_hz,
-            kappa=c.device.kappa, slowdown=c.server.slowdown, queue_s=0.0,
+            kappa=c.device.kappa, slowdown=c.server.slowdown if slowdown is None else slowdown,
+            queue_s=0.0,
             deadline_s=deadline_s, energy_budget_j=c.budget.energy_mj / 1000.0,
             privacy_min_split=c.budget.privacy_min_split, compute_scale=scale,
             local_wait_s=wait_s)
@@ -211,6 +216,24 @@ class OnlineController:
         """Fold in the tail service's measured queueing delay (ms)."""
         self.server_queue.update(max(queue_ms, 0.0))
 
+    def observe_tail(self, variant: str, ms: float, now: float) -> None:
+        """Fold in one tail this server ran (ms): against the profile it gives the slowdown
+        (a busy server, fewer threads than at profiling time), which the plans then use
+        instead of the configured `server.slowdown`."""
+        prof = self._tail_s.get(variant)
+        if prof and ms > 0:
+            self.server_slowness.update(math.log(ms / 1000.0 / prof))
+            self.last_tail_ts = now
+
+    def slowdown(self, now: float) -> float:
+        """The server's tail slowdown: measured, relaxed to the configured one once stale."""
+        prior = math.log(self.config.server.slowdown)
+        mean = self.server_slowness.value(prior)
+        age = now - self.last_tail_ts - self.config.stale_after_s
+        if age > 0:
+            mean += min(age / self.config.stale_after_s, 1.0) * (prior - mean)
+        return math.exp(mean)
+
     def forget(self, gateway: str) -> None:
         """Drop a gateway (it went offline); its retained decision stays on the broker."""
         self.gateways.pop(gateway, None)
@@ -236,9 +259,8 @@ class OnlineController:
             mean *= max(1.0 - age / self.config.stale_after_s, 0.0)
         return math.exp(mean)
 
-    def _queue(self, gateway: str, st: GatewayState) -> np.ndarray:
+    def _queue(self, gateway: str, st: GatewayState, slow: float) -> np.ndarray:
         """Server queueing per option: measured delay or M/M/1 under everyone's load."""
-        slow = self.config.server.slowdown
         workers = self.config.server_workers
         load = rate_sum = 0.0
         for g, other in self.gateways.items():
@@ -262,10 +284,11 @@ class OnlineController:
         st = self._state(gateway)
         wait = st.queue_depth * st.head_s
         deadline = self._deadline(st) * (1.0 - self.config.latency_margin)
+        slow = self.slowdown(now)
         env = self._environment(self._gain(st, now), self._bandwidth(gateway, True),
-                                self._speed(st, now), wait, deadline)
+                                self._speed(st, now), wait, deadline, slow)
         # Applied to transmitting options only, as the server queue is (fixed_latency).
-        return env, self._queue(gateway, st) + self._overhead(st, now) + \
+        return env, self._queue(gateway, st, slow) + self._overhead(st, now) + \
             self.fallback_reserve(env)
 
     def _overhead(self, st: GatewayState, now: float) -> float:
@@ -445,7 +468,8 @@ class OnlineController:
     def snapshot(self, now: float) -> dict[str, Any]:
         """Estimates and decisions of every gateway, for /v1/status and metrics."""
         out: dict[str, Any] = {"policy": self.policy.name, "bundle": self.table.bundle,
-                               "server_queue_ms": self.server_queue.value(0.0), "gateways": {}}
+                               "server_queue_ms": self.server_queue.value(0.0),
+                               "server_slowdown": self.slowdown(now), "gateways": {}}
         for gw, st in self.gateways.items():
             env, queue = self.environment(gw, now)
             out["gateways"][gw] = {
