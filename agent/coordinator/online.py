@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from edgetok.agent.coordinator.config import ControllerConfig
+from edgetok.agent.coordinator.estimates import Ewma, relaxed
 from edgetok.agent.coordinator.model import (
     Environment,
     OptionTable,
@@ -35,32 +36,6 @@ MAX_UTILISATION = 0.95
 # Passes of step() that re-solve gateways whose cell-mates started or stopped transmitting;
 # more passes settle a crowded cell within one round at the cost of more solves.
 MAX_SHARE_PASSES = 3
-
-
-@dataclass(slots=True)
-class Ewma:
-    """Exponentially weighted mean and variance of one quantity."""
-
-    alpha: float
-    mean: float = math.nan
-    var: float = 0.0
-    count: int = 0
-
-    def update(self, x: float, alpha_down: float | None = None) -> None:
-        """Fold in a sample; `alpha_down`, if given, weighs a sample below the mean in the mean
-        (the variance always uses `alpha`, so a quick step down does not erase it)."""
-        if self.count == 0:
-            self.mean = x
-        else:
-            d = x - self.mean
-            a = alpha_down if alpha_down is not None and d < 0 else self.alpha
-            self.mean += a * d
-            self.var = (1 - self.alpha) * (self.var + self.alpha * d * d)
-        self.count += 1
-
-    def value(self, default: float) -> float:
-        """The mean, or `default` before the first sample."""
-        return default if self.count == 0 else self.mean
 
 
 @dataclass(slots=True)
@@ -228,11 +203,8 @@ class OnlineController:
     def slowdown(self, now: float) -> float:
         """The server's tail slowdown: measured, relaxed to the configured one once stale."""
         prior = math.log(self.config.server.slowdown)
-        mean = self.server_slowness.value(prior)
-        age = now - self.last_tail_ts - self.config.stale_after_s
-        if age > 0:
-            mean += min(age / self.config.stale_after_s, 1.0) * (prior - mean)
-        return math.exp(mean)
+        return math.exp(relaxed(self.server_slowness.value(prior), prior, self.last_tail_ts,
+                                now, self.config.stale_after_s))
 
     def forget(self, gateway: str) -> None:
         """Drop a gateway (it went offline); its retained decision stays on the broker."""
@@ -242,22 +214,14 @@ class OnlineController:
         nominal = math.log(self.config.link.gain)
         mean = st.log_gain.value(nominal)
         mean -= self.config.gain_backoff_sigma * math.sqrt(st.log_gain.var)
-        age = now - st.last_gain_ts - self.config.stale_after_s
-        if age > 0:
-            w = min(age / self.config.stale_after_s, 1.0)
-            mean += w * (nominal - mean)
-        return math.exp(mean)
+        return math.exp(relaxed(mean, nominal, st.last_gain_ts, now, self.config.stale_after_s))
 
     def _speed(self, st: GatewayState, now: float) -> float:
-        """The compute-time scale against the profile; relaxed to the profile once stale, as
-        the gain is: a gateway kept on the server after a slow spell (say, 16 gateways
-        starting at once on one machine) runs no head, so only relaxing lets it try its own
-        device again rather than trust that spell forever."""
-        mean = st.log_speed.value(0.0)
-        age = now - st.last_speed_ts - self.config.stale_after_s
-        if age > 0:
-            mean *= max(1.0 - age / self.config.stale_after_s, 0.0)
-        return math.exp(mean)
+        """The compute-time scale against the profile; relaxed to the profile once stale: a
+        gateway kept on the server after a slow spell (say, 16 gateways starting at once on
+        one machine) runs no head, so would otherwise trust that spell forever."""
+        return math.exp(relaxed(st.log_speed.value(0.0), 0.0, st.last_speed_ts, now,
+                                self.config.stale_after_s))
 
     def _queue(self, gateway: str, st: GatewayState, slow: float) -> np.ndarray:
         """Server queueing per option: measured delay or M/M/1 under everyone's load."""
@@ -293,18 +257,14 @@ class OnlineController:
 
     def _overhead(self, st: GatewayState, now: float) -> float:
         """The per-frame overhead: the gateway's own while fresh; before it has sent a frame,
-        the fleet's (`_fleet_overhead`); once stale, relaxed toward the fleet's, as the gain
-        relaxes to nominal: a gateway that stopped sending after a slow spell tries the
-        server again (its link guard and fallback cover the try) rather than trust that
-        spell forever."""
+        the fleet's (`_fleet_overhead`); once stale, relaxed toward the fleet's, so a gateway
+        that stopped sending after a slow spell tries the server again."""
         if st.overhead_in_rate:
             return 0.0
-        prior = self._fleet_overhead(st, now)
-        age = now - st.last_overhead_ts - self.config.stale_after_s
-        if age <= 0:
-            return st.frame_overhead_s
-        w = min(age / self.config.stale_after_s, 1.0)
-        return st.frame_overhead_s + w * (prior - st.frame_overhead_s)
+        if now - st.last_overhead_ts <= self.config.stale_after_s:
+            return st.frame_overhead_s  # fresh: no need to look at the fleet
+        return relaxed(st.frame_overhead_s, self._fleet_overhead(st, now), st.last_overhead_ts,
+                       now, self.config.stale_after_s)
 
     def _fleet_overhead(self, st: GatewayState, now: float) -> float:
         """The median fresh per-frame overhead of the other gateways; 0 when there is none.
