@@ -7,13 +7,14 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
 from e2e import round_order, split_windows  # noqa: E402
-from testbed.goals import check  # noqa: E402
+from testbed.goals import check, ratio_interval, same_variant_share  # noqa: E402
 from testbed.metrics import summarise  # noqa: E402
 from testbed.run import (  # noqa: E402
     KAPPA,
@@ -137,6 +138,27 @@ def test_goals_apply_the_strict_ratio_only_where_the_best_static_choice_changes(
     assert t["best_differs"] and t["ratio_goal"] == 0.6 and not t["ratio_met"]
     assert not f["best_differs"] and f["ratio_goal"] == 1.05 and f["ratio_met"]
     assert t["hit_met"] and not f["hit_met"]
+
+
+def test_the_ratio_interval_tells_noise_from_a_real_difference() -> None:
+    """Joint running the best static's own variant from the same spread of latencies: the
+    interval straddles 1. Joint twice as slow: the interval is far from it."""
+    rng = np.random.default_rng(7)
+
+    def run(scale: float, variant: str) -> dict[str, Any]:
+        return {"per_window": [{"latency_ms": float(x), "variant": variant}
+                               for x in scale * rng.lognormal(np.log(6.0), 0.2, 120)]}
+
+    same = {"runs": {"joint": run(1.0, "r0.75-s6"), "device-only": run(1.0, "r0.75-s6")},
+            "headline": {"best_static": "device-only"}}
+    lo, hi = ratio_interval(same) or (0.0, 0.0)
+    assert lo < 1.0 < hi and hi - lo < 0.25
+    assert same_variant_share(same) == 1.0
+    slow = {"runs": {"joint": run(2.0, "r0.75-s0"), "device-only": run(1.0, "r0.75-s6")},
+            "headline": {"best_static": "device-only"}}
+    lo, hi = ratio_interval(slow) or (0.0, 0.0)
+    assert 1.5 < lo < 2.0 < hi < 2.5
+    assert same_variant_share(slow) == 0.0
 
 
 def test_rounds_run_forward_then_backward_and_share_the_windows() -> None:
