@@ -114,10 +114,11 @@ class TailServer:
 
     def _warm_tail(self, rt: Runtime, variant: str) -> None:
         """Open a variant's tail session and run it once on zeros (ORT's first run also
-        allocates); a failure is only logged, as the first real frame will report it."""
+        allocates), unless it is open already; a failure is only logged, as the first real
+        frame will report it."""
         try:
             v = rt.manifest.variant(variant)
-            if v.tail:
+            if v.tail and not rt.is_open(variant, "tail"):
                 rt.run(variant, "tail", np.zeros((1, *v.feature_shape), dtype=v.feature_dtype))
         except Exception as exc:  # best effort: it must never stop the coordinator's loop
             log.warning("could not warm the tail of %s: %s", variant, exc)

@@ -167,6 +167,11 @@ class Runtime:
         """Sessions currently cached."""
         return len(self._sessions)
 
+    def is_open(self, variant_id: str, part: Part) -> bool:
+        """Whether the session of a variant's part is cached now."""
+        with self._lock:
+            return (variant_id, part) in self._sessions
+
     @property
     def session_names(self) -> list[str]:
         """The cached sessions as 'variant/part', oldest use first."""

@@ -20,14 +20,19 @@ RATIO_WHERE_BEST_DIFFERS = 0.6
 BOOTSTRAP = 2000
 
 
+def _windows(sc: dict[str, Any], policy: str) -> list[dict[str, Any]]:
+    """A policy's per-window rows in a scenario; none when it did not run."""
+    rows: list[dict[str, Any]] = (sc["runs"].get(policy) or {}).get("per_window", [])
+    return rows
+
+
 def best_static_by_rate(sc: dict[str, Any]) -> dict[float, str]:
     """Per link rate a scenario's windows saw, the baseline with the lowest median latency
     over those windows (one rate for a fixed link; each phase of a trace)."""
     medians: dict[float, dict[str, float]] = {}
     for pol in BASELINES:
-        run = sc["runs"].get(pol) or {}
         by_rate: dict[float, list[float]] = {}
-        for w in run.get("per_window", []):
+        for w in _windows(sc, pol):
             if w.get("link_mbit") is not None:
                 by_rate.setdefault(float(w["link_mbit"]), []).append(float(w["latency_ms"]))
         for rate, lat in by_rate.items():
@@ -37,8 +42,7 @@ def best_static_by_rate(sc: dict[str, Any]) -> dict[float, str]:
 
 
 def _latencies(sc: dict[str, Any], policy: str) -> np.ndarray:
-    run = sc["runs"].get(policy) or {}
-    return np.array([w["latency_ms"] for w in run.get("per_window", [])])
+    return np.array([w["latency_ms"] for w in _windows(sc, policy)])
 
 
 def ratio_interval(sc: dict[str, Any], seed: int = 0) -> tuple[float, float] | None:
@@ -58,8 +62,7 @@ def ratio_interval(sc: dict[str, Any], seed: int = 0) -> tuple[float, float] | N
 def same_variant_share(sc: dict[str, Any]) -> float | None:
     """Share of joint's windows that ran the best static baseline's usual variant: near 1,
     the ratio compares one configuration with itself, and shows the bench's noise."""
-    best = (sc["runs"].get(sc["headline"]["best_static"]) or {}).get("per_window", [])
-    joint = (sc["runs"].get("joint") or {}).get("per_window", [])
+    best, joint = _windows(sc, sc["headline"]["best_static"]), _windows(sc, "joint")
     if not best or not joint:
         return None
     usual = Counter(w.get("variant") for w in best).most_common(1)[0][0]
