@@ -217,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
         "then r(p) at the decided power set by the gateway's emulated radio, which also holds "
         "each frame for the airtime of the part tbf's bucket passes at line speed (in a "
         "trace the test bed sets the rate and the gateway holds frames at the rate it "
-        "senses); CPU: a cgroup quota with the shortest period the kernel allows; no "
+        "senses); CPU: a cgroup quota with the shortest period the kernel allows, gateways "
+        "and server pinned to separate cores; no "
         "propagation delay added (netem unavailable); sensor readings reach the gateway over "
         "the unshaped downlink",
         "machine": {"cores": _cores()}, "started": time.time(), "scenarios": {}}
@@ -229,6 +230,10 @@ def main(argv: list[str] | None = None) -> int:
     run_id = 0
     try:
         with Testbed(n_gw) as tb:
+            if tb.pin:  # this process's tc calls and trace thread belong to the server side
+                os.sched_setaffinity(0, tb.server_cpus)
+            doc["machine"].update(pinned=tb.pin, server_cpus=tb.server_cpus,
+                                  gateway_cpus=tb.gateway_cpus)
             tb.start_broker(work / "broker")
             done: dict[tuple[Any, ...], str] = {}
             for sc in matrix:

@@ -17,6 +17,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from testbed import Testbed, available, cleanup  # noqa: E402
 from testbed.cgroup import CpuGroup  # noqa: E402
+from testbed.net import split_cpus  # noqa: E402
 
 pytestmark = pytest.mark.root
 
@@ -97,6 +98,37 @@ def test_cpu_quota_caps_the_process_and_follows_the_actuator_file(bed: Testbed) 
     (host.cpu.actuator_dir() / "cpu.max").write_text("50000 100000")
     assert _until(lambda: _share(host.cpu) == pytest.approx(0.5))
     bed.stop(proc)
+
+
+@needs_testbed
+def test_gateways_and_server_run_on_separate_cpus(bed: Testbed) -> None:
+    """Gateway processes run on the gateway CPUs only, server-side ones on the others."""
+    host = bed.hosts[0]
+    gw = bed.popen(host.netns, ["sleep", "30"], cgroup=host.cpu)
+    srv = bed.popen(bed.server_ns, ["sleep", "30"])
+    # taskset execs `ip netns exec`, which execs sleep: wait for the final image.
+    assert _until(lambda: _comm(gw.pid) == "sleep" and _comm(srv.pid) == "sleep")
+    if len(os.sched_getaffinity(0)) < 2:
+        assert not bed.pin  # nothing to split: both sides share the one CPU
+    else:
+        assert bed.pin
+        assert os.sched_getaffinity(gw.pid) == set(bed.gateway_cpus)
+        assert os.sched_getaffinity(srv.pid) == set(bed.server_cpus)
+        assert not set(bed.gateway_cpus) & set(bed.server_cpus)
+    bed.stop(gw)
+    bed.stop(srv)
+
+
+def test_cpus_split_into_a_server_half_and_a_gateway_half() -> None:
+    """Two CPUs give one to each side; an odd count gives the gateways the larger half."""
+    assert split_cpus([1, 0]) == ([0], [1])
+    assert split_cpus([0, 1, 2]) == ([0], [1, 2])
+    assert split_cpus([3]) == ([3], [3])
+
+
+def _comm(pid: int) -> str:
+    """The command name of a process."""
+    return Path(f"/proc/{pid}/comm").read_text().strip()
 
 
 def _share(g: CpuGroup) -> float:
