@@ -133,6 +133,22 @@ class ControlPlane:
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self.sensor.run())
             tg.create_task(self._report())
+            if self.gw.cfg.head_probe_interval_s > 0 and \
+                    self.gw.cfg.decision.follow_coordinator:
+                tg.create_task(self._probe_heads())
+
+    async def _probe_heads(self) -> None:
+        """Time a head now and then when the decision runs none (Inferencer.probe_head)."""
+        every = self.gw.cfg.head_probe_interval_s
+        inf = self.gw.inferencer
+        while True:
+            await asyncio.sleep(every)
+            # Only when idle: the probe must not delay a window queued behind it on the
+            # single ORT thread.
+            if time.monotonic() - inf.last_head_mono >= every and not self.gw.inflight:
+                ms = await inf.probe_head()
+                if ms is not None:
+                    log.debug("head probe: %.2f ms", ms)
 
     async def _report(self) -> None:
         """Publish telemetry every interval (QoS 0: a lost report is superseded anyway)."""

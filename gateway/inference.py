@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import statistics
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -18,6 +16,8 @@ from edgetok.aio import within
 from edgetok.control import FALLBACK_MARGIN, FALLBACK_SLACK_S, GUARD_MARGIN
 from edgetok.frames import FrameHeader, Precision, TailReply, encode_frame
 from edgetok.gateway.models import Latency, Result, VariantRef, Where
+from edgetok.gateway.timing import RunTimes
+from edgetok.gateway.uplink import UplinkState
 from edgetok.gateway.windows import ClosedWindow
 from edgetok.models.bundle import Variant
 from edgetok.models.runtime import Part, Runtime
@@ -30,13 +30,6 @@ log = logging.getLogger(__name__)
 PROBE_INTERVAL_S = 2.0
 # FALLBACK_MARGIN and FALLBACK_SLACK_S (edgetok.control) size the time kept back from the
 # server for an on-device run; the coordinator plans with the same rule.
-# Smoothing of the reply round trip the link guard predicts from: larger follows a change
-# sooner, smaller rides out one slow reply.
-RTT_ALPHA = 0.3
-# Replies whose per-frame overhead the median is taken over: more rides out throttling
-# spikes on a slow gateway, fewer follows a change sooner.
-OVERHEAD_SAMPLES = 16
-
 Publish = Callable[[bytes, float], Awaitable[bool]]
 LinkRate = Callable[[], float | None]
 
@@ -52,70 +45,6 @@ class Decision:
     extra: dict[str, object] = field(default_factory=dict)
     fallback: str | None = None  # on-device variant for a fallback; None: the same ratio's
     fallback_hz: float | None = None  # clock for a fallback run; None: leave it
-
-
-@dataclass
-class UplinkState:
-    """Whether the edge server is answering, and replies awaited by window."""
-
-    server_ok: bool = True
-    next_probe: float = 0.0
-    pending: dict[tuple[str, int], asyncio.Future[TailReply]] = field(default_factory=dict)
-    frames_sent: int = 0
-    bytes_sent: int = 0
-    replies_late: int = 0
-    fallbacks: int = 0
-    guarded: int = 0  # windows kept off a link that was sensed too slow for their deadline
-    frame_bits: dict[str, float] = field(default_factory=dict)  # last frame size by key
-    rtt_s: dict[str, float] = field(default_factory=dict)  # smoothed reply round trip by frame
-    rtt_rate: dict[str, float] = field(default_factory=dict)  # sensed rate at those replies
-    # Recent times of a reply that are neither the frame's bits at the sensed rate nor the
-    # server's tail: encoding and publishing here, the broker's hops, the reply's way back.
-    overheads_s: deque[float] = field(default_factory=lambda: deque(maxlen=OVERHEAD_SAMPLES))
-
-    def learn(self, key: str, rtt_s: float, rate_bps: float | None, fresh: bool = False
-              ) -> None:
-        """Fold one reply's round trip (and the link rate sensed then) into the estimates.
-
-        Smoothing rides out one slow reply among frequent ones. A `fresh` reply (to a probe
-        the guard's history had advised against) starts afresh: what made the old round trips
-        slow, such as a cold session, may be long gone, and averaging with them would keep
-        the guard shut for several more probes.
-        """
-        old = self.rtt_s.get(key)
-        if old is None or fresh:
-            self.rtt_s[key] = rtt_s
-            self.rtt_rate.pop(key, None)
-        else:
-            self.rtt_s[key] = old + RTT_ALPHA * (rtt_s - old)
-        if rate_bps is not None:
-            r = self.rtt_rate.get(key)
-            self.rtt_rate[key] = rate_bps if r is None else r + RTT_ALPHA * (rate_bps - r)
-
-    def learn_overhead(self, rtt_s: float, tail_s: float, bits: float,
-                       rate_bps: float | None) -> None:
-        """Keep one reply's overhead; only with a sensed rate to take the bits off."""
-        if rate_bps is not None:
-            self.overheads_s.append(max(rtt_s - tail_s - bits / rate_bps, 0.0))
-
-    @property
-    def overhead_s(self) -> float | None:
-        """Median of the recent overheads (a slow CPU's throttling makes single ones spiky)."""
-        return statistics.median(self.overheads_s) if self.overheads_s else None
-
-    def predict(self, key: str, bits: float, rate_bps: float | None) -> float | None:
-        """Expected round trip of a frame of `bits` now; None with nothing to go on.
-
-        The smoothed round trip of earlier replies, plus the extra time the frame needs when
-        the sensed rate has fallen since (and less when it rose).
-        """
-        rtt = self.rtt_s.get(key)
-        then = self.rtt_rate.get(key)
-        if rtt is None:
-            return None if rate_bps is None else bits / rate_bps
-        if rate_bps is None or then is None:
-            return rtt
-        return max(rtt + bits / rate_bps - bits / then, bits / rate_bps)
 
 
 class InferenceError(RuntimeError):
@@ -148,11 +77,12 @@ class Inferencer:
         # One ORT worker: heads run one at a time, as on a small device, and a session is
         # never created concurrently.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ort")
-        self.run_ms: dict[tuple[str, Part], float] = {}  # smoothed run time by variant, part
+        self.run_ms = RunTimes()
         # Fallback runs at a raised clock are kept apart: telemetry reports head times at the
         # decision's clock, and the coordinator reads compute speed from them.
-        self.boosted_ms: dict[tuple[str, Part], float] = {}
-        self._fresh_heads: set[str] = set()  # heads run since telemetry last took them
+        self.boosted_ms = RunTimes()
+        self.last_head_mono = -float("inf")  # when a head last ran at the decision's clock
+        self._last_tokens: np.ndarray | None = None  # a real input for a head probe
         self._ran: set[tuple[str, Part]] = set()  # sessions past their first run
         # The uplink rate sensed now (gateway/linksense.py) and the CPU clock setter; the
         # control plane plugs both in when it has them.
@@ -188,16 +118,26 @@ class Inferencer:
 
     @property
     def head_ms(self) -> dict[str, float]:
-        """Smoothed head latency by variant id (ms), as telemetry reports it."""
-        return {v: ms for (v, part), ms in self.run_ms.items() if part == "head"}
+        """Head latency by variant id (ms): the median of its recent runs."""
+        return self.run_ms.heads()
 
     def take_fresh_head_ms(self) -> dict[str, float]:
-        """`head_ms` of the heads that ran since the previous call, for telemetry: a figure
-        sent again and again would be folded in again and again by the coordinator, long
-        after the device (its clock, its load) has changed."""
-        fresh = {v: ms for v, ms in self.head_ms.items() if v in self._fresh_heads}
-        self._fresh_heads.clear()
-        return fresh
+        """For telemetry: the median head time of each variant run since the last call."""
+        return self.run_ms.take_fresh_heads()
+
+    async def probe_head(self) -> float | None:
+        """Time one head of the on-device variant on the last window's tokens (ms).
+
+        A decision that runs no head here (the server runs the whole model) leaves the
+        coordinator's idea of this device's speed as it was when it moved away, perhaps in a
+        slow spell; a probe now and then lets it see the device is fast again. None if
+        there is nothing to run yet.
+        """
+        variant = self.fallback_of(self.decision)
+        if self._last_tokens is None or not variant.head:
+            return None
+        _, ms = await self._run(variant.id, "head", self._last_tokens)
+        return ms
 
     async def _run(self, variant: str, part: Part, x: np.ndarray, boosted: bool = False
                    ) -> tuple[np.ndarray, float]:
@@ -210,11 +150,9 @@ class Inferencer:
             # folded in, it would make the device look slow to the coordinator for minutes.
             self._ran.add((variant, part))
             return out, ms
-        runs = self.boosted_ms if boosted else self.run_ms
+        (self.boosted_ms if boosted else self.run_ms).add((variant, part), ms)
         if part == "head" and not boosted:
-            self._fresh_heads.add(variant)
-        old = runs.get((variant, part))
-        runs[(variant, part)] = ms if old is None else 0.8 * old + 0.2 * ms
+            self.last_head_mono = time.monotonic()
         return out, ms
 
     async def _fallback(self, variant: Variant, tokens: np.ndarray) -> tuple[np.ndarray, float]:
@@ -255,7 +193,7 @@ class Inferencer:
         key = f"{variant.id}/{precision}"
         bits = up.frame_bits.get(key) or 8.0 * variant.profile.feature_bytes.get(precision, 0)
         rate = self.link_rate()
-        head_s = self.run_ms.get((variant.id, "head"), 0.0) / 1000 if variant.head else 0.0
+        head_s = (self.run_ms.get((variant.id, "head")) or 0.0) / 1000 if variant.head else 0.0
         budget = cutoff - now
         if rate is not None and (head_s + bits / rate) * (1 + GUARD_MARGIN) > budget:
             return "link"
@@ -297,6 +235,7 @@ class Inferencer:
         queue_ms = (t_start - win.closed_mono) * 1000
         deadline_mono = win.closed_mono + deadline_s
         tokens = self.tokenizers[win.stream].tokenize([win.data]).model_input()
+        self._last_tokens = tokens
         dec = self.decision
         variant = self.manifest.variant(dec.variant)
         L = self.manifest.num_layers

@@ -150,12 +150,12 @@ async def test_collapsed_sensed_link_goes_to_the_device_without_the_head(
     # ... and the per-frame time beside the bits at the sensed rate and the server's tail.
     rtt = next(iter(inf.uplink.rtt_s.values()))
     assert inf.uplink.overhead_s is not None and 0 <= inf.uplink.overhead_s <= rtt
-    heads = inf.run_ms[(split, "head")]
+    heads = inf.run_ms.count((split, "head"))
     rate["bps"] = 100.0  # 100 bit/s: a frame of kilobytes would take minutes
     r = await inf.infer(_window(inf.runtime, 2), deadline_s=1.0)
     assert r.where == "device-fallback" and server.frames == 2
     assert inf.uplink.guarded == 1 and inf.uplink.fallbacks == 1
-    assert inf.run_ms[(split, "head")] == heads, "the split head must not have run"
+    assert inf.run_ms.count((split, "head")) == heads, "the split head must not have run"
     assert inf.uplink.server_ok, "a slow link is not a dead server"
     # The link recovers: the next window goes out again at once, no probe wait.
     rate["bps"] = 50e6

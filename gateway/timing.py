@@ -1,0 +1,57 @@
+"""Run times of the ORT sessions here: robust estimates, and fresh samples for telemetry."""
+
+from __future__ import annotations
+
+import statistics
+from collections import deque
+
+from edgetok.models.runtime import Part
+
+# Runs the estimate is the median of. A median ignores a spell shorter than half of them
+# (another process starting, a variant switch opening sessions on a shared core) that a
+# mean seeded by it would carry for many runs, and follows a lasting change within half.
+RUN_SAMPLES = 8
+
+Key = tuple[str, Part]
+
+
+class RunTimes:
+    """Per (variant, part): the median of the recent run times (ms), and the head runs since
+    telemetry last took them."""
+
+    def __init__(self) -> None:
+        self._recent: dict[Key, deque[float]] = {}
+        self._fresh: dict[str, list[float]] = {}
+
+    def add(self, key: Key, ms: float) -> None:
+        """Record one run; a head run is also kept for the next telemetry report."""
+        self._recent.setdefault(key, deque(maxlen=RUN_SAMPLES)).append(ms)
+        if key[1] == "head":
+            self._fresh.setdefault(key[0], []).append(ms)
+
+    def get(self, key: Key, default: float | None = None) -> float | None:
+        """The estimate for `key`, or `default` before its first run."""
+        runs = self._recent.get(key)
+        return statistics.median(runs) if runs else default
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._recent
+
+    def count(self, key: Key) -> int:
+        """Runs of `key` the estimate holds now (at most RUN_SAMPLES)."""
+        return len(self._recent.get(key, ()))
+
+    def heads(self) -> dict[str, float]:
+        """The head estimate of every variant that has run."""
+        return {v: statistics.median(runs) for (v, part), runs in self._recent.items()
+                if part == "head"}
+
+    def take_fresh_heads(self) -> dict[str, float]:
+        """Median of the head runs since the previous call, by variant; then forget them.
+
+        Each report carries only its own runs: a figure sent again would be folded in again
+        by the coordinator, long after the device (its clock, its load) has changed.
+        """
+        fresh = {v: statistics.median(ms) for v, ms in self._fresh.items()}
+        self._fresh.clear()
+        return fresh

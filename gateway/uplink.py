@@ -1,0 +1,81 @@
+"""What the gateway knows about its uplink: is the server answering, and how long replies take."""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+from collections import deque
+from dataclasses import dataclass, field
+
+from edgetok.frames import TailReply
+
+# Smoothing of the reply round trip the link guard predicts from: larger follows a change
+# sooner, smaller rides out one slow reply.
+RTT_ALPHA = 0.3
+# Replies whose per-frame overhead the median is taken over: more rides out throttling
+# spikes on a slow gateway, fewer follows a change sooner.
+OVERHEAD_SAMPLES = 16
+
+
+@dataclass
+class UplinkState:
+    """Whether the edge server is answering, and replies awaited by window."""
+
+    server_ok: bool = True
+    next_probe: float = 0.0
+    pending: dict[tuple[str, int], asyncio.Future[TailReply]] = field(default_factory=dict)
+    frames_sent: int = 0
+    bytes_sent: int = 0
+    replies_late: int = 0
+    fallbacks: int = 0
+    guarded: int = 0  # windows kept off a link that was sensed too slow for their deadline
+    frame_bits: dict[str, float] = field(default_factory=dict)  # last frame size by key
+    rtt_s: dict[str, float] = field(default_factory=dict)  # smoothed reply round trip by frame
+    rtt_rate: dict[str, float] = field(default_factory=dict)  # sensed rate at those replies
+    # Recent times of a reply that are neither the frame's bits at the sensed rate nor the
+    # server's tail: encoding and publishing here, the broker's hops, the reply's way back.
+    overheads_s: deque[float] = field(default_factory=lambda: deque(maxlen=OVERHEAD_SAMPLES))
+
+    def learn(self, key: str, rtt_s: float, rate_bps: float | None, fresh: bool = False
+              ) -> None:
+        """Fold one reply's round trip (and the link rate sensed then) into the estimates.
+
+        Smoothing rides out one slow reply among frequent ones. A `fresh` reply (to a probe
+        the guard's history had advised against) starts afresh: what made the old round trips
+        slow, such as a cold session, may be long gone, and averaging with them would keep
+        the guard shut for several more probes.
+        """
+        old = self.rtt_s.get(key)
+        if old is None or fresh:
+            self.rtt_s[key] = rtt_s
+            self.rtt_rate.pop(key, None)
+        else:
+            self.rtt_s[key] = old + RTT_ALPHA * (rtt_s - old)
+        if rate_bps is not None:
+            r = self.rtt_rate.get(key)
+            self.rtt_rate[key] = rate_bps if r is None else r + RTT_ALPHA * (rate_bps - r)
+
+    def learn_overhead(self, rtt_s: float, tail_s: float, bits: float,
+                       rate_bps: float | None) -> None:
+        """Keep one reply's overhead; only with a sensed rate to take the bits off."""
+        if rate_bps is not None:
+            self.overheads_s.append(max(rtt_s - tail_s - bits / rate_bps, 0.0))
+
+    @property
+    def overhead_s(self) -> float | None:
+        """Median of the recent overheads (a slow CPU's throttling makes single ones spiky)."""
+        return statistics.median(self.overheads_s) if self.overheads_s else None
+
+    def predict(self, key: str, bits: float, rate_bps: float | None) -> float | None:
+        """Expected round trip of a frame of `bits` now; None with nothing to go on.
+
+        The smoothed round trip of earlier replies, plus the extra time the frame needs when
+        the sensed rate has fallen since (and less when it rose).
+        """
+        rtt = self.rtt_s.get(key)
+        then = self.rtt_rate.get(key)
+        if rtt is None:
+            return None if rate_bps is None else bits / rate_bps
+        if rate_bps is None or then is None:
+            return rtt
+        return max(rtt + bits / rate_bps - bits / then, bits / rate_bps)
