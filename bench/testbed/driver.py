@@ -68,6 +68,11 @@ class Driver:
         self.base_ts = math.floor((time.time() - total - window_s) / window_s) * window_s
         self.window_s = window_s
         self.online: dict[str, asyncio.Event] = {g: asyncio.Event() for g in self.gateways}
+        # With a coordinator: set once the gateway's telemetry says a decision is applied.
+        self.applied: dict[str, asyncio.Event] = {g: asyncio.Event() for g in self.gateways}
+        if not args.await_decision:
+            for e in self.applied.values():
+                e.set()
         self.sent: list[dict[str, Any]] = []
         self.results: dict[tuple[str, int], dict[str, Any]] = {}
         self.frames: dict[tuple[str, int], int] = {}
@@ -92,6 +97,10 @@ class Driver:
                     if json.loads(msg.payload).get("state") == "online" and \
                             parts[1] in self.online:
                         self.online[parts[1]].set()
+                elif parts[2] == "telemetry":
+                    if json.loads(msg.payload).get("applied_seq") is not None and \
+                            parts[1] in self.applied:
+                        self.applied[parts[1]].set()
                 elif parts[2] == "results":
                     r = json.loads(msg.payload)
                     r["received_ts"] = time.time()
@@ -133,15 +142,20 @@ class Driver:
             await client.subscribe(f"{PREFIX}/+/status", qos=1)
             await client.subscribe(f"{PREFIX}/+/results/#", qos=1)
             await client.subscribe(f"{PREFIX}/+/control", qos=1)
+            if a.await_decision:
+                await client.subscribe(f"{PREFIX}/+/telemetry", qos=0)
             if a.frames:
                 await client.subscribe(f"{PREFIX}/uplink/+", qos=0)
             listener = asyncio.create_task(self._listen(client))
             try:
-                await asyncio.wait_for(asyncio.gather(*(e.wait() for e in self.online.values())),
+                ready = [*self.online.values(), *self.applied.values()]
+                await asyncio.wait_for(asyncio.gather(*(e.wait() for e in ready)),
                                        a.online_timeout)
             except TimeoutError:
-                missing = [g for g, e in self.online.items() if not e.is_set()]
-                raise SystemExit(f"gateways never came online: {missing}") from None
+                missing = [g for g in self.gateways
+                           if not (self.online[g].is_set() and self.applied[g].is_set())]
+                raise SystemExit(f"gateways never came online with a decision applied: "
+                                 f"{missing}") from None
             self.expected = {(gw, self.seq(j)) for gw in self.gateways
                              for j in range(a.warmup + a.windows)}
             started = time.time()
@@ -178,6 +192,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--windows", type=int, default=40, help="measured windows per gateway")
     p.add_argument("--warmup", type=int, default=4, help="windows before the measured ones")
     p.add_argument("--frames", action="store_true", help="also record uplink frame sizes")
+    p.add_argument("--await-decision", action="store_true",
+                   help="start the replay only once every gateway has applied a coordinator "
+                   "decision (its telemetry names one): a fleet started at once switches "
+                   "variants together, opening sessions side by side, which is start-up, "
+                   "not the steady state a scenario compares")
     p.add_argument("--online-timeout", type=float, default=60.0)
     p.add_argument("--results-timeout", type=float, default=30.0)
     p.add_argument("--tag", default="0")

@@ -259,14 +259,13 @@ class Run:
                 started.append((gw_id, tb.popen(tb.hosts[i].netns, _python(
                     "edgetok", "gateway", "--config", str(path)), self.dir / f"{gw_id}.log",
                     cgroup=tb.hosts[i].cpu)))
-            if s.coordinator != "static":
-                time.sleep(2 * TELEMETRY_S)  # a first decision before the first window
             before = [tb.tx_bytes(i) for i in range(s.gateways)]
             driver_out = self.dir / "driver.json"
             drv = tb.popen(tb.server_ns, _python(
                 "testbed.driver", "--port", str(BROKER_PORT), "--gateways", ",".join(self.ids),
                 "--window-rate", str(s.window_rate), "--windows", str(s.windows),
                 "--warmup", str(s.warmup), "--frames", "--tag", str(self.dir.name),
+                *(["--await-decision"] if s.coordinator != "static" else []),
                 "--results-timeout", str(max(30.0, 3 * s.deadline_ms / 1000)),
                 "--out", str(driver_out)), env=_env(), stdout=subprocess.PIPE)
             trace_thread = None

@@ -1,0 +1,60 @@
+"""The test bed's sensor driver measures gateways under a coordinator's decision, not start-up."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import Broker, free_port
+from harness import TOPIC, gateway_config, server_config, spawn
+
+ROOT = Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.slow
+
+
+def _drive(port: int, out: Path, *extra: str) -> dict[str, Any]:
+    """Run bench/testbed/driver.py against the broker; its JSON document."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(ROOT / "bench"), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    subprocess.run([sys.executable, "-m", "testbed.driver", "--port", str(port),
+                    "--gateways", "gw-test", "--topic", TOPIC, "--windows", "2",
+                    "--warmup", "1", "--window-rate", "4", "--online-timeout", "30",
+                    "--out", str(out), *extra], check=True, env=env, timeout=90)
+    doc: dict[str, Any] = json.loads(out.read_text())
+    return doc
+
+
+def test_replay_waits_until_the_gateway_runs_a_decision(tmp_path: Path, mosquitto: Broker,
+                                                        tiny_bundle: Path) -> None:
+    """The gateway starts on its config's variant and reports telemetry only every 2 s, so
+    the coordinator's first decision comes seconds after it is online. With
+    --await-decision every replayed window, the first included, runs the decided variant."""
+    srv_cfg = server_config(tiny_bundle, mosquitto.port)
+    srv_cfg["coordinator"] = {
+        "policy": "server-only", "resolve_interval_s": 1.0,
+        "link": {"bandwidth_hz": 20e6, "gain": 7.96e-12, "noise_w_per_hz": 3.98e-20,
+                 "p_max_w": 0.1},
+        "device": {"f_min_hz": 0.6e9, "f_max_hz": 1.5e9, "kappa": 1e-25},
+        "budget": {"deadline_ms": 1000.0}}
+    server = spawn("server", srv_cfg, tmp_path, "server")
+    gw = spawn("gateway", gateway_config(tmp_path, tiny_bundle, mosquitto.port, free_port(),
+                                         extra={"telemetry_interval_s": 2.0}),
+               tmp_path, "gateway")
+    server.start()
+    gw.start()
+    try:
+        doc = _drive(mosquitto.port, tmp_path / "driver.json", "--await-decision")
+    finally:
+        gw.stop()
+        server.stop()
+    assert len(doc["results"]) == 3, doc["results"]
+    assert doc["decisions"], "the driver records the decision it waited for"
+    decided = doc["decisions"][-1]["variant"]
+    assert decided != "r0.00-s1", "the config's variant: the test would prove nothing"
+    assert [r["variant"]["id"] for r in doc["results"]] == [decided] * 3
