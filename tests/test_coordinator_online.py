@@ -388,3 +388,41 @@ def test_a_stale_frame_overhead_relaxes_so_the_server_is_tried_again() -> None:
     gone = ctl.environment("a", 2 * stale)[1]
     assert np.allclose(fresh[tx] - gone[tx], 0.040)
     assert np.allclose(half[tx] - gone[tx], 0.020)
+
+
+def _planned_gain_after_recovery(rise_reports: int) -> list[float]:
+    """Planned gain over the 6 reports after a link recovers from 0.3 to 20 Mbit/s."""
+    ctl = OnlineController(config(gain_rise_reports=rise_reports), MANIFEST)
+    sim = Sim(ctl)
+    sim.run("gw1", range(0, 10), gain(20e6))
+    sim.run("gw1", range(10, 20), gain(0.3e6))
+    out = []
+    for t in range(20, 26):
+        sim.run("gw1", range(t, t + 1), gain(20e6))
+        out.append(ctl.environment("gw1", float(t))[0].gain)
+    return out
+
+
+def test_a_recovered_link_is_planned_at_its_new_level_within_a_few_reports() -> None:
+    """The step back up must not count as fading: three reports above the planning band and
+    the estimate restarts there. Left to the Ewma, the step's own variance keeps the plan
+    far below the recovered link for many more reports."""
+    quick, slow = _planned_gain_after_recovery(3), _planned_gain_after_recovery(0)
+    true = gain(20e6)
+    assert quick[2] > 0.3 * true, "planned at the new level after the third report"
+    assert slow[2] < 0.01 * true and slow[5] < 0.1 * true
+    assert all(q >= s for q, s in zip(quick, slow, strict=True))
+
+
+def test_fading_around_one_level_is_not_a_rise() -> None:
+    """Independent 8 dB fading: runs of three reports above mean + 3σ are rare."""
+    from edgetok.agent.coordinator.estimates import Ewma, RiseDetector
+
+    rng = np.random.default_rng(7)
+    est, rise = Ewma(0.3), RiseDetector(3, 3.0)
+    sigma = 8.0 * math.log(10) / 10
+    rises = sum(rise.update(est, float(x), 0.8) for x in rng.normal(0.0, sigma, 2000))
+    assert rises <= 4, "at most 0.2% of reports"
+    steps = [rise.update(est, 6 * sigma) for _ in range(3)]
+    assert steps == [False, False, True], "a real step of 6σ is a rise at its third report"
+    assert est.mean == pytest.approx(6 * sigma)

@@ -46,6 +46,14 @@ class ControllerConfig(Strict):
         0.8, gt=0, le=1, description="Smoothing of the gain estimate when a sample is below it: "
         "near 1 follows a fading dip at once (fewer missed deadlines), at the price of "
         "reacting to a single bad sample.")
+    gain_rise_reports: int = Field(
+        3, ge=0, description="Reports in a row above mean + gain_rise_sigma σ of the gain "
+        "that make a lasting rise, not fading: the estimate restarts at the new level with "
+        "its old spread, so a recovered link is used within as many reports instead of after "
+        "the spread has decayed. 0: never.")
+    gain_rise_sigma: float = Field(
+        3.0, gt=0, description="How far above the gain's mean a report counts toward a rise, "
+        "in σ: lower notices a smaller rise, and takes more of a fade's upswing for one.")
     latency_margin: float = Field(
         0.1, ge=0, lt=1, description="Fraction of the deadline held back when planning, for "
         "estimation error: fewer missed deadlines, a little more energy.")

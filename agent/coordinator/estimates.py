@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import statistics
+from dataclasses import dataclass, field
 
 
 @dataclass(slots=True)
@@ -42,3 +43,37 @@ def relaxed(value: float, prior: float, measured_at: float, now: float,
     if age <= 0:
         return value
     return value + min(age / stale_after_s, 1.0) * (prior - value)
+
+
+@dataclass(slots=True)
+class RiseDetector:
+    """Tells a lasting rise from a fluctuation: `reports` samples in a row above the band
+    mean + z·σ that held when the first of them came.
+
+    The variance of an Ewma is there for fading, and a step up (a link that recovers) adds to
+    it as if it were fading: planned at the mean less a few σ, the better link would go unused
+    for as many reports as it takes the σ to decay. On a lasting rise the estimate restarts
+    at the new level with the spread it had before. Under fading around one level, several
+    reports in a row above mean + 3σ are rare; a run that breaks leaves the Ewma as it was.
+    """
+
+    reports: int = 0  # 0: never
+    z: float = 3.0
+    run: list[float] = field(default_factory=list)
+    band: tuple[float, float] = (math.nan, 0.0)  # (mean, var) when the run began
+
+    def update(self, est: Ewma, x: float, alpha_down: float | None = None) -> bool:
+        """Fold `x` into `est`; True if it was the last report of a lasting rise."""
+        mean, var = self.band if self.run else (est.mean, est.var)
+        if self.reports and est.count and x > mean + self.z * math.sqrt(var):
+            if not self.run:
+                self.band = (est.mean, est.var)
+            self.run.append(x)
+        else:
+            self.run.clear()
+        est.update(x, alpha_down)
+        if not self.reports or len(self.run) < self.reports:
+            return False
+        est.mean, est.var = statistics.median(self.run), self.band[1]
+        self.run.clear()
+        return True

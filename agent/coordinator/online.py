@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from edgetok.agent.coordinator.config import ControllerConfig
-from edgetok.agent.coordinator.estimates import Ewma, relaxed
+from edgetok.agent.coordinator.estimates import Ewma, RiseDetector, relaxed
 from edgetok.agent.coordinator.model import (
     Environment,
     OptionTable,
@@ -63,6 +63,7 @@ class GatewayState:
     frame_overhead_s: float = 0.0  # per frame, beside bits / rate (see Telemetry)
     last_overhead_ts: float = -math.inf
     overhead_in_rate: bool = False  # no sensed rate: goodput carries the overhead
+    gain_rise: RiseDetector = field(default_factory=RiseDetector)
 
 
 class OnlineController:
@@ -110,6 +111,8 @@ class OnlineController:
             a = self.config.ewma_alpha
             prior = (self.config.gain_prior_sigma_db * math.log(10) / 10) ** 2
             st = self.gateways[gateway] = GatewayState(Ewma(a, var=prior), Ewma(a), Ewma(a))
+            st.gain_rise = RiseDetector(self.config.gain_rise_reports,
+                                        self.config.gain_rise_sigma)
         return st
 
     def _cell(self, gateway: str) -> str:
@@ -158,7 +161,9 @@ class OnlineController:
             g = gain_from_rate(bps, p, self._bandwidth(t.gateway, True),
                                self.config.link.noise_w_per_hz)
             if g > 0:
-                st.log_gain.update(math.log(g), self.config.gain_alpha_down)
+                if st.gain_rise.update(st.log_gain, math.log(g), self.config.gain_alpha_down):
+                    log.info("gateway %s: link gain rose for good; planning at the new level",
+                             t.gateway)
                 st.last_gain_ts = now
         if t.cpu_hz is not None:
             for variant, ms in t.head_ms.items():
