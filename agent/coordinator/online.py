@@ -18,6 +18,7 @@ import numpy as np
 
 from edgetok.agent.coordinator.config import ControllerConfig
 from edgetok.agent.coordinator.estimates import Ewma, RiseDetector, relaxed
+from edgetok.agent.coordinator.fallback import fallback_option, fallback_reserve
 from edgetok.agent.coordinator.model import (
     Environment,
     OptionTable,
@@ -25,8 +26,8 @@ from edgetok.agent.coordinator.model import (
     options_from_manifest,
 )
 from edgetok.agent.coordinator.policies import make_policy
-from edgetok.agent.coordinator.solver import FEAS_RTOL, TIE_ATOL, Solution, rank, solve_options
-from edgetok.control import FALLBACK_MARGIN, FALLBACK_SLACK_S, Decision, Telemetry
+from edgetok.agent.coordinator.solver import FEAS_RTOL, Solution, rank, solve_options
+from edgetok.control import Decision, Telemetry
 from edgetok.models.bundle import Manifest
 
 log = logging.getLogger(__name__)
@@ -89,7 +90,6 @@ class OnlineController:
         self._tail_s = {o.variant: o.t_tail_s for o in self.table.options if o.t_tail_s > 0}
         self.gateways: dict[str, GatewayState] = {}
         self._head_cycles = {o.variant: o.c_head for o in self.table.options if o.c_head > 0}
-        self._device_options = np.flatnonzero(~self.table.transmits)
         self.solves = 0
         self.solve_seconds = 0.0  # wall time inside decide() when it solved: for metrics
 
@@ -285,35 +285,12 @@ class OnlineController:
         return statistics.median(fresh) if fresh else 0.0
 
     def fallback(self, env: Environment) -> int:
-        """The on-device option a gateway runs when the server cannot answer in time.
-
-        The least distortion among those that finish within the deadline at f_max (the gateway
-        raises its clock for a fallback run), the fewest cycles breaking ties; when none does,
-        simply the fastest. One per gateway, whatever the transmitting option.
-        """
-        dev = self._device_options
-        c = self.table.c_head[dev]
-        run_s = c * env.compute_scale / env.f_max_hz + env.local_wait_s
-        ok = dev[run_s <= env.deadline_s]
-        if ok.size == 0:
-            return int(dev[np.argmin(c)])
-        order = np.lexsort((self.table.c_head[ok], np.round(self.table.distortion[ok] / TIE_ATOL)))
-        return int(ok[order[0]])
+        """The on-device option a gateway runs when the server cannot answer in time."""
+        return fallback_option(self.table, env)
 
     def fallback_reserve(self, env: Environment, fallback: int | None = None) -> np.ndarray:
-        """Per option, the time the gateway keeps back for its fallback (s).
-
-        A reply after deadline − reserve is abandoned, so planning with it folded into the
-        server-side latency never chooses a transmission the gateway would give up on. The
-        device run is sized at f_max; when even that cannot make the deadline, the gateway
-        keeps nothing back and neither does the plan.
-        """
-        fb = self.fallback(env) if fallback is None else fallback
-        run_s = float(self.table.c_head[fb]) * env.compute_scale / env.f_max_hz
-        reserve = FALLBACK_MARGIN * run_s + FALLBACK_SLACK_S
-        # As on the gateway: when a fallback could not make the deadline, nothing is kept back.
-        useful = self.table.transmits & (reserve < env.deadline_s)
-        return np.asarray(np.where(useful, reserve, 0.0))
+        """Per option, the time the gateway keeps back for its fallback (s)."""
+        return fallback_reserve(self.table, env, fallback)
 
     def _deadline(self, st: GatewayState) -> float:
         return st.deadline_s or self.config.budget.deadline_ms / 1000.0
