@@ -73,8 +73,8 @@ class Telemetry(_Wire):
         "to the rate.")
     cpu_hz: float | None = Field(None, gt=0, description="Current CPU clock of the head (Hz).")
     head_ms: dict[str, float] = Field(
-        default_factory=dict, description="Smoothed head latency per variant id (ms), measured "
-        "at cpu_hz, of the heads that ran since the previous report only.")
+        default_factory=dict, description="Head latency per variant id (ms), measured at "
+        "cpu_hz: the median of the runs since the previous report only.")
     queue_depth: int = Field(0, ge=0, description="Windows waiting for the head right now.")
     windows_per_s: float | None = Field(
         None, ge=0, description="Rate at which the gateway produces windows (1/s).")

@@ -90,8 +90,8 @@ class _StateCollector(Collector):
         for check, ok in checks.items():
             ready.add_metric([check], float(ok))
         yield ready
-        head = GaugeMetricFamily("edgetok_head_ewma_seconds", "Smoothed head compute time "
-                                 "per variant run so far.", labels=["variant"])
+        head = GaugeMetricFamily("edgetok_head_median_seconds", "Head compute time per "
+                                 "variant: median of its last runs.", labels=["variant"])
         for variant, ms in sorted(gw.inferencer.head_ms.items()):
             head.add_metric([variant], ms / 1000)
         yield head

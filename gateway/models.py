@@ -153,4 +153,5 @@ class Status(_Out):
     counters: dict[str, int] = Field(description="Messages, readings, windows, results, dead "
                                      "letters and duplicates since start.")
     deadletters: dict[str, int] = Field(description="Dead letters stored, by reason.")
-    head_ms: dict[str, float] = Field(description="Smoothed head latency per variant (ms).")
+    head_ms: dict[str, float] = Field(description="Head latency per variant (ms): median of its "
+                                     "last runs.")
