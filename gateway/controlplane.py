@@ -145,10 +145,15 @@ class ControlPlane:
             await asyncio.sleep(every)
             # Only when idle: the probe must not delay a window queued behind it on the
             # single ORT thread.
-            if time.monotonic() - inf.last_head_mono >= every and not self.gw.inflight:
+            if time.monotonic() - inf.last_head_mono < every or self.gw.inflight:
+                continue
+            try:
                 ms = await inf.probe_head()
-                if ms is not None:
-                    log.debug("head probe: %.2f ms", ms)
+            except Exception as exc:  # a measurement must never take the control plane down
+                log.warning("head probe failed: %s", exc)
+                continue
+            if ms is not None:
+                log.debug("head probe: %.2f ms", ms)
 
     async def _report(self) -> None:
         """Publish telemetry every interval (QoS 0: a lost report is superseded anyway)."""
