@@ -45,6 +45,19 @@ def server_config(bundle: Path, mqtt_port: int, server_id: str = "srv-test") -> 
             "http": {"host": "127.0.0.1", "port": free_port()}}
 
 
+def coordinating_server_config(bundle: Path, mqtt_port: int, policy: str = "server-only"
+                                ) -> dict[str, Any]:
+    """A server that also runs the coordinator, on a Wi-Fi-like link with a 1 s deadline."""
+    cfg = server_config(bundle, mqtt_port)
+    cfg["coordinator"] = {
+        "policy": policy, "resolve_interval_s": 1.0,
+        "link": {"bandwidth_hz": 20e6, "gain": 7.96e-12, "noise_w_per_hz": 3.98e-20,
+                 "p_max_w": 0.1},
+        "device": {"f_min_hz": 0.6e9, "f_max_hz": 1.5e9, "kappa": 1e-25},
+        "budget": {"deadline_ms": 1000.0}}
+    return cfg
+
+
 @dataclass
 class Proc:
     """A running edgetok process with its config and log."""

@@ -10,7 +10,14 @@ from typing import Any
 
 import aiomqtt
 from conftest import Broker, free_port
-from harness import basicmotions_plan, gateway_config, replay, server_config, spawn, wait_for
+from harness import (
+    basicmotions_plan,
+    coordinating_server_config,
+    gateway_config,
+    replay,
+    spawn,
+    wait_for,
+)
 
 from edgetok.gateway.timing import RUN_SAMPLES, RunTimes
 
@@ -70,14 +77,8 @@ def test_a_gateway_on_server_only_still_reports_its_head_speed(
         tmp_path: Path, mosquitto: Broker, tiny_bundle: Path) -> None:
     """server-only runs no head here, so without probes the coordinator's picture of this
     device's speed freezes where it was when it moved away. Idle probes keep it fresh."""
-    srv_cfg = server_config(tiny_bundle, mosquitto.port)
-    srv_cfg["coordinator"] = {
-        "policy": "server-only", "resolve_interval_s": 1.0,
-        "link": {"bandwidth_hz": 20e6, "gain": 7.96e-12, "noise_w_per_hz": 3.98e-20,
-                 "p_max_w": 0.1},
-        "device": {"f_min_hz": 0.6e9, "f_max_hz": 1.5e9, "kappa": 1e-25},
-        "budget": {"deadline_ms": 1000.0}}
-    server = spawn("server", srv_cfg, tmp_path, "server")
+    server = spawn("server", coordinating_server_config(tiny_bundle, mosquitto.port),
+                   tmp_path, "server")
     gw = spawn("gateway", gateway_config(
         tmp_path, tiny_bundle, mosquitto.port, free_port(),
         extra={"telemetry_interval_s": 0.3, "head_probe_interval_s": 0.3}), tmp_path, "gateway")

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 from conftest import Broker, free_port
-from harness import gateway_config, server_config, spawn
+from harness import coordinating_server_config, gateway_config, server_config, spawn
 
 from edgetok.agent.config import ServerConfig
 from edgetok.agent.server import TailServer
@@ -27,14 +27,8 @@ def test_decided_tail_is_open_before_the_first_frame(tmp_path: Path, mosquitto: 
     """server-only: the gateway's first decision names a split-0 variant. Its tail session is
     open (and has run once) on the server while no frame has arrived yet, so the first
     window does not pay ~40 ms for opening it."""
-    srv_cfg = server_config(tiny_bundle, mosquitto.port)
-    srv_cfg["coordinator"] = {
-        "policy": "server-only", "resolve_interval_s": 1.0,
-        "link": {"bandwidth_hz": 20e6, "gain": 7.96e-12, "noise_w_per_hz": 3.98e-20,
-                 "p_max_w": 0.1},
-        "device": {"f_min_hz": 0.6e9, "f_max_hz": 1.5e9, "kappa": 1e-25},
-        "budget": {"deadline_ms": 1000.0}}
-    server = spawn("server", srv_cfg, tmp_path, "server")
+    server = spawn("server", coordinating_server_config(tiny_bundle, mosquitto.port),
+                   tmp_path, "server")
     gw = spawn("gateway", gateway_config(tmp_path, tiny_bundle, mosquitto.port, free_port(),
                                          extra={"telemetry_interval_s": 0.3}),
                tmp_path, "gateway")

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 from conftest import Broker, free_port
-from harness import TOPIC, gateway_config, server_config, spawn
+from harness import TOPIC, coordinating_server_config, gateway_config, spawn
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -35,14 +35,8 @@ def test_replay_waits_until_the_gateway_runs_a_decision(tmp_path: Path, mosquitt
     """The gateway starts on its config's variant and reports telemetry only every 2 s, so
     the coordinator's first decision comes seconds after it is online. With
     --await-decision every replayed window, the first included, runs the decided variant."""
-    srv_cfg = server_config(tiny_bundle, mosquitto.port)
-    srv_cfg["coordinator"] = {
-        "policy": "server-only", "resolve_interval_s": 1.0,
-        "link": {"bandwidth_hz": 20e6, "gain": 7.96e-12, "noise_w_per_hz": 3.98e-20,
-                 "p_max_w": 0.1},
-        "device": {"f_min_hz": 0.6e9, "f_max_hz": 1.5e9, "kappa": 1e-25},
-        "budget": {"deadline_ms": 1000.0}}
-    server = spawn("server", srv_cfg, tmp_path, "server")
+    server = spawn("server", coordinating_server_config(tiny_bundle, mosquitto.port),
+                   tmp_path, "server")
     gw = spawn("gateway", gateway_config(tmp_path, tiny_bundle, mosquitto.port, free_port(),
                                          extra={"telemetry_interval_s": 2.0}),
                tmp_path, "gateway")
