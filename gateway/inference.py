@@ -131,8 +131,11 @@ class Inferencer:
         A decision that runs no head here (the server runs the whole model) leaves the
         coordinator's idea of this device's speed as it was when it moved away, perhaps in a
         slow spell; a probe now and then lets it see the device is fast again. None if
-        there is nothing to run yet.
+        there is nothing to run yet, or if the decision runs a head here itself (an idle
+        stream then costs nothing).
         """
+        if self.manifest.variant(self.decision.variant).head:
+            return None
         variant = self.fallback_of(self.decision)
         if self._last_tokens is None or not variant.head:
             return None

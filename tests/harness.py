@@ -58,6 +58,17 @@ def coordinating_server_config(bundle: Path, mqtt_port: int, policy: str = "serv
     return cfg
 
 
+def start_coordinated(workdir: Path, bundle: Path, mqtt_port: int,
+                      **gateway_extra: Any) -> tuple[Proc, Proc]:
+    """A started coordinating server (server-only) and a started gateway that follows it."""
+    server = spawn("server", coordinating_server_config(bundle, mqtt_port), workdir, "server")
+    gw = spawn("gateway", gateway_config(workdir, bundle, mqtt_port, free_port(),
+                                         extra=gateway_extra), workdir, "gateway")
+    server.start()
+    gw.start()
+    return server, gw
+
+
 @dataclass
 class Proc:
     """A running edgetok process with its config and log."""

@@ -9,13 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import aiomqtt
-from conftest import Broker, free_port
+from conftest import Broker
 from harness import (
     basicmotions_plan,
-    coordinating_server_config,
-    gateway_config,
     replay,
-    spawn,
+    start_coordinated,
     wait_for,
 )
 
@@ -77,13 +75,8 @@ def test_a_gateway_on_server_only_still_reports_its_head_speed(
         tmp_path: Path, mosquitto: Broker, tiny_bundle: Path) -> None:
     """server-only runs no head here, so without probes the coordinator's picture of this
     device's speed freezes where it was when it moved away. Idle probes keep it fresh."""
-    server = spawn("server", coordinating_server_config(tiny_bundle, mosquitto.port),
-                   tmp_path, "server")
-    gw = spawn("gateway", gateway_config(
-        tmp_path, tiny_bundle, mosquitto.port, free_port(),
-        extra={"telemetry_interval_s": 0.3, "head_probe_interval_s": 0.3}), tmp_path, "gateway")
-    server.start()
-    gw.start()
+    server, gw = start_coordinated(tmp_path, tiny_bundle, mosquitto.port,
+                                   telemetry_interval_s=0.3, head_probe_interval_s=0.3)
     try:
         wait_for(lambda: gw.get("/v1/status")[1]["decision"]["split"] == 0, 30,
                  "a server-only decision")

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 from conftest import Broker, free_port
-from harness import coordinating_server_config, gateway_config, server_config, spawn
+from harness import server_config, start_coordinated
 
 from edgetok.agent.config import ServerConfig
 from edgetok.agent.server import TailServer
@@ -27,13 +27,8 @@ def test_decided_tail_is_open_before_the_first_frame(tmp_path: Path, mosquitto: 
     """server-only: the gateway's first decision names a split-0 variant. Its tail session is
     open (and has run once) on the server while no frame has arrived yet, so the first
     window does not pay ~40 ms for opening it."""
-    server = spawn("server", coordinating_server_config(tiny_bundle, mosquitto.port),
-                   tmp_path, "server")
-    gw = spawn("gateway", gateway_config(tmp_path, tiny_bundle, mosquitto.port, free_port(),
-                                         extra={"telemetry_interval_s": 0.3}),
-               tmp_path, "gateway")
-    server.start()
-    gw.start()
+    server, gw = start_coordinated(tmp_path, tiny_bundle, mosquitto.port,
+                                   telemetry_interval_s=0.3)
     try:
         deadline = time.monotonic() + 30
         decision: dict[str, Any] | None = None

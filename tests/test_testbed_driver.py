@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Broker, free_port
-from harness import TOPIC, coordinating_server_config, gateway_config, spawn
+from conftest import Broker
+from harness import TOPIC, start_coordinated
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -35,13 +35,8 @@ def test_replay_waits_until_the_gateway_runs_a_decision(tmp_path: Path, mosquitt
     """The gateway starts on its config's variant and reports telemetry only every 2 s, so
     the coordinator's first decision comes seconds after it is online. With
     --await-decision every replayed window, the first included, runs the decided variant."""
-    server = spawn("server", coordinating_server_config(tiny_bundle, mosquitto.port),
-                   tmp_path, "server")
-    gw = spawn("gateway", gateway_config(tmp_path, tiny_bundle, mosquitto.port, free_port(),
-                                         extra={"telemetry_interval_s": 2.0}),
-               tmp_path, "gateway")
-    server.start()
-    gw.start()
+    server, gw = start_coordinated(tmp_path, tiny_bundle, mosquitto.port,
+                                   telemetry_interval_s=2.0)
     try:
         doc = _drive(mosquitto.port, tmp_path / "driver.json", "--await-decision")
     finally:
