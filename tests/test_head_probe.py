@@ -10,14 +10,10 @@ from typing import Any
 
 import aiomqtt
 from conftest import Broker
-from harness import (
-    basicmotions_plan,
-    replay,
-    start_coordinated,
-    wait_for,
-)
+from harness import TOPIC, basicmotions_plan, start_coordinated, wait_for
 
 from edgetok.gateway.timing import RUN_SAMPLES, RunTimes
+from edgetok.replay import DEFAULT_CHANNELS, publish_plan
 
 KEY = ("r0.00-s2", "head")
 
@@ -54,44 +50,62 @@ def test_telemetry_takes_each_run_once_as_the_median_of_its_interval() -> None:
     assert t.heads() == {"r0.00-s2": 3.5}, "the status page keeps the recent median"
 
 
-async def _telemetry(port: int, gw: str, seconds: float) -> list[dict[str, Any]]:
-    """Telemetry reports of one gateway over `seconds`."""
-    out: list[dict[str, Any]] = []
+async def _replay_and_listen(port: int, gw: str, windows: int, speed: float, idle_s: float
+                             ) -> tuple[list[dict[str, Any]], float]:
+    """Telemetry of one gateway while `windows` windows are replayed and for `idle_s` after
+    the last result; with the time (monotonic) that last result arrived."""
+    plan = basicmotions_plan(limit=windows)
+    reports: list[dict[str, Any]] = []
+    results = 0
+    last = float("inf")
     async with aiomqtt.Client("127.0.0.1", port) as client:
         await client.subscribe(f"edgetok/{gw}/telemetry")
-        end = time.monotonic() + seconds
+        await client.subscribe(f"edgetok/{gw}/results/#", qos=1)
+        feed = asyncio.create_task(publish_plan(
+            plan, host="127.0.0.1", port=port, topic=TOPIC, channels=DEFAULT_CHANNELS,
+            chunk=10, speed=speed))
         try:
-            async with asyncio.timeout(seconds):
+            async with asyncio.timeout(60):
                 async for msg in client.messages:
-                    out.append(json.loads(bytes(msg.payload)))  # type: ignore[arg-type]
-                    if time.monotonic() > end:
+                    if msg.topic.matches(f"edgetok/{gw}/telemetry"):
+                        body = json.loads(bytes(msg.payload))  # type: ignore[arg-type]
+                        body["t"] = time.monotonic()
+                        reports.append(body)
+                    else:
+                        results += 1
+                        if results == windows:
+                            last = time.monotonic()
+                    if time.monotonic() > last + idle_s:
                         break
-        except TimeoutError:
-            pass
-    return out
+        finally:
+            await feed
+    return reports, last
 
 
 def test_a_gateway_on_server_only_still_reports_its_head_speed(
         tmp_path: Path, mosquitto: Broker, tiny_bundle: Path) -> None:
     """server-only runs no head here, so without probes the coordinator's picture of this
-    device's speed freezes where it was when it moved away. Idle probes keep it fresh."""
+    device's speed freezes where it was when it moved away. A probe after a window the
+    server answered keeps it fresh; an idle gateway runs none."""
     server, gw = start_coordinated(tmp_path, tiny_bundle, mosquitto.port,
-                                   telemetry_interval_s=0.3, head_probe_interval_s=0.3)
+                                   telemetry_interval_s=0.2, head_probe_interval_s=0.3)
     try:
         wait_for(lambda: gw.get("/v1/status")[1]["decision"]["split"] == 0, 30,
                  "a server-only decision")
-        replay(basicmotions_plan(limit=2), mosquitto.port)
-        wait_for(lambda: len(gw.get("/v1/results")[1]["results"]) >= 2, 30, "two results")
+        # One 10 s window every 0.5 s: a probe may follow each, the interval allowing.
+        reports, last = asyncio.run(_replay_and_listen(mosquitto.port, "gw-test", 6, 20.0,
+                                                       idle_s=1.5))
         rows = gw.get("/v1/results")[1]["results"]
+        assert len(rows) == 6, "probes make no results"
         assert {r["where"] for r in rows} == {"server"}, "no head ran for a window"
-        reports = asyncio.run(_telemetry(mosquitto.port, "gw-test", 3.0))
-        heads = [r["head_ms"] for r in reports if r["head_ms"]]
-        assert heads, f"no head time in {len(reports)} reports: {gw.logtext()[-1500:]}"
+        busy = [r["head_ms"] for r in reports if r["head_ms"] and r["t"] <= last + 0.3]
+        assert busy, f"no head time in {len(reports)} reports: {gw.logtext()[-1500:]}"
         manifest = json.loads((tiny_bundle / "manifest.json").read_text())
         on_device = {v["id"] for v in manifest["variants"]
                      if v["split"] == manifest["num_layers"]}
-        assert set(heads[-1]) <= on_device and all(ms > 0 for ms in heads[-1].values())
-        assert len(gw.get("/v1/results")[1]["results"]) == 2, "probes make no results"
+        assert set(busy[-1]) <= on_device and all(ms > 0 for ms in busy[-1].values())
+        idle = [r["head_ms"] for r in reports if r["t"] > last + 0.5]
+        assert idle and not any(idle), f"an idle gateway probed: {idle}"
     finally:
         gw.stop()
         server.stop()

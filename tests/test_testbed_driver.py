@@ -47,3 +47,6 @@ def test_replay_waits_until_the_gateway_runs_a_decision(tmp_path: Path, mosquitt
     decided = doc["decisions"][-1]["variant"]
     assert decided != "r0.00-s1", "the config's variant: the test would prove nothing"
     assert [r["variant"]["id"] for r in doc["results"]] == [decided] * 3
+    applied = [t for t in doc["telemetry"] if t["gateway"] == "gw-test" and t["applied_seq"]]
+    assert applied and applied[0]["received_ts"] <= doc["started"], \
+        "the telemetry that said a decision was applied is kept, and came before the replay"

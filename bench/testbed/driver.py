@@ -77,6 +77,7 @@ class Driver:
         self.results: dict[tuple[str, int], dict[str, Any]] = {}
         self.frames: dict[tuple[str, int], int] = {}
         self.decisions: list[dict[str, Any]] = []
+        self.telemetry: list[dict[str, Any]] = []  # kept so a run's decisions can be explained
         self.expected: set[tuple[str, int]] = set()
         self.done = asyncio.Event()
 
@@ -85,7 +86,7 @@ class Driver:
         return round(self.base_ts / self.window_s) + j
 
     async def _listen(self, client: Any) -> None:
-        """Record statuses, results, frame sizes and decisions as the broker delivers them."""
+        """Record statuses, results, frame sizes, decisions and telemetry as they arrive."""
         async for msg in client.messages:
             topic = str(msg.topic)
             parts = topic.split("/")
@@ -98,8 +99,10 @@ class Driver:
                             parts[1] in self.online:
                         self.online[parts[1]].set()
                 elif parts[2] == "telemetry":
-                    if json.loads(msg.payload).get("applied_seq") is not None and \
-                            parts[1] in self.applied:
+                    t = json.loads(msg.payload)
+                    t["received_ts"] = time.time()
+                    self.telemetry.append(t)
+                    if t.get("applied_seq") is not None and parts[1] in self.applied:
                         self.applied[parts[1]].set()
                 elif parts[2] == "results":
                     r = json.loads(msg.payload)
@@ -142,8 +145,7 @@ class Driver:
             await client.subscribe(f"{PREFIX}/+/status", qos=1)
             await client.subscribe(f"{PREFIX}/+/results/#", qos=1)
             await client.subscribe(f"{PREFIX}/+/control", qos=1)
-            if a.await_decision:
-                await client.subscribe(f"{PREFIX}/+/telemetry", qos=0)
+            await client.subscribe(f"{PREFIX}/+/telemetry", qos=0)
             if a.frames:
                 await client.subscribe(f"{PREFIX}/uplink/+", qos=0)
             listener = asyncio.create_task(self._listen(client))
@@ -177,7 +179,7 @@ class Driver:
                 "results": list(self.results.values()),
                 "frames": [{"gateway": g, "window": w, "bytes": b}
                            for (g, w), b in self.frames.items()],
-                "decisions": self.decisions}
+                "decisions": self.decisions, "telemetry": self.telemetry}
 
 
 def main(argv: list[str] | None = None) -> int:
