@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from testbed.goals import check, summary
 from testbed.metrics import summarise
-from testbed.net import Testbed, TestbedError, available
+from testbed.net import BROKER_PORT, Testbed, TestbedError, available
 from testbed.plots import plot_all
 from testbed.run import Run, RunData, RunSpec, merged, nominal_hz
 
@@ -53,10 +53,11 @@ WINDOW_RATE = 2.0
 # steps of one CFS period (10 ms at 10% of a core).
 WINDOWS, QUICK_WINDOWS = 60, 16
 WARMUP = 4
-# Each run is a fresh process whose median moves ~4% from the next one's (a link-10 A/A
-# check gave per-run medians of 5.11-5.67 ms), so several runs per policy beat one; but
-# every run also restarts the coordinator's learning, which more, shorter runs overweigh
-# against a gateway's steady state. Two rounds (A B C D, D C B A) also balance the order.
+# Two runs per policy and scenario: every run restarts the coordinator's learning, which
+# more, shorter runs would overweigh against a gateway's steady state. The machine itself
+# drifts between runs (whole runs 30% slower, on both cores and in every stage: run 10's
+# per-run medians of one configuration were 5.5 or 7.5 ms), which is why one-gateway
+# scenarios run their policies side by side, and fleets in the order A B C D, D C B A.
 ROUNDS = 2
 # Link and CPU of the scenarios that vary something else.
 BASE_LINK_MBIT, BASE_CPU = 10.0, 1.0
@@ -111,6 +112,26 @@ def round_order(policies: list[str], rounds: int) -> list[tuple[int, str]]:
     for r in range(rounds):
         out += [(r, p) for p in (policies if r % 2 == 0 else policies[::-1])]
     return out
+
+
+def lane_orders(policies: list[str], rounds: int) -> list[list[str]]:
+    """The lane order of each side-by-side round, rotated: every policy takes every slot of
+    the window period (and every gateway host) in turn."""
+    n = len(policies)
+    return [policies[r % n:] + policies[:r % n] for r in range(rounds)]
+
+
+def side_by_side(sc: Scenario, sequential: bool) -> bool:
+    """Whether a scenario's policies run at once, one lane each. Not for a fleet: four fleets
+    would put four times the load on the server's core, the very thing load-N varies."""
+    return not sequential and sc.gateways == 1
+
+
+def batches(policies: list[str], rounds: int, side: bool) -> list[tuple[int, list[str]]]:
+    """(round, policies run together) in run order."""
+    if side:
+        return list(enumerate(lane_orders(policies, rounds)))
+    return [(r, [p]) for r, p in round_order(policies, rounds)]
 
 
 def split_windows(windows: int, rounds: int, rnd: int) -> int:
@@ -175,9 +196,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--windows", type=int, default=None,
                    help=f"measured windows per policy and scenario (default {WINDOWS})")
     p.add_argument("--rounds", type=_positive, default=ROUNDS,
-                   help="cut each policy's windows into this many runs, in the order A B C D "
-                   "D C B A ..., so that a drift of a shared machine weighs on every policy "
-                   "alike (traces always run once)")
+                   help="cut each policy's windows into this many runs (side by side: lanes "
+                   "rotated between rounds; --sequential: A B C D D C B A ...); traces "
+                   "always run once")
+    p.add_argument("--sequential", action="store_true",
+                   help="run the policies one after another even where they could run side "
+                   "by side (the default for one-gateway scenarios: each policy gets its "
+                   "own broker, server and gateway, all replayed at once, so a slow spell "
+                   "of the shared machine weighs on every policy alike)")
     p.add_argument("--max-gateways", type=int, default=16)
     p.add_argument("--only", default=None, help="comma-separated scenario names")
     p.add_argument("--policies", default=",".join(POLICIES))
@@ -205,12 +231,17 @@ def main(argv: list[str] | None = None) -> int:
         keep = set(args.only.split(","))
         matrix = [s for s in matrix if s.name in keep]
     work = Path(tempfile.mkdtemp(prefix="etk-e2e-"))
-    n_gw = max(s.gateways for s in matrix)
+    lanes = {s.name: len(policies) if side_by_side(s, args.sequential) else 1 for s in matrix}
+    n_gw = max(s.gateways * lanes[s.name] for s in matrix)
     doc: dict[str, Any] = {
         "bundle": str(bundle), "bundle_id": _bundle_id(bundle), "coordinator": mode,
         "actuators": not args.no_actuators, "prefer": args.prefer,
         "deadline_ms": args.deadline_ms, "window_rate_per_gateway": args.window_rate,
         "windows_per_run": windows, "warmup_windows": WARMUP, "rounds": args.rounds,
+        "side_by_side": "one-gateway scenarios run every policy at once, each with its own "
+        "broker, server, gateway host and link, the windows of all gateways staggered evenly "
+        "over the period; fleets (load-N) run their policies one after another"
+        if not args.sequential else "no: every policy runs on its own",
         "latency_definition": "result.created_ts - wall time just before the sensor message "
         "completing the window was published (driver in the server namespace)",
         "link": "tc tbf on each gateway's veth (uplink only): the channel's full-power rate, "
@@ -234,7 +265,8 @@ def main(argv: list[str] | None = None) -> int:
                 os.sched_setaffinity(0, tb.server_cpus)
             doc["machine"].update(pinned=tb.pin, server_cpus=tb.server_cpus,
                                   gateway_cpus=tb.gateway_cpus)
-            tb.start_broker(work / "broker")
+            for k in range(max(lanes.values())):  # one broker per lane
+                tb.start_broker(work / f"broker{k}", BROKER_PORT + k)
             done: dict[tuple[Any, ...], str] = {}
             for sc in matrix:
                 key = (sc.link_mbit, sc.cpu_share, sc.gateways, sc.trace)
@@ -248,26 +280,34 @@ def main(argv: list[str] | None = None) -> int:
                 loads: dict[str, list[float]] = {pol: [] for pol in policies}
                 # A trace spans one replay, so it cannot be cut into rounds.
                 n_rounds = 1 if sc.trace else args.rounds
-                for rnd, pol in round_order(policies, n_rounds):
-                    if pol in runs:  # an earlier round of it failed
+                side = lanes[sc.name] > 1
+                for rnd, batch in batches(policies, n_rounds, side):
+                    batch = [pol for pol in batch if pol not in runs]  # not if a round failed
+                    if not batch:
                         continue
                     run_id += 1
-                    spec = replace(spec0, name=sc.name, policy=pol, gateways=sc.gateways,
-                                   link_mbit=sc.link_mbit, cpu_share=sc.cpu_share,
-                                   trace=sc.trace, windows=split_windows(windows, n_rounds,
-                                                                         rnd))
-                    log.info("run %d: %s / %s (round %d of %d)", run_id, sc.name, pol,
-                             rnd + 1, n_rounds)
+                    specs = [replace(spec0, name=sc.name, policy=pol, gateways=sc.gateways,
+                                     link_mbit=sc.link_mbit, cpu_share=sc.cpu_share,
+                                     trace=sc.trace,
+                                     windows=split_windows(windows, n_rounds, rnd))
+                             for pol in batch]
+                    what = "side by side" if side else batch[0]
+                    log.info("run %d: %s / %s (round %d of %d)", run_id, sc.name,
+                             ", ".join(batch) + (" side by side" if side else ""), rnd + 1,
+                             n_rounds)
                     try:
-                        parts[pol].append(Run(tb, spec, work / f"{run_id:03d}-{sc.name}-{pol}",
-                                              run_id).execute())
+                        datas = Run(tb, specs, work / f"{run_id:03d}-{sc.name}-"
+                                    f"{what.replace(' ', '-')}", run_id).execute()
                     except TestbedError as exc:
-                        log.error("%s / %s failed: %s", sc.name, pol, exc)
-                        runs[pol] = {"error": str(exc), "latency_ms": {"p50": None},
-                                     "hit_rate": None}
+                        log.error("%s / %s failed: %s", sc.name, what, exc)
+                        for pol in batch:
+                            runs[pol] = {"error": str(exc), "latency_ms": {"p50": None},
+                                         "hit_rate": None}
                         continue
-                    # Other work on the machine shows up as CPU contention: keep the record.
-                    loads[pol].append(round(os.getloadavg()[0], 2))
+                    for pol, data in zip(batch, datas, strict=True):
+                        parts[pol].append(data)
+                        # Other work on the machine shows up as CPU contention: keep it.
+                        loads[pol].append(round(os.getloadavg()[0], 2))
                 for pol in policies:
                     if pol in runs:
                         continue
@@ -279,7 +319,8 @@ def main(argv: list[str] | None = None) -> int:
                              m["accuracy"], m["energy_mj_per_window"], m["where"])
                 doc["scenarios"][sc.name] = {
                     "group": sc.group, "link_mbit": sc.link_mbit, "cpu_share": sc.cpu_share,
-                    "gateways": sc.gateways, "trace": sc.trace, "runs": runs,
+                    "gateways": sc.gateways, "trace": sc.trace, "side_by_side": side,
+                    "runs": runs,
                     "headline": headline(runs)}
                 _write(args.out, doc)
     finally:

@@ -3,6 +3,9 @@ record publish times, and collect results, frames and decisions from the broker.
 
 Runs next to the broker (inside the server namespace), so the sensors' readings reach the
 gateways over the unshaped downlink direction, and recording costs the uplink nothing.
+Gateways may sit behind different brokers (`id@port`): policies measured side by side each
+have their own broker and server, and one driver staggers every gateway's windows evenly over
+the window period, so no two gateways get a window at the same moment.
 
 Each window goes out as one JSON chunk message holding its readings plus the first reading
 of the next window: that reading moves the gateway's watermark past the window's end, so the
@@ -15,9 +18,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import math
+import random
 import sys
 import time
 from pathlib import Path
@@ -50,13 +55,30 @@ def chunk(x: np.ndarray, start_ts: float, nxt: np.ndarray | None, first: bool) -
     return json.dumps({"ts": ts, **cols}).encode()
 
 
+def parse_gateways(spec: str, default_port: int) -> dict[str, int]:
+    """Gateway id -> broker port, in order, from 'g0,g1@1884,...' (no port: the default)."""
+    out: dict[str, int] = {}
+    for item in filter(None, (x.strip() for x in spec.split(","))):
+        gw, _, port = item.partition("@")
+        if not gw or gw in out:
+            raise ValueError(f"empty or repeated gateway id in {spec!r}")
+        try:
+            out[gw] = int(port) if port else default_port
+        except ValueError:
+            raise ValueError(f"not a port in {item!r}") from None
+    if not out:
+        raise ValueError("no gateways")
+    return out
+
+
 class Driver:
     """Replays to N gateways and records everything the broker shows."""
 
     def __init__(self, args: argparse.Namespace) -> None:
         """Load the dataset, repeat it to the needed length and lay it on the time grid."""
         self.args = args
-        self.gateways: list[str] = args.gateways.split(",")
+        self.ports = parse_gateways(args.gateways, args.port)
+        self.gateways: list[str] = list(self.ports)
         x, labels = load_dataset(args.dataset, "test")
         reps = math.ceil((args.warmup + args.windows + 1) / len(x))
         self.x = np.concatenate([x] * reps)[: args.warmup + args.windows + 1]
@@ -121,9 +143,14 @@ class Driver:
         """Publish one gateway's windows at the fixed rate, recording each publish time."""
         a = self.args
         period = 1.0 / a.window_rate
-        offset = g * period / len(self.gateways)  # stagger gateways within a period
+        slot = period / len(self.gateways)  # gateways are staggered within a period
+        # Each publish moves by up to a quarter slot either way, at random: a strict period
+        # would lock onto the gateway's own timers (telemetry, window closing) at a phase
+        # fixed for the whole run, so a run would be lucky or unlucky as a whole.
+        rng = random.Random(f"{a.tag}/{gw}")
         for j in range(a.warmup + a.windows):
-            delay = t0 + offset + j * period - time.monotonic()
+            jitter = rng.uniform(-a.jitter, a.jitter) * slot / 4
+            delay = t0 + g * slot + j * period + jitter - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
             body = chunk(self.x[j], self.base_ts + j * self.window_s, self.x[j + 1], j == 0)
@@ -140,15 +167,20 @@ class Driver:
         from edgetok.mqttlink import NODELAY
 
         a = self.args
-        async with aiomqtt.Client(a.host, a.port, identifier=f"etk-driver-{a.tag}",
-                                  timeout=30, socket_options=NODELAY) as client:
-            await client.subscribe(f"{PREFIX}/+/status", qos=1)
-            await client.subscribe(f"{PREFIX}/+/results/#", qos=1)
-            await client.subscribe(f"{PREFIX}/+/control", qos=1)
-            await client.subscribe(f"{PREFIX}/+/telemetry", qos=0)
-            if a.frames:
-                await client.subscribe(f"{PREFIX}/uplink/+", qos=0)
-            listener = asyncio.create_task(self._listen(client))
+        async with contextlib.AsyncExitStack() as stack:
+            clients: dict[int, Any] = {}
+            listeners = []
+            for port in sorted(set(self.ports.values())):
+                client = clients[port] = await stack.enter_async_context(aiomqtt.Client(
+                    a.host, port, identifier=f"etk-driver-{a.tag}-{port}", timeout=30,
+                    socket_options=NODELAY))
+                await client.subscribe(f"{PREFIX}/+/status", qos=1)
+                await client.subscribe(f"{PREFIX}/+/results/#", qos=1)
+                await client.subscribe(f"{PREFIX}/+/control", qos=1)
+                await client.subscribe(f"{PREFIX}/+/telemetry", qos=0)
+                if a.frames:
+                    await client.subscribe(f"{PREFIX}/uplink/+", qos=0)
+                listeners.append(asyncio.create_task(self._listen(client)))
             try:
                 ready = [*self.online.values(), *self.applied.values()]
                 await asyncio.wait_for(asyncio.gather(*(e.wait() for e in ready)),
@@ -163,7 +195,7 @@ class Driver:
             started = time.time()
             print(f"REPLAY START {started:.6f}", flush=True)
             t0 = time.monotonic()
-            await asyncio.gather(*(self._feed(client, g, gw, t0)
+            await asyncio.gather(*(self._feed(clients[self.ports[gw]], g, gw, t0)
                                    for g, gw in enumerate(self.gateways)))
             published = time.time()
             print(f"REPLAY PUBLISHED {published:.6f}", flush=True)
@@ -173,7 +205,8 @@ class Driver:
                 except TimeoutError:
                     log.warning("%d result(s) missing after %.0f s",
                                 len(self.expected - set(self.results)), a.results_timeout)
-            listener.cancel()
+            for task in listeners:
+                task.cancel()
         return {"started": started, "published": published, "finished": time.time(),
                 "base_ts": self.base_ts, "window_rate": a.window_rate, "sent": self.sent,
                 "results": list(self.results.values()),
@@ -187,13 +220,18 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=1883)
-    p.add_argument("--gateways", required=True, help="comma-separated gateway ids")
+    p.add_argument("--gateways", required=True,
+                   help="comma-separated gateway ids, each optionally with its broker's port "
+                   "(g0@1884); without one, --port")
     p.add_argument("--topic", default="sensors/{gw}/imu", help="per-gateway sensor topic")
     p.add_argument("--dataset", default="BasicMotions")
     p.add_argument("--window-rate", type=float, default=2.0, help="windows/s per gateway")
     p.add_argument("--windows", type=int, default=40, help="measured windows per gateway")
     p.add_argument("--warmup", type=int, default=4, help="windows before the measured ones")
     p.add_argument("--frames", action="store_true", help="also record uplink frame sizes")
+    p.add_argument("--jitter", type=float, default=1.0,
+                   help="random shift of each publish, in quarters of a gateway's slot "
+                   "(period / gateways); 0: a strict period")
     p.add_argument("--await-decision", action="store_true",
                    help="start the replay only once every gateway has applied a coordinator "
                    "decision (its telemetry names one): a fleet started at once switches "
@@ -204,6 +242,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tag", default="0")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
+    try:
+        parse_gateways(args.gateways, args.port)
+    except ValueError as exc:
+        p.error(f"--gateways: {exc}")
+    if not 0.0 <= args.jitter <= 1.0:
+        p.error("--jitter must be within 0..1 (more would let neighbouring slots overlap)")
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s driver %(levelname)s %(message)s")
     out = asyncio.run(Driver(args).run())

@@ -15,13 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from edgetok.procs import to_toml
-from testbed.net import GW_IF, Testbed, TestbedError
+from testbed.net import BROKER_PORT, GW_IF, Testbed, TestbedError
 
 log = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parents[2]
 BENCH = ROOT / "bench"
-BROKER_PORT = 1883
 SERVER_HTTP = 8090
 GATEWAY_HTTP = 8080
 # The emulated radio: a 20 MHz Wi-Fi channel, 10 dB noise figure, 20 dBm cap (as in
@@ -96,8 +95,8 @@ def merged(parts: list[RunData]) -> RunData:
         return parts[0]
     first = parts[0]
     driver: dict[str, Any] = {"started": first.driver["started"]}
-    for key in ("sent", "results", "frames"):
-        driver[key] = [x for p in parts for x in p.driver[key]]
+    for key in ("sent", "results", "frames", "telemetry"):
+        driver[key] = [x for p in parts for x in p.driver.get(key, [])]
     # Each round's driver also sees the decisions retained from the rounds before it.
     seen = {(d.get("gateway"), d.get("epoch"), d.get("seq")): d
             for p in parts for d in p.driver["decisions"]}
@@ -124,8 +123,8 @@ def controller_config(spec: RunSpec) -> dict[str, Any]:
     }
 
 
-def gateway_config(spec: RunSpec, tb: Testbed, i: int, gw_id: str, state: Path
-                   ) -> dict[str, Any]:
+def gateway_config(spec: RunSpec, tb: Testbed, i: int, gw_id: str, state: Path,
+                   broker_port: int = BROKER_PORT) -> dict[str, Any]:
     """A gateway config for host i of the test bed."""
     host = tb.hosts[i]
     variant, precision = static_variant(spec)
@@ -141,7 +140,7 @@ def gateway_config(spec: RunSpec, tb: Testbed, i: int, gw_id: str, state: Path
                "noise_w_per_hz": NOISE_W_PER_HZ}
     return {
         "id": gw_id, "state_dir": str(state),
-        "mqtt": {"host": host.server_address, "port": BROKER_PORT,
+        "mqtt": {"host": host.server_address, "port": broker_port,
                  "client_id": f"edgetok-{gw_id}", "session_expiry_s": 60,
                  "reconnect_min_s": 0.2, "reconnect_max_s": 1.0},
         "bundle": {"path": str(spec.bundle), "threads": 1},
@@ -176,13 +175,14 @@ def static_variant(spec: RunSpec) -> tuple[str, str]:
     return f"r0.00-s{m.num_layers}", "fp32"
 
 
-def server_config(spec: RunSpec) -> dict[str, Any]:
+def server_config(spec: RunSpec, broker_port: int = BROKER_PORT,
+                  http_port: int = SERVER_HTTP) -> dict[str, Any]:
     """The edge server's config; carries the coordinator when the server runs it."""
     cfg: dict[str, Any] = {
         "id": "srv", "bundles": [str(spec.bundle)], "workers": 2, "threads": 1,
-        "mqtt": {"host": "127.0.0.1", "port": BROKER_PORT, "session_expiry_s": 0,
+        "mqtt": {"host": "127.0.0.1", "port": broker_port, "session_expiry_s": 0,
                  "reconnect_min_s": 0.2, "reconnect_max_s": 1.0},
-        "http": {"host": "127.0.0.1", "port": SERVER_HTTP}}
+        "http": {"host": "127.0.0.1", "port": http_port}}
     if spec.coordinator == "server":
         cfg["coordinator"] = controller_config(spec)
     return cfg
@@ -199,40 +199,101 @@ def _env() -> dict[str, str]:
     return {"PYTHONPATH": os.pathsep.join(path), "PYTHONUNBUFFERED": "1"}
 
 
-class Run:
-    """Starts the processes of one run, replays, and always stops what it started."""
+@dataclass(frozen=True, slots=True)
+class Lane:
+    """One policy's share of a run: its own broker, server and gateways."""
 
-    def __init__(self, tb: Testbed, spec: RunSpec, workdir: Path, run_id: int) -> None:
-        """A run with gateway ids unique to it (retained decisions never leak across runs)."""
-        self.tb, self.spec, self.dir = tb, spec, workdir
-        self.ids = [f"g{i}-r{run_id}" for i in range(spec.gateways)]
+    spec: RunSpec
+    ids: list[str]  # gateway ids
+    hosts: list[int]  # the test bed's gateway hosts they run on
+    broker_port: int
+    http_port: int  # the server's
+    suffix: str  # of its log and config files: "" when a run has one lane
+
+
+def lane_data(data: dict[str, Any], ids: list[str]) -> dict[str, Any]:
+    """The driver's record restricted to the gateways of one lane."""
+    keep = set(ids)
+    out = dict(data)
+    for key in ("sent", "results", "frames", "decisions", "telemetry"):
+        out[key] = [x for x in data.get(key, []) if x.get("gateway") in keep]
+    return out
+
+
+class Run:
+    """Starts the processes of one run, replays, and always stops what it started.
+
+    A run has one lane per spec: policies measured side by side, at the same time, under the
+    same link trace and on the same machine, each with its own broker (BROKER_PORT + lane),
+    server and gateways. One driver staggers all the gateways' windows over the period.
+    """
+
+    def __init__(self, tb: Testbed, specs: RunSpec | list[RunSpec], workdir: Path,
+                 run_id: int) -> None:
+        """Gateway ids unique to the run (retained decisions never leak across runs)."""
+        specs = [specs] if isinstance(specs, RunSpec) else specs
+        self.tb, self.spec, self.dir = tb, specs[0], workdir
+        n = self.spec.gateways
+        if any((x.gateways, x.link_mbit, x.cpu_share, x.trace) != (n, self.spec.link_mbit,
+               self.spec.cpu_share, self.spec.trace) for x in specs):
+            raise ValueError("side-by-side lanes must share one scenario")
+        if len(specs) * n > len(tb.hosts):
+            raise TestbedError(f"{len(specs)} lane(s) of {n} gateway(s) need "
+                               f"{len(specs) * n} hosts; the test bed has {len(tb.hosts)}")
+        one = len(specs) == 1
+        self.lanes = [Lane(
+            spec=x, ids=[f"g{i}-r{run_id}" + ("" if one else f"-{x.policy}") for i in range(n)],
+            hosts=list(range(k * n, (k + 1) * n)), broker_port=BROKER_PORT + k,
+            http_port=SERVER_HTTP + k, suffix="" if one else f"-{x.policy}")
+            for k, x in enumerate(specs)]
+        self.hosts = [i for lane in self.lanes for i in lane.hosts]
         self.rate_log: list[tuple[float, float]] = []
 
     def _configure_links(self) -> None:
         """Set every gateway's link rate and CPU share for the start of the run."""
         s = self.spec
         first = s.trace[0][1] if s.trace else s.link_mbit
-        for i in range(s.gateways):
+        for i in self.hosts:
             self.tb.set_rate(i, first)
             self.tb.set_cpu(i, s.cpu_share)
         self.rate_log.append((time.time(), first))
-
-    def _wait_http(self, netns: str, port: int, proc: subprocess.Popen[bytes]) -> None:
-        """Wait until the process's HTTP port accepts connections inside `netns`."""
-        self.tb.wait_tcp(netns, "127.0.0.1", port, proc, timeout=60)
 
     def _trace(self, started: float, stop: threading.Event) -> None:
         """Step the link rate of every gateway along the trace, from the replay start."""
         for at, mbit in self.spec.trace:
             if stop.wait(max(started + at - time.time(), 0)):
                 return
-            for i in range(self.spec.gateways):
+            for i in self.hosts:
                 self.tb.set_rate(i, mbit)
             self.rate_log.append((time.time(), mbit))
             log.info("trace: uplink now %.1f Mbit/s", mbit)
 
-    def execute(self) -> RunData:
-        """Start server, coordinator and gateways, replay, stop everything, return the data."""
+    def _start_lane(self, lane: Lane, started: list[tuple[str, subprocess.Popen[bytes]]]
+                    ) -> None:
+        """Start one lane's server (and coordinator shim) and, once it serves, its gateways."""
+        tb, s, sfx = self.tb, lane.spec, lane.suffix
+        conf = self.dir / f"server{sfx}.toml"
+        conf.write_text(to_toml(server_config(s, lane.broker_port, lane.http_port)))
+        srv = tb.popen(tb.server_ns, _python("edgetok", "server", "--config", str(conf)),
+                       self.dir / f"server{sfx}.log")
+        started.append((f"server{sfx}", srv))
+        if s.coordinator == "shim":
+            (self.dir / f"controller{sfx}.json").write_text(json.dumps(controller_config(s)))
+            started.append((f"coord{sfx}", tb.popen(tb.server_ns, _python(
+                "testbed.coord", "--config", str(self.dir / f"controller{sfx}.json"),
+                "--bundle", str(s.bundle), "--port", str(lane.broker_port)),
+                self.dir / f"coord{sfx}.log", env=_env())))
+        tb.wait_tcp(tb.server_ns, "127.0.0.1", lane.http_port, srv, timeout=60)
+        for i, gw_id in zip(lane.hosts, lane.ids, strict=True):
+            path = self.dir / f"{gw_id}.toml"
+            path.write_text(to_toml(gateway_config(s, tb, i, gw_id, self.dir / f"state-{gw_id}",
+                                                   lane.broker_port)))
+            started.append((gw_id, tb.popen(tb.hosts[i].netns, _python(
+                "edgetok", "gateway", "--config", str(path)), self.dir / f"{gw_id}.log",
+                cgroup=tb.hosts[i].cpu)))
+
+    def execute(self) -> list[RunData]:
+        """Start every lane, replay, stop everything; the data of each lane, in lane order."""
         s, tb = self.spec, self.tb
         self.dir.mkdir(parents=True, exist_ok=True)
         self._configure_links()
@@ -240,32 +301,17 @@ class Run:
         codes: dict[str, int | None] = {}
         stop_trace = threading.Event()
         try:
-            (self.dir / "server.toml").write_text(to_toml(server_config(s)))
-            srv = tb.popen(tb.server_ns, _python(
-                "edgetok", "server", "--config", str(self.dir / "server.toml")),
-                self.dir / "server.log")
-            started.append(("server", srv))
-            if s.coordinator == "shim":
-                (self.dir / "controller.json").write_text(json.dumps(controller_config(s)))
-                started.append(("coord", tb.popen(tb.server_ns, _python(
-                    "testbed.coord", "--config", str(self.dir / "controller.json"),
-                    "--bundle", str(s.bundle), "--port", str(BROKER_PORT)),
-                    self.dir / "coord.log", env=_env())))
-            self._wait_http(tb.server_ns, SERVER_HTTP, srv)
-            for i, gw_id in enumerate(self.ids):
-                path = self.dir / f"{gw_id}.toml"
-                path.write_text(to_toml(gateway_config(s, tb, i, gw_id,
-                                                       self.dir / f"state-{gw_id}")))
-                started.append((gw_id, tb.popen(tb.hosts[i].netns, _python(
-                    "edgetok", "gateway", "--config", str(path)), self.dir / f"{gw_id}.log",
-                    cgroup=tb.hosts[i].cpu)))
-            before = [tb.tx_bytes(i) for i in range(s.gateways)]
+            for lane in self.lanes:
+                self._start_lane(lane, started)
+            before = {i: tb.tx_bytes(i) for i in self.hosts}
             driver_out = self.dir / "driver.json"
+            gateways = [f"{g}@{lane.broker_port}" for lane in self.lanes for g in lane.ids]
+            static = all(lane.spec.coordinator == "static" for lane in self.lanes)
             drv = tb.popen(tb.server_ns, _python(
-                "testbed.driver", "--port", str(BROKER_PORT), "--gateways", ",".join(self.ids),
+                "testbed.driver", "--port", str(BROKER_PORT), "--gateways", ",".join(gateways),
                 "--window-rate", str(s.window_rate), "--windows", str(s.windows),
                 "--warmup", str(s.warmup), "--frames", "--tag", str(self.dir.name),
-                *(["--await-decision"] if s.coordinator != "static" else []),
+                *([] if static else ["--await-decision"]),
                 "--results-timeout", str(max(30.0, 3 * s.deadline_ms / 1000)),
                 "--out", str(driver_out)), env=_env(), stdout=subprocess.PIPE)
             trace_thread = None
@@ -284,19 +330,27 @@ class Run:
                 trace_thread.join()
             if code != 0:
                 raise TestbedError(f"driver exited with {code}; logs in {self.dir}")
-            wire = [tb.tx_bytes(i) - b for i, b in enumerate(before)]
+            wire = {i: tb.tx_bytes(i) - b for i, b in before.items()}
             data = json.loads(driver_out.read_text())
         finally:
             stop_trace.set()
-            # Gateways first: they drain in-flight windows while the server still answers.
+            # Gateways first: they drain in-flight windows while the servers still answer.
             for name, proc in reversed(started):
                 codes[name] = tb.stop(proc)
+        out = []
+        for lane in self.lanes:
+            lane_codes = {k: v for k, v in codes.items()
+                          if k in lane.ids or k in (f"server{lane.suffix}", f"coord{lane.suffix}")}
+            out.append(RunData(lane.spec, lane_data(data, lane.ids),
+                               [wire[i] for i in lane.hosts], self.rate_log, self.dir,
+                               lane_codes))
         # What the metrics need besides driver.json, so a kept run can be re-analysed.
-        (self.dir / "run.json").write_text(json.dumps(
+        (self.dir / "run.json").write_text(json.dumps({"lanes": [
             {"spec": {k: str(v) if isinstance(v, Path) else v
-                      for k, v in ((f, getattr(s, f)) for f in s.__slots__)},
-             "wire_bytes": wire, "rate_log": self.rate_log, "exit_codes": codes}))
-        return RunData(s, data, wire, self.rate_log, self.dir, codes)
+                      for k, v in ((f, getattr(d.spec, f)) for f in d.spec.__slots__)},
+             "gateways": lane.ids, "wire_bytes": d.wire_bytes, "exit_codes": d.exit_codes}
+            for lane, d in zip(self.lanes, out, strict=True)], "rate_log": self.rate_log}))
+        return out
 
 
 def nominal_hz(bundle: Path) -> float:
