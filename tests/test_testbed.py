@@ -17,7 +17,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from testbed import Testbed, available, cleanup  # noqa: E402
 from testbed.cgroup import CpuGroup  # noqa: E402
-from testbed.net import split_cpus  # noqa: E402
+from testbed.net import BROKER_PORT, split_cpus  # noqa: E402
+from testbed.run import Run, RunSpec, nominal_hz  # noqa: E402
 
 pytestmark = pytest.mark.root
 
@@ -117,6 +118,35 @@ def test_gateways_and_server_run_on_separate_cpus(bed: Testbed) -> None:
         assert not set(bed.gateway_cpus) & set(bed.server_cpus)
     bed.stop(gw)
     bed.stop(srv)
+
+
+@needs_testbed
+def test_policies_run_side_by_side_each_in_its_own_lane(tmp_path: Path,
+                                                       tiny_bundle: Path) -> None:
+    """Two policies in one run: each lane's gateway talks to its own broker and server, runs
+    its own policy, and the driver gives the lanes' windows alternate slots of the period."""
+    specs = [RunSpec(name="side", policy=pol, gateways=1, link_mbit=10.0, cpu_share=1.0,
+                     deadline_ms=500.0, window_rate=2.0, windows=4, warmup=1,
+                     bundle=tiny_bundle, nominal_hz=nominal_hz(tiny_bundle),
+                     coordinator="server", prefer="latency")
+             for pol in ("device-only", "server-only")]
+    with Testbed(2, tag=_tag()) as tb:
+        for k in range(2):
+            tb.start_broker(tmp_path / f"broker{k}", BROKER_PORT + k)
+        device, server = Run(tb, specs, tmp_path / "run", 7).execute()
+    for lane, where in ((device, "device"), (server, "server")):
+        results = lane.driver["results"]
+        assert len(results) == 5, [r["gateway"] for r in results]
+        assert {r["gateway"] for r in results} == {f"g0-r7-{lane.spec.policy}"}
+        assert {r["where"] for r in results} == {where}, lane.spec.policy
+        assert set(lane.exit_codes) == {f"g0-r7-{lane.spec.policy}",
+                                        f"server-{lane.spec.policy}"}
+    assert server.wire_bytes[0] > device.wire_bytes[0], "frames cross the server lane's link"
+    # Slots of 0.25 s, each publish within a quarter slot of its own: never closer than half.
+    t_dev = {r["j"]: r["t_pub"] for r in device.driver["sent"]}
+    gaps = [r["t_pub"] - t_dev[r["j"]] for r in server.driver["sent"]]
+    assert all(0.125 - 0.02 <= g <= 0.375 + 0.02 for g in gaps), gaps
+    assert len({round(g, 3) for g in gaps}) > 1, "each publish moves at random"
 
 
 def test_cpus_split_into_a_server_half_and_a_gateway_half() -> None:

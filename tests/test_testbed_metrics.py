@@ -13,7 +13,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
-from e2e import round_order, split_windows  # noqa: E402
+from e2e import Scenario, batches, lane_orders, round_order, side_by_side, split_windows  # noqa: E402
+from testbed.driver import parse_gateways  # noqa: E402
 from testbed.goals import check, ratio_interval, same_variant_share  # noqa: E402
 from testbed.metrics import summarise  # noqa: E402
 from testbed.run import (  # noqa: E402
@@ -22,6 +23,7 @@ from testbed.run import (  # noqa: E402
     RunData,
     RunSpec,
     gain_for,
+    lane_data,
     merged,
     rate_for,
 )
@@ -194,3 +196,40 @@ def test_rounds_merge_into_one_run_of_all_their_windows() -> None:
     assert both["uplink_wire_bytes"] == 2 * one["uplink_wire_bytes"]
     assert both["decisions"] == 2
     assert merged([first]) is first
+
+
+def test_side_by_side_lanes_rotate_so_every_policy_takes_every_slot() -> None:
+    """Lane k's windows go out k slots into the period (and on host k): over as many rounds
+    as policies, each policy has had each slot once."""
+    pols = ["joint", "device-only", "server-only", "fixed-split"]
+    orders = lane_orders(pols, 4)
+    assert orders[0] == pols
+    for slot in range(4):
+        assert sorted(order[slot] for order in orders) == sorted(pols)
+    assert batches(pols, 2, side=True) == [(0, pols), (1, pols[1:] + pols[:1])]
+    assert batches(["a", "b"], 2, side=False) == [(0, ["a"]), (0, ["b"]), (1, ["b"]),
+                                                  (1, ["a"])]
+
+
+def test_only_one_gateway_scenarios_run_side_by_side() -> None:
+    """Four fleets at once would quadruple the load on the server, which load-N varies."""
+    assert side_by_side(Scenario("link-2", "link", link_mbit=2.0), sequential=False)
+    assert not side_by_side(Scenario("link-2", "link", link_mbit=2.0), sequential=True)
+    assert not side_by_side(Scenario("load-4", "load", gateways=4), sequential=False)
+
+
+def test_driver_gateways_name_their_broker_port() -> None:
+    assert parse_gateways("g0,g1@1884", 1883) == {"g0": 1883, "g1": 1884}
+    for bad in ("", "g0,g0@1884", "g0@x", "@1884"):
+        with pytest.raises(ValueError):
+            parse_gateways(bad, 1883)
+
+
+def test_a_lane_keeps_only_its_own_gateways_records() -> None:
+    data = {"started": 1.0, "sent": [{"gateway": "a"}, {"gateway": "b"}],
+            "results": [{"gateway": "b", "window": 1}], "frames": [],
+            "decisions": [{"gateway": "a"}], "telemetry": [{"gateway": "b"}]}
+    lane = lane_data(data, ["b"])
+    assert lane["started"] == 1.0 and lane["sent"] == [{"gateway": "b"}]
+    assert lane["results"] == data["results"] and lane["decisions"] == []
+    assert lane["telemetry"] == [{"gateway": "b"}] and data["sent"][0] == {"gateway": "a"}

@@ -316,13 +316,14 @@ class Run:
                 "--out", str(driver_out)), env=_env(), stdout=subprocess.PIPE)
             trace_thread = None
             assert drv.stdout is not None
-            for raw in drv.stdout:
-                line = raw.decode(errors="replace").strip()
-                if line.startswith("REPLAY START") and s.trace:
-                    trace_thread = threading.Thread(
-                        target=self._trace, args=(float(line.split()[2]), stop_trace),
-                        daemon=True)
-                    trace_thread.start()
+            with drv.stdout:
+                for raw in drv.stdout:
+                    line = raw.decode(errors="replace").strip()
+                    if line.startswith("REPLAY START") and s.trace:
+                        trace_thread = threading.Thread(
+                            target=self._trace, args=(float(line.split()[2]), stop_trace),
+                            daemon=True)
+                        trace_thread.start()
             code = drv.wait()
             tb.procs.remove(drv)
             stop_trace.set()
