@@ -1,9 +1,10 @@
 """End-to-end benchmark: real gateway, server and coordinator processes in the test bed.
 
 For every scenario (link rate, a link trace, gateway CPU, number of gateways) each policy
-(joint, device-only, server-only, fixed-split) runs in turn in the same invocation, on the
-same test bed, replaying the same BasicMotions windows at a fixed rate; its windows are cut
-into rounds run A B C D, D C B A (a trace runs once), so the machine's drift is shared.
+(joint, device-only, server-only, fixed-split) runs on the same test bed, replaying the same
+BasicMotions windows at a fixed rate. One-gateway scenarios run the four side by side, each
+policy in its own lane (broker, server, gateway, link), so the machine's drift is shared;
+fleets run them in turn, A B C D, D C B A. Windows are cut into rounds (a trace runs once).
 Per policy it reports end-to-end latency p50/p95/p99 (sensor publish to result stored, see
 testbed/driver.py), deadline hit rate, gateway energy from the system model (measured head
 time and frame bytes), accuracy against the dataset labels and bytes sent. Writes
