@@ -426,3 +426,26 @@ def test_fading_around_one_level_is_not_a_rise() -> None:
     steps = [rise.update(est, 6 * sigma) for _ in range(3)]
     assert steps == [False, False, True], "a real step of 6σ is a rise at its third report"
     assert est.mean == pytest.approx(6 * sigma)
+
+
+def test_one_slow_head_report_barely_moves_the_compute_speed() -> None:
+    """A busy moment on the gateway (one report at 3x its usual head time) moves the plan's
+    compute scale by alpha·2σ at most; unclipped it moved by 3^alpha (1.39x), enough to
+    tip a near tie between device and server for a couple of windows."""
+    scales = {}
+    for clip in (2.0, 0.0):
+        ctl = OnlineController(config(speed_clip_sigma=clip), MANIFEST)
+        sim = Sim(ctl, noise=0.1, seed=5)
+        sim.run("gw1", range(30), gain(20e6), scale=1.0)
+        before = ctl.environment("gw1", 30.0)[0].compute_scale
+        sim.report("gw1", 30.0, gain(20e6), scale=3.0)
+        scales[clip] = ctl.environment("gw1", 30.0)[0].compute_scale / before
+    assert scales[2.0] < 1.15 < 1.3 < scales[0.0]
+
+
+def test_a_lasting_slowdown_is_still_followed_with_clipping() -> None:
+    ctl = OnlineController(config(), MANIFEST)
+    sim = Sim(ctl, noise=0.05, seed=6)
+    sim.run("gw1", range(30), gain(20e6), scale=1.0)
+    sim.run("gw1", range(30, 40), gain(20e6), scale=2.0)
+    assert ctl.environment("gw1", 40.0)[0].compute_scale == pytest.approx(2.0, rel=0.1)

@@ -67,6 +67,11 @@ class ControllerConfig(Strict):
         0.1, gt=0, description="Relative change of an estimate (gain, compute speed, queue, "
         "bandwidth share) that triggers a re-solve.")
     resolve_interval_s: float = Field(5.0, gt=0, description="Re-solve at least this often.")
+    speed_clip_sigma: float = Field(
+        2.0, ge=0, description="A head-time report moves the gateway's compute-speed "
+        "estimate by at most this many standard deviations (times ewma_alpha), so one slow "
+        "report (a busy moment on the gateway) does not send it to the server; a lasting "
+        "change is still followed within a few reports. 0: no limit.")
     switch_cost: float = Field(
         0.005, ge=0, description="Distortion a different option must save before the gateway "
         "swaps variants (against flapping).")

@@ -15,6 +15,11 @@ class Ewma:
     mean: float = math.nan
     var: float = 0.0
     count: int = 0
+    # With clip_z > 0, a sample's step is limited to clip_z standard deviations (at least
+    # clip_floor): one outlier moves the mean by alpha·clip_z·σ at most, while a lasting
+    # change, clipped report after report, widens σ by ~25% a report until it is followed.
+    clip_z: float = 0.0
+    clip_floor: float = 0.0
 
     def update(self, x: float, alpha_down: float | None = None) -> None:
         """Fold in a sample; `alpha_down`, if given, weighs a sample below the mean in the mean
@@ -23,6 +28,9 @@ class Ewma:
             self.mean = x
         else:
             d = x - self.mean
+            if self.clip_z > 0 and self.count >= 2:
+                lim = self.clip_z * max(math.sqrt(self.var), self.clip_floor)
+                d = min(max(d, -lim), lim)
             a = alpha_down if alpha_down is not None and d < 0 else self.alpha
             self.mean += a * d
             self.var = (1 - self.alpha) * (self.var + self.alpha * d * d)

@@ -32,6 +32,9 @@ from edgetok.models.bundle import Manifest
 
 log = logging.getLogger(__name__)
 
+# The least spread of a gateway's log compute speed that clipping assumes: head times that
+# agree within 10% do not make a 15% report an outlier.
+SPEED_SIGMA_FLOOR = 0.1
 # Above this utilisation the M/M/1 wait explodes; we cap it there and call the server full.
 MAX_UTILISATION = 0.95
 # Passes of step() that re-solve gateways whose cell-mates started or stopped transmitting;
@@ -110,7 +113,8 @@ class OnlineController:
         if st is None:
             a = self.config.ewma_alpha
             prior = (self.config.gain_prior_sigma_db * math.log(10) / 10) ** 2
-            st = self.gateways[gateway] = GatewayState(Ewma(a, var=prior), Ewma(a), Ewma(a))
+            speed = Ewma(a, clip_z=self.config.speed_clip_sigma, clip_floor=SPEED_SIGMA_FLOOR)
+            st = self.gateways[gateway] = GatewayState(Ewma(a, var=prior), speed, Ewma(a))
             st.gain_rise = RiseDetector(self.config.gain_rise_reports,
                                         self.config.gain_rise_sigma)
         return st
