@@ -80,7 +80,7 @@ class Inferencer:
         self.run_ms = RunTimes()
         # Fallback runs at a raised clock are kept apart: telemetry reports head times at the
         # decision's clock, and the coordinator reads compute speed from them.
-        self.boosted_ms = RunTimes()
+        self.boosted_ms = RunTimes(reported=False)
         self.last_head_mono = -float("inf")  # when a head last ran at the decision's clock
         self._last_tokens: np.ndarray | None = None  # a real input for a head probe
         self._ran: set[tuple[str, Part]] = set()  # sessions past their first run
@@ -131,8 +131,8 @@ class Inferencer:
         A decision that runs no head here (the server runs the whole model) leaves the
         coordinator's idea of this device's speed as it was when it moved away, perhaps in a
         slow spell; a probe now and then lets it see the device is fast again. None if
-        there is nothing to run yet, or if the decision runs a head here itself (an idle
-        stream then costs nothing).
+        there is nothing to run yet, or if the decision runs a head here itself (its windows'
+        heads are timed anyway).
         """
         if self.manifest.variant(self.decision.variant).head:
             return None

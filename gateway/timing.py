@@ -16,17 +16,18 @@ Key = tuple[str, Part]
 
 
 class RunTimes:
-    """Per (variant, part): the median of the recent run times (ms), and the head runs since
-    telemetry last took them."""
+    """Per (variant, part): the median of the recent run times (ms), and, if `reported`, the
+    head runs since telemetry last took them (unreported times must not pile them up)."""
 
-    def __init__(self) -> None:
+    def __init__(self, reported: bool = True) -> None:
         self._recent: dict[Key, deque[float]] = {}
         self._fresh: dict[str, list[float]] = {}
+        self.reported = reported
 
     def add(self, key: Key, ms: float) -> None:
-        """Record one run; a head run is also kept for the next telemetry report."""
+        """Record one run; a reported head run is also kept for the next telemetry report."""
         self._recent.setdefault(key, deque(maxlen=RUN_SAMPLES)).append(ms)
-        if key[1] == "head":
+        if self.reported and key[1] == "head":
             self._fresh.setdefault(key[0], []).append(ms)
 
     def get(self, key: Key, default: float | None = None) -> float | None:

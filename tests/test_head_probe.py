@@ -109,3 +109,12 @@ def test_a_gateway_on_server_only_still_reports_its_head_speed(
     finally:
         gw.stop()
         server.stop()
+
+
+def test_unreported_run_times_keep_no_backlog_for_telemetry() -> None:
+    """Fallback runs at a raised clock are never reported; a long-lived gateway must not
+    keep every one of them waiting for a report that never takes them."""
+    boosted = RunTimes(reported=False)
+    for _ in range(100):
+        boosted.add(KEY, 5.0)
+    assert boosted.get(KEY) == 5.0 and boosted.take_fresh_heads() == {}
