@@ -13,7 +13,16 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
-from e2e import Scenario, batches, lane_orders, round_order, side_by_side, split_windows  # noqa: E402
+from e2e import (  # noqa: E402
+    Scenario,
+    batches,
+    headline,
+    lane_orders,
+    round_order,
+    scenarios,
+    side_by_side,
+    split_windows,
+)
 from testbed.driver import parse_gateways  # noqa: E402
 from testbed.goals import check, ratio_interval, same_variant_share  # noqa: E402
 from testbed.metrics import summarise  # noqa: E402
@@ -140,6 +149,33 @@ def test_goals_apply_the_strict_ratio_only_where_the_best_static_choice_changes(
     assert t["best_differs"] and t["ratio_goal"] == 0.6 and not t["ratio_met"]
     assert not f["best_differs"] and f["ratio_goal"] == 1.05 and f["ratio_met"]
     assert t["hit_met"] and not f["hit_met"]
+
+
+def test_the_headline_ratio_is_against_the_best_static_at_each_percentile() -> None:
+    """p50 against the baseline best at p50; p95 against the one best at p95, which on a
+    trace can be another (fast most of the time, slow in the drop)."""
+    def m(p50: float, p95: float, hit: float) -> dict[str, Any]:
+        return {"latency_ms": {"p50": p50, "p95": p95}, "hit_rate": hit}
+
+    h = headline({"joint": m(10.0, 12.0, 1.0), "device-only": m(14.0, 15.0, 1.0),
+                  "server-only": m(11.0, 40.0, 0.9), "fixed-split": m(20.0, 30.0, 1.0)})
+    assert h["best_static"] == "server-only" and h["ratio"] == pytest.approx(10 / 11, abs=1e-3)
+    assert h["best_static_p95"] == "device-only"
+    assert h["ratio_p95"] == pytest.approx(12 / 15, abs=1e-3)
+    assert h["joint_hit_ge_best"]
+    assert not headline({"joint": m(10.0, 12.0, 0.8), "device-only": m(9.0, 11.0, 0.9)}
+                        )["joint_hit_ge_best"]
+
+
+def test_the_matrix_has_a_trace_whose_best_static_choice_changes_off_the_pi_class() -> None:
+    """Beside the Pi-class one, a trace on a gateway fast enough for the device to win the
+    slow phase: the only kind of scenario the 0.6x goal can apply to."""
+    traces = [sc for sc in scenarios(False, 60.0, 16) if sc.trace]
+    assert {sc.group for sc in traces} == {"trace", "trace-pi", "trace-cpu"}
+    tie = next(sc for sc in traces if sc.group == "trace-cpu")
+    assert 0.1 < tie.cpu_share < 1.0 and tie.gateways == 1
+    assert [r for _, r in tie.trace] == [50.0, 0.5, 50.0]
+    assert [t for t, _ in tie.trace] == [0.0, 20.0, 40.0]
 
 
 def test_the_ratio_interval_tells_noise_from_a_real_difference() -> None:

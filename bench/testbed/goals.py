@@ -82,7 +82,7 @@ def check(doc: dict[str, Any]) -> dict[str, Any]:
         out[name] = {"ratio": h["ratio"], "best_static": h["best_static"],
                      "best_static_by_link_mbit": best, "best_differs": differs,
                      "ratio_goal": goal, "ratio_met": h["ratio"] <= goal,
-                     "ratio_ci95": ratio_interval(sc),
+                     "ratio_ci95": ratio_interval(sc), "ratio_p95": h.get("ratio_p95"),
                      "joint_same_variant_share": same_variant_share(sc),
                      "hit_met": bool(h.get("joint_hit_ge_best"))}
     return out
@@ -93,7 +93,8 @@ def summary(goals: dict[str, Any]) -> str:
     lines = []
     for name, g in goals.items():
         ci = g.get("ratio_ci95")
-        lines.append(f"{name:<15} ratio {g['ratio']:.3f} {list(ci) if ci else ''} (goal <= "
+        lines.append(f"{name:<15} ratio {g['ratio']:.3f} {list(ci) if ci else ''} (p95: "
+                     f"{g.get('ratio_p95')}; goal <= "
                      f"{g['ratio_goal']:g}: {'met' if g['ratio_met'] else 'MISSED'}; joint ran "
                      f"the best static's variant in {g.get('joint_same_variant_share')}); "
                      "hit >= best: "

@@ -33,7 +33,7 @@ def _series(scs: list[dict[str, Any]], key: str, pol: str, metric: str
 
 
 def plot_all(doc: dict[str, Any], out: Path, stem: str = "e2e") -> list[Path]:
-    """Write <stem>_link.png, _cpu.png, _load.png and _trace.png (those with data)."""
+    """Write <stem>_<group>.png for the sweeps (link, cpu, load, link-pi) and the traces."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -83,7 +83,8 @@ def plot_all(doc: dict[str, Any], out: Path, stem: str = "e2e") -> list[Path]:
         fig.savefig(path, dpi=110)
         plt.close(fig)
         written.append(path)
-    for group, sc in [(g, sc) for g in ("trace", "trace-pi") for sc in _group(doc, g)]:
+    traces = ("trace", "trace-pi", "trace-cpu")
+    for group, sc in [(g, sc) for g in traces for sc in _group(doc, g)]:
         fig, ax = plt.subplots(figsize=(11, 4.2))
         for pol in POLICIES:
             m = sc["runs"].get(pol)
