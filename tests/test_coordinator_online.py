@@ -391,12 +391,13 @@ def test_a_stale_frame_overhead_relaxes_so_the_server_is_tried_again() -> None:
 
 
 def _planned_gain_after_recovery(rise_reports: int) -> list[float]:
-    """Planned gain over the 6 reports after a link recovers from 0.3 to 20 Mbit/s."""
+    """Planned gain at the last report of a 0.3 Mbit/s spell, then over the 6 reports after
+    the link recovers to 20 Mbit/s."""
     ctl = OnlineController(config(gain_rise_reports=rise_reports), MANIFEST)
     sim = Sim(ctl)
     sim.run("gw1", range(0, 10), gain(20e6))
     sim.run("gw1", range(10, 20), gain(0.3e6))
-    out = []
+    out = [ctl.environment("gw1", 19.0)[0].gain]
     for t in range(20, 26):
         sim.run("gw1", range(t, t + 1), gain(20e6))
         out.append(ctl.environment("gw1", float(t))[0].gain)
@@ -407,11 +408,20 @@ def test_a_recovered_link_is_planned_at_its_new_level_within_a_few_reports() -> 
     """The step back up must not count as fading: three reports above the planning band and
     the estimate restarts there. Left to the Ewma, the step's own variance keeps the plan
     far below the recovered link for many more reports."""
-    quick, slow = _planned_gain_after_recovery(3), _planned_gain_after_recovery(0)
+    quick, slow = _planned_gain_after_recovery(3)[1:], _planned_gain_after_recovery(0)[1:]
     true = gain(20e6)
     assert quick[2] > 0.3 * true, "planned at the new level after the third report"
     assert slow[2] < 0.01 * true and slow[5] < 0.1 * true
     assert all(q >= s for q, s in zip(quick, slow, strict=True))
+
+
+@pytest.mark.parametrize("rise_reports", [3, 0])
+def test_a_better_link_never_lowers_the_planned_gain(rise_reports: int) -> None:
+    """Each report of the recovered link is above the estimate; the step widens its spread,
+    which alone would plan the link below the slow spell's level for a report or two (and
+    send a gateway from the server to its device just as the link came back)."""
+    plans = _planned_gain_after_recovery(rise_reports)
+    assert all(b >= a * (1 - 1e-9) for a, b in itertools.pairwise(plans)), plans
 
 
 def test_fading_around_one_level_is_not_a_rise() -> None:

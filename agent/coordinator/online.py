@@ -165,7 +165,7 @@ class OnlineController:
             g = gain_from_rate(bps, p, self._bandwidth(t.gateway, True),
                                self.config.link.noise_w_per_hz)
             if g > 0:
-                if st.gain_rise.update(st.log_gain, math.log(g), self.config.gain_alpha_down):
+                if self._fold_gain(st, math.log(g)):
                     log.info("gateway %s: link gain rose for good; planning at the new level",
                              t.gateway)
                 st.last_gain_ts = now
@@ -181,6 +181,22 @@ class OnlineController:
         if t.windows_per_s is not None:
             st.rate.update(t.windows_per_s)
         self._energy_queue(st, t)
+
+    def _fold_gain(self, st: GatewayState, x: float) -> bool:
+        """Fold one log-gain sample in; True if it completed a lasting rise.
+
+        Good news never lowers the plan (mean - k·σ): a sample above the mean widens σ as if
+        it were fading, and a link stepping up from 0.5 to 50 Mbit/s was planned worse for
+        two reports than before it recovered (run 12's pi-trace: the gateway left the server
+        for the device, at twice its usual latency). Such a sample keeps the plan where it was.
+        """
+        est, k = st.log_gain, self.config.gain_backoff_sigma
+        above = est.count > 0 and x > est.mean
+        plan = est.mean - k * math.sqrt(est.var)
+        rose = st.gain_rise.update(est, x, self.config.gain_alpha_down)
+        if above and k > 0 and est.mean - k * math.sqrt(est.var) < plan:
+            est.var = ((est.mean - plan) / k) ** 2
+        return rose
 
     def _energy_queue(self, st: GatewayState, t: Telemetry) -> None:
         """Q ← max(Q + Σ(E − Ē), 0) over the windows finished since the last report."""
