@@ -149,8 +149,9 @@ class ControlPlane:
         A probe runs right after a window the server answered has been published, not on an
         idle gateway: a window's head runs just after its ingest and tokenizing, and on a CPU
         capped by a quota (a container, or the test bed's emulated clock) an idle head runs
-        as a burst at full speed. Idle probes at 10% of a core read 1.5-10 ms against 15-29 ms for
-        windows' heads, and sent the coordinator back and forth between device and server.
+        as a burst at full speed. Idle probes at 10% of a core read 1.5-10 ms against 15-29
+        ms for windows' heads, and sent the coordinator back and forth between device and
+        server.
         """
         every = self.gw.cfg.head_probe_interval_s
         inf = self.gw.inferencer

@@ -103,8 +103,8 @@ def plot_all(doc: dict[str, Any], out: Path, stem: str = "e2e") -> list[Path]:
         ax.set_ylabel("end-to-end latency (ms)")
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
-        fig.tight_layout()
         ax.set_title(f"{group}: gateway at {sc['cpu_share']:.0%} of a core")
+        fig.tight_layout()  # after the title, which it must leave room for
         path = out / f"{stem}_{group}.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)
