@@ -146,6 +146,10 @@ def test_goals_apply_the_strict_ratio_only_where_the_best_static_choice_changes(
     assert set(goals) == {"trace", "flat"}  # a repeated scenario is judged once
     t, f = goals["trace"], goals["flat"]
     assert t["best_static_by_link_mbit"] == {0.5: "device-only", 50.0: "server-only"}
+    # Switching alone: server's 10s at 50, device's 30s at 0.5, median 20; best static
+    # device-only at 30. A goal of 0.6 lies beyond what switching between baselines gives.
+    assert t["switching_bound"] == pytest.approx(20 / 30, abs=1e-3)
+    assert f["switching_bound"] == 1.0
     assert t["best_differs"] and t["ratio_goal"] == 0.6 and not t["ratio_met"]
     assert not f["best_differs"] and f["ratio_goal"] == 1.05 and f["ratio_met"]
     assert t["hit_met"] and not f["hit_met"]
