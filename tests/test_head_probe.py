@@ -14,6 +14,7 @@ import pytest
 from conftest import Broker
 from harness import TOPIC, basicmotions_plan, start_coordinated, wait_for
 
+from edgetok.gateway import controlplane
 from edgetok.gateway.config import GatewayConfig
 from edgetok.gateway.daemon import Gateway
 from edgetok.gateway.models import Latency, Result, VariantRef
@@ -140,9 +141,13 @@ def _server_result(gw: Gateway, k: int) -> Result:
 
 @pytest.mark.asyncio
 async def test_a_head_probe_waits_until_the_window_it_follows_is_published(
-        tmp_path: Path, mosquitto: Broker, tiny_bundle: Path) -> None:
+        tmp_path: Path, mosquitto: Broker, tiny_bundle: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
     """The probe task wakes before the publisher; on a quota-capped CPU its head would slow
     the publish of the very window it follows. It runs once that result is out."""
+    # Held back longer than the test holds the publisher, so a slow machine cannot make the
+    # probe give up on this window (it would then wait for the next, which never comes).
+    monkeypatch.setattr(controlplane, "PROBE_AFTER_PUBLISH_S", 30.0)
     raw = {"id": "gw-probe", "state_dir": str(tmp_path / "state"),
            "mqtt": {"host": "127.0.0.1", "port": mosquitto.port},
            "bundle": {"path": str(tiny_bundle)},
@@ -167,6 +172,8 @@ async def test_a_head_probe_waits_until_the_window_it_follows_is_published(
         probe = asyncio.create_task(gw.control._probe_heads())
         publisher: asyncio.Task[None] | None = None
         try:
+            async with asyncio.timeout(10):
+                await gw.session.connected.wait()
             with gw.store.tx():
                 gw._record(_server_result(gw, 7))
             gw.results_ready.set()
