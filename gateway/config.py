@@ -161,9 +161,9 @@ class GatewayConfig(Strict):
     head_probe_interval_s: float = Field(
         2.0, ge=0, description="While following a coordinator and running no head here (the "
         "server runs the whole model), time one head of the on-device variant at most "
-        "this often, once a window the server answered has been published and none is in "
-        "flight, so the coordinator sees when this device is fast again; 0: never. Costs "
-        "one head run per period (about 0.1% of a core for a 2 ms head at 2 s).")
+        "this often, right after a window the server answered and none is in flight, so "
+        "the coordinator sees when this device is fast again; 0: never. Costs one head run "
+        "per period (about 0.1% of a core for a 2 ms head at 2 s).")
     unclaimed_topics: list[str] = Field(default_factory=list, description="Extra topic "
                                         "filters to subscribe (QoS 1), e.g. 'sensors/#': a "
                                         "message there that no stream's topics claim is "

@@ -9,7 +9,6 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING
 
-from edgetok.aio import wait_event
 from edgetok.control import ControlError, Decision, Telemetry, decode_decision, encode_telemetry
 from edgetok.gateway.actuators import Actuators
 from edgetok.gateway.inference import Decision as Running
@@ -24,8 +23,6 @@ log = logging.getLogger(__name__)
 
 # Results kept for telemetry statistics: enough for a stable median at a few windows/s.
 RECENT = 256
-# How long a head probe waits for the window it follows to be published before skipping.
-PROBE_AFTER_PUBLISH_S = 1.0
 
 
 class ControlPlane:
@@ -146,30 +143,20 @@ class ControlPlane:
     async def _probe_heads(self) -> None:
         """Time a head now and then when the decision runs none (Inferencer.probe_head).
 
-        A probe runs right after a window the server answered has been published, not on an
-        idle gateway: a window's head runs just after its ingest and tokenizing, and on a CPU
-        capped by a quota (a container, or the test bed's emulated clock) an idle head runs
-        as a burst at full speed. Idle probes at 10% of a core read 1.5-10 ms against 15-29
-        ms for windows' heads, and sent the coordinator back and forth between device and
-        server.
+        A probe runs right after a window the server answered, not on an idle gateway: a
+        window's head runs just after its ingest and tokenizing, and on a CPU capped by a
+        quota (a container, or the test bed's emulated clock) an idle head runs as a burst
+        at full speed. Idle probes at 10% of a core read 1.5-10 ms against 15-29 ms for
+        windows' heads, and sent the coordinator back and forth between device and server.
         """
         every = self.gw.cfg.head_probe_interval_s
         inf = self.gw.inferencer
         while True:
             await self._server_answered.wait()
             self._server_answered.clear()
-            if time.monotonic() - inf.last_head_mono < every:
-                continue
-            # After that window's result has gone out: the probe task wakes before the
-            # publisher, and on a quota-capped CPU its head would throttle that publish (in
-            # run 13, joint's server windows spent 0.4-0.6 ms more outside the gateway than
-            # server-only's at 10-25% of a core). A broker that does not take the result in
-            # time skips this probe: the next server window tries again.
-            if not await wait_event(self.gw.results_flushed, PROBE_AFTER_PUBLISH_S):
-                continue
             # Not while another window is in flight: it would queue behind the probe on the
             # single ORT thread.
-            if self.gw.inflight:
+            if time.monotonic() - inf.last_head_mono < every or self.gw.inflight:
                 continue
             try:
                 ms = await inf.probe_head()

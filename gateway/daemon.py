@@ -22,7 +22,6 @@ from edgetok.gateway.health import Health
 from edgetok.gateway.inference import Decision, InferenceError, Inferencer
 from edgetok.gateway.ingest import Ingest
 from edgetok.gateway.metrics import GatewayMetrics
-from edgetok.gateway.models import Result
 from edgetok.gateway.store import Store
 from edgetok.gateway.windows import ClosedWindow, WindowBuffer
 from edgetok.models.runtime import Runtime
@@ -66,11 +65,6 @@ class Gateway:
                         MIN_JOURNAL_WINDOWS)
         self.inflight: dict[tuple[str, int], float] = {}
         self.results_ready = asyncio.Event()
-        # Set while every stored result has gone out (or the broker is unreachable): the head
-        # probe waits for it, so that it never competes with the publish of the window it
-        # follows for a quota-capped CPU.
-        self.results_flushed = asyncio.Event()
-        self.results_flushed.set()
         self.no_inflight = asyncio.Event()
         self.no_inflight.set()
         self.stopping = asyncio.Event()
@@ -215,20 +209,14 @@ class Gateway:
             self._retire(win)
             return
         with self.store.tx():
-            self._record(result)
+            if self.store.add_result(result) is None:
+                self.counters["duplicates"] += 1
+            else:
+                self.counters["results"] += 1
+                self.control.on_result(result)
+                self.metrics.on_result(result)
             self._retire(win)
         self.results_ready.set()
-
-    def _record(self, result: Result) -> None:
-        """Store a result and tell the control plane and metrics (inside the caller's
-        transaction); the caller then wakes the publisher with `results_ready`."""
-        if self.store.add_result(result) is None:
-            self.counters["duplicates"] += 1
-            return
-        self.counters["results"] += 1
-        self.results_flushed.clear()
-        self.control.on_result(result)
-        self.metrics.on_result(result)
 
     def _retire(self, win: ClosedWindow) -> None:
         """Forget an in-flight window and prune journal readings nobody needs."""
@@ -275,8 +263,6 @@ class Gateway:
             self.results_ready.clear()
             while await self._publish_stored():
                 pass  # a full batch went out and more is waiting
-            if not self.results_ready.is_set():  # else a result came during the drain
-                self.results_flushed.set()
 
     # recovery and lifecycle --------------------------------------------------------------
     def recover(self) -> int:

@@ -9,19 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import aiomqtt
-import numpy as np
-import pytest
 from conftest import Broker
 from harness import TOPIC, basicmotions_plan, start_coordinated, wait_for
 
-from edgetok.gateway import controlplane
-from edgetok.gateway.config import GatewayConfig
-from edgetok.gateway.daemon import Gateway
-from edgetok.gateway.models import Latency, Result, VariantRef
 from edgetok.gateway.timing import RUN_SAMPLES, RunTimes
 from edgetok.replay import DEFAULT_CHANNELS, publish_plan
-from edgetok.settings import parse_config
-from edgetok.tokenizers.base import SeriesWindow
 
 KEY = ("r0.00-s2", "head")
 
@@ -126,70 +118,3 @@ def test_unreported_run_times_keep_no_backlog_for_telemetry() -> None:
     for _ in range(100):
         boosted.add(KEY, 5.0)
     assert boosted.get(KEY) == 5.0 and boosted.take_fresh_heads() == {}
-
-
-def _server_result(gw: Gateway, k: int) -> Result:
-    """A result the server answered, as the gateway stores one."""
-    v = gw.manifest.variant(gw.inferencer.decision.variant)
-    return Result(gateway=gw.cfg.id, stream="imu", window=k, start_ts=k * 10.0,
-                  end_ts=k * 10.0 + 10, label="walking", scores={"walking": 1.0},
-                  where="server", variant=VariantRef(id=v.id, pruning_ratio=v.pruning_ratio,
-                                                     split=v.split, precision="fp32"),
-                  latency_ms=Latency(queue=0.1, head=0.0, uplink=1.0, tail=1.0, total=2.1),
-                  created_ts=time.time())
-
-
-@pytest.mark.asyncio
-async def test_a_head_probe_waits_until_the_window_it_follows_is_published(
-        tmp_path: Path, mosquitto: Broker, tiny_bundle: Path,
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    """The probe task wakes before the publisher; on a quota-capped CPU its head would slow
-    the publish of the very window it follows. It runs once that result is out."""
-    # Held back longer than the test holds the publisher, so a slow machine cannot make the
-    # probe give up on this window (it would then wait for the next, which never comes).
-    monkeypatch.setattr(controlplane, "PROBE_AFTER_PUBLISH_S", 30.0)
-    raw = {"id": "gw-probe", "state_dir": str(tmp_path / "state"),
-           "mqtt": {"host": "127.0.0.1", "port": mosquitto.port},
-           "bundle": {"path": str(tiny_bundle)},
-           "decision": {"variant": "r0.00-s0", "precision": "fp32"},
-           "head_probe_interval_s": 0.05,
-           "streams": [{"name": "imu", "topics": ["sensors/imu"], "channels": DEFAULT_CHANNELS,
-                        "rate_hz": 10.0, "window": 100, "deadline_ms": 1000.0}]}
-    gw = Gateway(parse_config(raw, GatewayConfig))
-    inf = gw.inferencer
-    head = (inf.fallback_of(inf.decision).id, "head")
-    rng = np.random.default_rng(0)
-    window = SeriesWindow(rng.normal(size=(len(DEFAULT_CHANNELS), 100)), np.arange(100) / 10)
-    tokens = gw.tokenizers["imu"].tokenize([window])
-    inf._last_tokens = tokens.model_input()  # what the last window left, as after a window
-    for _ in range(2):  # the first run of a session is never timed (ORT allocates)
-        await inf.probe_head()
-    assert inf.run_ms.count(head) == 1
-    await asyncio.sleep(0.1)  # the probe interval has passed since that run
-    async with aiomqtt.Client("127.0.0.1", mosquitto.port) as sub:
-        await sub.subscribe("edgetok/gw-probe/results/#", qos=1)
-        session = asyncio.create_task(gw.session.run())
-        probe = asyncio.create_task(gw.control._probe_heads())
-        publisher: asyncio.Task[None] | None = None
-        try:
-            async with asyncio.timeout(10):
-                await gw.session.connected.wait()
-            with gw.store.tx():
-                gw._record(_server_result(gw, 7))
-            gw.results_ready.set()
-            await asyncio.sleep(0.3)
-            assert inf.run_ms.count(head) == 1, "probed before the window's result went out"
-            publisher = asyncio.create_task(gw._publisher())
-            async with asyncio.timeout(10):
-                msg = await anext(sub.messages)
-                while inf.run_ms.count(head) < 2:  # noqa: ASYNC110
-                    await asyncio.sleep(0.01)
-            assert json.loads(bytes(msg.payload))["window"] == 7  # type: ignore[arg-type]
-            assert not gw.store.unpublished(1), "the probe ran once the result was out"
-        finally:
-            for t in (probe, publisher, session):
-                if t is not None:
-                    t.cancel()
-            await asyncio.gather(probe, session, *([publisher] if publisher else []),
-                                 return_exceptions=True)
-            gw.store.close()
