@@ -192,11 +192,15 @@ class OnlineController:
         """
         est, k = st.log_gain, self.config.gain_backoff_sigma
         above = est.count > 0 and x > est.mean
-        plan = est.mean - k * math.sqrt(est.var)
+        plan = self._backed_off(est.mean, est)
         rose = st.gain_rise.update(est, x, self.config.gain_alpha_down)
-        if above and k > 0 and est.mean - k * math.sqrt(est.var) < plan:
+        if above and k > 0 and self._backed_off(est.mean, est) < plan:
             est.var = ((est.mean - plan) / k) ** 2
         return rose
+
+    def _backed_off(self, mean: float, est: Ewma) -> float:
+        """The log gain planned against: `gain_backoff_sigma` σ below `mean`."""
+        return mean - self.config.gain_backoff_sigma * math.sqrt(est.var)
 
     def _energy_queue(self, st: GatewayState, t: Telemetry) -> None:
         """Q ← max(Q + Σ(E − Ē), 0) over the windows finished since the last report."""
@@ -237,8 +241,7 @@ class OnlineController:
 
     def _gain(self, st: GatewayState, now: float) -> float:
         nominal = math.log(self.config.link.gain)
-        mean = st.log_gain.value(nominal)
-        mean -= self.config.gain_backoff_sigma * math.sqrt(st.log_gain.var)
+        mean = self._backed_off(st.log_gain.value(nominal), st.log_gain)
         return math.exp(relaxed(mean, nominal, st.last_gain_ts, now, self.config.stale_after_s))
 
     def _speed(self, st: GatewayState, now: float) -> float:
