@@ -122,7 +122,8 @@ class Decision(_Wire):
                            "budget; this is then the option with the smallest overrun.")
     policy: PolicyName = Field(description="Policy that made the decision.")
     reason: str = Field("", description="Why it was (re)made: initial, estimates-moved, "
-                        "periodic, infeasible.")
+                        "periodic, forced, explore (a trial of the server path near a tie), "
+                        "infeasible.")
     fallback_variant: str | None = Field(
         None, description="On-device variant (split = L) to run when the server cannot answer "
         "in time; None: the on-device variant of the same pruning ratio.")

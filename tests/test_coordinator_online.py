@@ -459,3 +459,86 @@ def test_a_lasting_slowdown_is_still_followed_with_clipping() -> None:
     sim.run("gw1", range(30), gain(20e6), scale=1.0)
     sim.run("gw1", range(30, 40), gain(20e6), scale=2.0)
     assert ctl.environment("gw1", 40.0)[0].compute_scale == pytest.approx(2.0, rel=0.1)
+
+
+
+# Every option equally accurate: latency alone decides between device and server.
+TIED = synthetic_manifest(num_layers=4, ratios=(0.0,), int8_loss=0.0, fp16_loss=0.0)
+
+
+def _near_tie(worse: float) -> float:
+    """The per-frame overhead (ms) at which the best transmitting option plans `worse`
+    (relative) above the best on-device one, by latency, on a 10 Mbit/s link."""
+    ctl = OnlineController(config(prefer="latency"), TIED)
+    ctl.observe(Telemetry(gateway="a", ts=0.0, link_bps=10e6, tx_power_w=P_MAX), 0.0)
+    env, queue = ctl.environment("a", 0.0)
+    seen = solve_options(ctl.table, env, queue, "latency").latency - ctl.fallback_reserve(env)
+    tx = ctl.table.transmits
+    device, server = float(seen[~tx].min()), float(seen[tx].min())
+    assert server < device, "the synthetic link must favour the server without overhead"
+    return ((1 + worse) * device - server) * 1e3
+
+
+def _run_near_tie(first_ms: float, true_ms: float, **kw: Any) -> list[Decision]:
+    """Decisions over 60 s of a gateway whose first frames measured `first_ms` of per-frame
+    overhead and whose later frames measure `true_ms`; reports every second, with the
+    overhead only while it transmits (as a real gateway: no frame, no figure)."""
+    ctl = OnlineController(config(prefer="latency", **kw), TIED)
+    out = []
+    overhead: float | None = first_ms
+    for t in map(float, range(60)):
+        d = ctl.current("a")
+        head = {}
+        if d is not None and d.split > 0:
+            o = ctl.table.options[ctl.table.index(d.variant, d.precision)]
+            head[d.variant] = o.c_head / d.cpu_hz * 1000.0
+        ctl.observe(Telemetry(gateway="a", ts=t, link_bps=10e6, tx_power_w=P_MAX,
+                              cpu_hz=d.cpu_hz if d else 1.5e9, head_ms=head,
+                              frame_overhead_ms=overhead), t)
+        new = ctl.decide("a", t)
+        if new is not None:
+            out.append(new)
+        d = ctl.current("a")
+        overhead = true_ms if d is not None and d.split < TIED.num_layers else None
+    assert out[0].split == TIED.num_layers, "the first plan is the device"
+    return out
+
+
+def _explore(decisions: list[Decision]) -> list[Decision]:
+    return [d for d in decisions if d.reason == "explore"]
+
+
+AFTER = ControllerConfig.model_fields["explore_after_s"].default
+STALE = ControllerConfig.model_fields["stale_after_s"].default
+
+
+def test_a_near_tie_held_by_one_slow_overhead_is_tried_and_kept_when_it_was_slow_once(
+        ) -> None:
+    """On its device a gateway sends no frame, so one early, slow overhead figure (the broker
+    and server warming up) would hold it there until the figure went stale: 30 s, and as
+    long again to relax. A trial re-measures it; the server is then planned as it is."""
+    decisions = _run_near_tie(_near_tie(0.05), _near_tie(-0.2))
+    trials = _explore(decisions)
+    assert len(trials) == 1 and trials[0].split < TIED.num_layers
+    assert AFTER <= trials[0].ts < STALE
+    assert decisions[-1].split < TIED.num_layers, "kept on the fresh overhead"
+
+
+def test_trials_near_a_true_tie_are_bounded_to_one_per_interval() -> None:
+    ms = _near_tie(0.15)
+    decisions = _run_near_tie(ms, ms)
+    trials = _explore(decisions)
+    assert len(trials) >= 2
+    assert all(b.ts - a.ts >= AFTER for a, b in itertools.pairwise(trials))
+    # Each trial is left at the re-solve that sees its (unchanged, worse) overhead.
+    back = [d for d in decisions if d.ts > trials[0].ts and d.split == TIED.num_layers]
+    assert back and back[0].ts < trials[1].ts
+
+
+@pytest.mark.parametrize(("worse", "kw"), [(0.3, {}), (0.05, {"explore_margin": 0.0})])
+def test_no_trial_when_the_server_plans_clearly_worse_or_trials_are_off(
+        worse: float, kw: dict[str, Any]) -> None:
+    ms = _near_tie(worse)
+    decisions = _run_near_tie(ms, _near_tie(-0.2), **kw)
+    # (Once stale, the overhead relaxes to none, and the server is tried anyway.)
+    assert all(d.split == TIED.num_layers for d in decisions if d.ts < STALE)

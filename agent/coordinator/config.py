@@ -88,6 +88,15 @@ class ControllerConfig(Strict):
         "Gateways with no cell have one of their own.")
     server_workers: int = Field(1, ge=1, description="Tail workers serving the gateways in "
                                 "parallel (for the queueing model).")
+    explore_margin: float = Field(
+        0.15, ge=0, description="A gateway on its device whose per-frame overhead has not "
+        "been measured for `explore_after_s` is sent to the best transmitting option for a "
+        "trial when that plans at most this much worse (relative, in the preferred cost) "
+        "and is as accurate: a near tie planned with one early, slow measurement is "
+        "otherwise held until the estimate goes stale. 0: never.")
+    explore_after_s: float = Field(
+        15.0, gt=0, description="Age of the per-frame overhead before a trial, and the least "
+        "time between two trials of one gateway.")
     stale_after_s: float = Field(
         30.0, gt=0, description="An estimate not refreshed for this long (gain, per-frame "
         "overhead, compute speed) relaxes to its prior over the next as long: the nominal "
