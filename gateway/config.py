@@ -162,8 +162,10 @@ class GatewayConfig(Strict):
         2.0, ge=0, description="While following a coordinator and running no head here (the "
         "server runs the whole model), time one head of the on-device variant at most "
         "this often, right after a window the server answered and none is in flight, so "
-        "the coordinator sees when this device is fast again; 0: never. Costs one head run "
-        "per period (about 0.1% of a core for a 2 ms head at 2 s).")
+        "the coordinator sees when this device is fast again; 0: never. While windows run "
+        "heads here, one probe every 5 periods, timed beside their heads, calibrates the "
+        "probes (a probe and a window's head read differently on a quota-capped CPU). Costs "
+        "one head run per period (about 0.1% of a core for a 2 ms head at 2 s).")
     unclaimed_topics: list[str] = Field(default_factory=list, description="Extra topic "
                                         "filters to subscribe (QoS 1), e.g. 'sensors/#': a "
                                         "message there that no stream's topics claim is "

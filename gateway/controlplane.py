@@ -44,14 +44,14 @@ class ControlPlane:
         self._uplink_s = 0.0
         self._done_mark = 0
         self._t_mark = time.monotonic()
-        self._server_answered = asyncio.Event()  # wakes the head probe
+        self._window_done = asyncio.Event()  # wakes the head probe
 
     def on_result(self, r: Result) -> None:
         self.recent.append(r)
         if r.where in ("split", "server"):
             self._uplink_s += r.latency_ms.uplink / 1000
-        if r.where == "server":
-            self._server_answered.set()
+        if r.where != "device-fallback":
+            self._window_done.set()
 
     async def on_control(self, payload: bytes) -> None:
         """Validate and apply a decision between windows; bad ones are logged and counted."""
@@ -141,25 +141,26 @@ class ControlPlane:
                 tg.create_task(self._probe_heads())
 
     async def _probe_heads(self) -> None:
-        """Time a head now and then when the decision runs none (Inferencer.probe_head).
+        """Time a head now and then when the decision runs none, and calibrate such probes
+        while it runs one (Inferencer.probe_head).
 
-        A probe runs right after a window the server answered, not on an idle gateway: a
-        window's head runs just after its ingest and tokenizing, and on a CPU capped by a
-        quota (a container, or the test bed's emulated clock) an idle head runs as a burst
-        at full speed. Idle probes at 10% of a core read 1.5-10 ms against 15-29 ms for
-        windows' heads, and sent the coordinator back and forth between device and server.
+        A probe runs right after a window is done, not on an idle gateway: a window's head
+        runs just after its ingest and tokenizing, and on a CPU capped by a quota (a
+        container, or the test bed's emulated clock) an idle head runs as a burst at full
+        speed. Idle probes at 10% of a core read 1.5-10 ms against 15-29 ms for windows'
+        heads, and sent the coordinator back and forth between device and server.
         """
         every = self.gw.cfg.head_probe_interval_s
         inf = self.gw.inferencer
         while True:
-            await self._server_answered.wait()
-            self._server_answered.clear()
+            await self._window_done.wait()
+            self._window_done.clear()
             # Not while another window is in flight: it would queue behind the probe on the
             # single ORT thread.
-            if time.monotonic() - inf.last_head_mono < every or self.gw.inflight:
+            if self.gw.inflight:
                 continue
             try:
-                ms = await inf.probe_head()
+                ms = await inf.probe_head(every)
             except Exception as exc:  # a measurement must never take the control plane down
                 log.warning("head probe failed: %s", exc)
                 continue
@@ -174,7 +175,8 @@ class ControlPlane:
                                           encode_telemetry(self.telemetry()), qos=0, wait_s=0)
 
     def status(self) -> dict[str, object]:
-        d = self.last
+        d, cal = self.last, self.gw.inferencer.probe_calibration
         return {"decision": d.model_dump() if d else None, "rejected": self.rejected,
                 "measured": self.measured(), "actuators": self.actuators.status(),
+                "head_probe": {"scale": round(cal.scale, 4), "calibrations": cal.samples},
                 "link": self.sensor.status()}

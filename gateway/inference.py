@@ -16,7 +16,7 @@ from edgetok.aio import within
 from edgetok.control import FALLBACK_MARGIN, FALLBACK_SLACK_S, GUARD_MARGIN
 from edgetok.frames import FrameHeader, Precision, TailReply, encode_frame
 from edgetok.gateway.models import Latency, Result, VariantRef, Where
-from edgetok.gateway.timing import RunTimes
+from edgetok.gateway.timing import ProbeCalibration, RunTimes
 from edgetok.gateway.uplink import UplinkState
 from edgetok.gateway.windows import ClosedWindow
 from edgetok.models.bundle import Variant
@@ -28,6 +28,11 @@ log = logging.getLogger(__name__)
 # After the server misses a deadline, only every PROBE_INTERVAL_S do we try it again; the
 # other windows go straight to the device instead of each waiting out a full deadline.
 PROBE_INTERVAL_S = 2.0
+# While windows run heads here, a head probe calibrates the probes once per this many probe
+# intervals (one extra head per 10 s at the default 2 s interval).
+CALIBRATE_EVERY = 5
+# The calibration compares a probe with the median of at least this many window heads.
+CALIBRATION_MIN_RUNS = 4
 # FALLBACK_MARGIN and FALLBACK_SLACK_S (edgetok.control) size the time kept back from the
 # server for an on-device run; the coordinator plans with the same rule.
 Publish = Callable[[bytes, float], Awaitable[bool]]
@@ -83,6 +88,9 @@ class Inferencer:
         self.boosted_ms = RunTimes(reported=False)
         self.last_head_mono = -float("inf")  # when a head last ran at the decision's clock
         self._last_tokens: np.ndarray | None = None  # a real input for a head probe
+        self.probe_calibration = ProbeCalibration()
+        self.last_probe_ms: float | None = None  # the last probe's own time, unscaled
+        self._calibrated_mono = -float("inf")
         self._ran: set[tuple[str, Part]] = set()  # sessions past their first run
         # The uplink rate sensed now (gateway/linksense.py) and the CPU clock setter; the
         # control plane plugs both in when it has them.
@@ -125,38 +133,68 @@ class Inferencer:
         """For telemetry: the median head time of each variant run since the last call."""
         return self.run_ms.take_fresh_heads()
 
-    async def probe_head(self) -> float | None:
-        """Time one head of the on-device variant on the last window's tokens (ms).
+    async def probe_head(self, every_s: float) -> float | None:
+        """Time one head on the last window's tokens if one is due; the time reported (ms).
 
         A decision that runs no head here (the server runs the whole model) leaves the
         coordinator's idea of this device's speed as it was when it moved away, perhaps in a
-        slow spell; a probe now and then lets it see the device is fast again. None if
-        there is nothing to run yet, or if the decision runs a head here itself (its windows'
-        heads are timed anyway).
+        slow spell; a probe of the on-device variant at most every `every_s` lets it see the
+        device is fast again. It is reported as the calibration scales it. While windows
+        run heads here, a probe of their variant every CALIBRATE_EVERY intervals, beside
+        their recent median, calibrates the probes instead (reported: None). None also when
+        there is nothing to run yet.
         """
-        if self.manifest.variant(self.decision.variant).head:
+        tokens, now = self._last_tokens, time.monotonic()
+        own = self.manifest.variant(self.decision.variant)
+        if tokens is None:
+            return None
+        if own.head:
+            window_ms = self.run_ms.get((own.id, "head"))
+            if (now - self._calibrated_mono < every_s * CALIBRATE_EVERY or window_ms is None
+                    or self.run_ms.count((own.id, "head")) < CALIBRATION_MIN_RUNS):
+                return None
+            self._calibrated_mono = now
+            _, ms, first = await self._timed(own.id, "head", tokens)
+            if not first:
+                self.last_probe_ms = ms
+                self.probe_calibration.update(window_ms, ms)
             return None
         variant = self.fallback_of(self.decision)
-        if self._last_tokens is None or not variant.head:
+        if now - self.last_head_mono < every_s or not variant.head:
             return None
-        _, ms = await self._run(variant.id, "head", self._last_tokens)
+        _, ms, first = await self._timed(variant.id, "head", tokens)
+        if first:
+            return None
+        self.last_probe_ms = ms
+        ms *= self.probe_calibration.scale
+        self._record(variant.id, "head", ms)
         return ms
 
-    async def _run(self, variant: str, part: Part, x: np.ndarray, boosted: bool = False
-                   ) -> tuple[np.ndarray, float]:
+    async def _timed(self, variant: str, part: Part, x: np.ndarray
+                     ) -> tuple[np.ndarray, float, bool]:
+        """Run one session on the ORT thread: its output, its time (ms), and whether it was
+        the session's first run."""
         loop = asyncio.get_running_loop()
         t0 = time.perf_counter()
         out = await loop.run_in_executor(self.executor, self.runtime.run, variant, part, x)
         ms = (time.perf_counter() - t0) * 1000
-        if (variant, part) not in self._ran:
-            # ORT's first run of a session allocates its buffers (3x a later run here):
-            # folded in, it would make the device look slow to the coordinator for minutes.
-            self._ran.add((variant, part))
-            return out, ms
+        first = (variant, part) not in self._ran
+        self._ran.add((variant, part))
+        return out, ms, first
+
+    async def _run(self, variant: str, part: Part, x: np.ndarray, boosted: bool = False
+                   ) -> tuple[np.ndarray, float]:
+        out, ms, first = await self._timed(variant, part, x)
+        # ORT's first run of a session allocates its buffers (3x a later run here): folded
+        # in, it would make the device look slow to the coordinator for minutes.
+        if not first:
+            self._record(variant, part, ms, boosted)
+        return out, ms
+
+    def _record(self, variant: str, part: Part, ms: float, boosted: bool = False) -> None:
         (self.boosted_ms if boosted else self.run_ms).add((variant, part), ms)
         if part == "head" and not boosted:
             self.last_head_mono = time.monotonic()
-        return out, ms
 
     async def _fallback(self, variant: Variant, tokens: np.ndarray) -> tuple[np.ndarray, float]:
         """An on-device run of the fallback, at the decision's fallback clock if it has one."""

@@ -58,10 +58,12 @@ def coordinating_server_config(bundle: Path, mqtt_port: int, policy: str = "serv
     return cfg
 
 
-def start_coordinated(workdir: Path, bundle: Path, mqtt_port: int,
+def start_coordinated(workdir: Path, bundle: Path, mqtt_port: int, policy: str = "server-only",
                       **gateway_extra: Any) -> tuple[Proc, Proc]:
-    """A started coordinating server (server-only) and a started gateway that follows it."""
-    server = spawn("server", coordinating_server_config(bundle, mqtt_port), workdir, "server")
+    """A started coordinating server (server-only by default) and a started gateway that
+    follows it."""
+    server = spawn("server", coordinating_server_config(bundle, mqtt_port, policy), workdir,
+                   "server")
     gw = spawn("gateway", gateway_config(workdir, bundle, mqtt_port, free_port(),
                                          extra=gateway_extra), workdir, "gateway")
     server.start()

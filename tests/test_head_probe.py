@@ -4,16 +4,26 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
 
 import aiomqtt
+import numpy as np
+import pytest
 from conftest import Broker
 from harness import TOPIC, basicmotions_plan, start_coordinated, wait_for
+from pydantic import TypeAdapter
 
-from edgetok.gateway.timing import RUN_SAMPLES, RunTimes
+from edgetok.gateway.inference import CALIBRATION_MIN_RUNS, Inferencer
+from edgetok.gateway.inference import Decision as InfDecision
+from edgetok.gateway.timing import PROBE_SCALE_LIMIT, RUN_SAMPLES, ProbeCalibration, RunTimes
+from edgetok.gateway.windows import ClosedWindow
+from edgetok.models.runtime import Runtime
 from edgetok.replay import DEFAULT_CHANNELS, publish_plan
+from edgetok.tokenizers import TokenizerConfig
+from edgetok.tokenizers.base import SeriesWindow
 
 KEY = ("r0.00-s2", "head")
 
@@ -111,6 +121,29 @@ def test_a_gateway_on_server_only_still_reports_its_head_speed(
         server.stop()
 
 
+def test_a_gateway_on_its_device_calibrates_its_probes_between_windows(
+        tmp_path: Path, mosquitto: Broker, tiny_bundle: Path) -> None:
+    """The real daemon: with windows on the device, a probe after one of them (one per five
+    probe intervals) is timed beside their heads; it makes no result."""
+    server, gw = start_coordinated(tmp_path, tiny_bundle, mosquitto.port, policy="device-only",
+                                   telemetry_interval_s=0.2, head_probe_interval_s=0.1)
+    try:
+        L = json.loads((tiny_bundle / "manifest.json").read_text())["num_layers"]
+        wait_for(lambda: gw.get("/v1/status")[1]["decision"]["split"] == L, 30,
+                 "an on-device decision")
+        asyncio.run(_replay_and_listen(mosquitto.port, "gw-test", 10, 20.0, idle_s=0.5))
+        status = gw.get("/v1/status")[1]
+        rows = gw.get("/v1/results")[1]["results"]
+        assert len(rows) == 10 and {r["where"] for r in rows} == {"device"}
+        probe = status["control"]["head_probe"]
+        # 10 windows over ~5 s, a calibration due every 0.5 s once 4 heads have run.
+        assert 1 <= probe["calibrations"] <= 10, probe
+        assert 1 / PROBE_SCALE_LIMIT <= probe["scale"] <= PROBE_SCALE_LIMIT
+    finally:
+        gw.stop()
+        server.stop()
+
+
 def test_unreported_run_times_keep_no_backlog_for_telemetry() -> None:
     """Fallback runs at a raised clock are never reported; a long-lived gateway must not
     keep every one of them waiting for a report that never takes them."""
@@ -118,3 +151,69 @@ def test_unreported_run_times_keep_no_backlog_for_telemetry() -> None:
     for _ in range(100):
         boosted.add(KEY, 5.0)
     assert boosted.get(KEY) == 5.0 and boosted.take_fresh_heads() == {}
+
+
+def test_a_calibration_learns_the_probes_bias_in_log_and_is_bounded() -> None:
+    cal = ProbeCalibration()
+    assert cal.scale == 1.0, "no calibration: probes are taken as they read"
+    cal.update(12.0, 10.0)
+    assert cal.scale == pytest.approx(1.2), "the first sample is taken whole"
+    for _ in range(30):
+        cal.update(8.0, 10.0)
+    assert cal.scale == pytest.approx(0.8, rel=1e-3)
+    cal.update(0.0, 10.0)  # a failed timing is no sample
+    assert cal.samples == 31
+    for _ in range(30):
+        cal.update(100.0, 1.0)
+    assert cal.scale == PROBE_SCALE_LIMIT
+
+
+def _window(runtime: Runtime, seq: int) -> ClosedWindow:
+    spec = runtime.manifest.input
+    values = np.random.default_rng(seq).normal(size=(len(spec.channels), spec.window))
+    ts = np.arange(spec.window) / spec.rate_hz
+    return ClosedWindow(stream="imu", seq=seq, start_ts=0.0, end_ts=float(ts[-1]),
+                        data=SeriesWindow(values=values, timestamps=ts),
+                        closed_mono=time.monotonic())
+
+
+@pytest.mark.asyncio
+async def test_probes_are_calibrated_on_the_device_and_scaled_on_the_server(
+        tiny_bundle: Path) -> None:
+    """Real ORT sessions: windows on the device time heads; a probe beside them calibrates
+    and is not itself a window's head; once the server runs everything, a probe is
+    reported as the calibration scales it."""
+    runtime = Runtime(tiny_bundle, threads=1)
+    m = runtime.manifest
+    device = m.device_variant(0.0)
+    server = next(v for v in m.variants if v.split == 0 and v.pruning_ratio == 0.0)
+    tok = TypeAdapter(TokenizerConfig).validate_python(m.input.tokenizer).build()
+
+    async def nowhere(frame: bytes, wait_s: float) -> bool:
+        return False
+
+    inf = Inferencer("gw1", runtime, {"imu": tok}, nowhere, InfDecision(device.id, "fp32"))
+    key = (device.id, "head")
+    assert await inf.probe_head(0.1) is None, "nothing to run before the first window"
+    for seq in range(CALIBRATION_MIN_RUNS + 2):
+        assert (await inf.infer(_window(runtime, seq), 5.0)).where == "device"
+    window_ms, runs = inf.run_ms.get(key), inf.run_ms.count(key)
+    assert window_ms is not None
+    inf.take_fresh_head_ms()
+    assert await inf.probe_head(0.1) is None, "a calibration reports nothing"
+    cal = inf.probe_calibration
+    assert cal.samples == 1 and inf.last_probe_ms is not None
+    assert cal.scale == pytest.approx(window_ms / inf.last_probe_ms)
+    assert inf.run_ms.count(key) == runs and inf.take_fresh_head_ms() == {}, \
+        "the calibrating probe is no window head"
+    assert await inf.probe_head(0.1) is None and cal.samples == 1, \
+        "not due again within CALIBRATE_EVERY intervals"
+    # The server runs everything now: a probe stands in for the device's heads.
+    inf.decision = InfDecision(server.id, "fp32")
+    inf.last_head_mono = -float("inf")
+    cal.log_ratio = math.log(1.5)  # as a quota-capped CPU would have taught it
+    ms = await inf.probe_head(0.1)
+    assert ms is not None and inf.last_probe_ms is not None
+    assert ms == pytest.approx(1.5 * inf.last_probe_ms)
+    assert inf.take_fresh_head_ms() == {device.id: pytest.approx(ms)}
+    assert await inf.probe_head(10.0) is None, "at most one probe per interval"
