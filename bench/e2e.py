@@ -12,6 +12,7 @@ bench/out/e2e.json and PNG plots; the headline is joint p50 / best static baseli
 scenario.
 
     sudo .venv/bin/python bench/e2e.py [--quick] [--bundle DIR] [--coordinator auto]
+        [--profile]
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from testbed import profile
 from testbed.goals import check, summary
 from testbed.metrics import summarise
 from testbed.net import BROKER_PORT, Testbed, TestbedError, available
@@ -70,6 +72,9 @@ PI_CPU = 0.1
 # choice changes along a 50 -> 0.5 -> 50 Mbit/s trace (server, then device): the case the
 # issue's 0.6x goal is about. Chosen from those runs' stage times, not tuned to a result.
 TIE_CPU = 0.25
+# py-spy's rate with --profile (its default): a sample per 10 ms, the CFS period of a gateway
+# at 10% of a core; more would cost the samplers more of the server's core.
+PROFILE_HZ = 100
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,6 +152,24 @@ def split_windows(windows: int, rounds: int, rnd: int) -> int:
     return windows // rounds + (1 if rnd < windows % rounds else 0)
 
 
+def profile_policies(parts: dict[str, list[RunData]], out: Path, scenario: str
+                     ) -> dict[str, dict[str, Any]]:
+    """Each policy's py-spy samples in one raw file next to `out`, summarised per window."""
+    # <stem>_profile-<scenario>-<policy>.txt: every round and gateway of the policy, so the
+    # file alone gives the summary again.
+    summaries = {}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for pol, runs in parts.items():
+        # A recording spans the whole replay of its gateway: warm-up windows included.
+        raw = [(path, d.spec.warmup + d.spec.windows) for d in runs for path in d.profiles]
+        if not raw:
+            continue
+        dest = out.parent / f"{out.stem}_profile-{scenario}-{pol}.txt"
+        dest.write_text("".join(path.read_text().rstrip("\n") + "\n" for path, _ in raw))
+        summaries[pol] = profile.summarise(dest, windows=sum(n for _, n in raw))
+    return summaries
+
+
 def _positive(text: str) -> int:
     """argparse type: an integer of at least 1."""
     n = int(text)
@@ -222,6 +245,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--policies", default=",".join(POLICIES))
     p.add_argument("--out", type=Path, default=OUT / "e2e.json")
     p.add_argument("--keep-logs", action="store_true")
+    p.add_argument("--profile", action="store_true",
+                   help=f"where the time goes: py-spy samples every gateway at {PROFILE_HZ} "
+                   "Hz from the replay's start to its end, without pausing it (busy threads "
+                   "only, per thread). The samplers run on the host outside the gateways' CPU "
+                   "quota, on the server's cores, so they perturb every lane alike. Writes "
+                   "<out stem>_profile-<scenario>-<policy>.txt (collapsed stacks of all "
+                   "rounds and gateways) next to --out, puts samples per window and stage "
+                   "under each scenario's \"profile\" and prints them as a table")
     p.add_argument("--prefer", choices=("energy", "latency"), default="energy",
                    help="the coordinator's preference after accuracy, for every policy: "
                    "energy (stretch to the deadline at the least energy) or latency (as fast "
@@ -231,6 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     why = available()
     if why is not None:
         raise SystemExit(f"cannot build the test bed: {why}")
+    if args.profile and not Path(profile.py_spy()).is_file():
+        raise SystemExit("--profile needs py-spy: .venv/bin/pip install py-spy")
     bundle = pick_bundle(args.bundle)
     mode = coordinator_mode(args.coordinator)
     policies = [x for x in args.policies.split(",") if x]
@@ -266,6 +299,13 @@ def main(argv: list[str] | None = None) -> int:
         "propagation delay added (netem unavailable); sensor readings reach the gateway over "
         "the unshaped downlink",
         "machine": {"cores": _cores()}, "started": time.time(), "scenarios": {}}
+    if args.profile:
+        doc["profile"] = (f"py-spy --nonblocking at {PROFILE_HZ} Hz of every gateway from "
+                          "REPLAY START to the driver's exit; a sample goes to the stage of "
+                          "the frame nearest its leaf that a stage claims "
+                          "(testbed/profile.py); per window: over the windows replayed, "
+                          "warm-up included; threads count apart, so two threads runnable "
+                          "at once give two samples")
     spec0 = RunSpec(name="", policy="joint", gateways=1, link_mbit=BASE_LINK_MBIT,
                     cpu_share=BASE_CPU, deadline_ms=args.deadline_ms,
                     window_rate=args.window_rate, windows=windows, warmup=WARMUP,
@@ -310,7 +350,8 @@ def main(argv: list[str] | None = None) -> int:
                              n_rounds)
                     try:
                         datas = Run(tb, specs, work / f"{run_id:03d}-{sc.name}-"
-                                    f"{what.replace(' ', '-')}", run_id).execute()
+                                    f"{what.replace(' ', '-')}", run_id,
+                                    profile_rate=PROFILE_HZ if args.profile else 0).execute()
                     except TestbedError as exc:
                         log.error("%s / %s failed: %s", sc.name, what, exc)
                         for pol in batch:
@@ -335,6 +376,9 @@ def main(argv: list[str] | None = None) -> int:
                     "gateways": sc.gateways, "trace": sc.trace, "side_by_side": side,
                     "runs": runs,
                     "headline": headline(runs)}
+                if args.profile:
+                    doc["scenarios"][sc.name]["profile"] = profile_policies(
+                        parts, args.out, sc.name)
                 _write(args.out, doc)
     finally:
         if args.keep_logs:
@@ -347,6 +391,10 @@ def main(argv: list[str] | None = None) -> int:
     for path in plot_all(doc, args.out.parent, args.out.stem):
         print(f"wrote {path}")
     print(table(doc))
+    for name, sc in doc["scenarios"].items():
+        if sc.get("profile") and "same_as" not in sc:
+            print(profile.stage_table(f"{name}: py-spy samples per window ({PROFILE_HZ} Hz: "
+                                      f"{1000 // PROFILE_HZ} ms each)", sc["profile"]))
     print(summary(doc["goals"]))
     return 0
 

@@ -19,7 +19,8 @@ then are discounted) and its CPU per message.
     .venv/bin/python bench/ingest.py [--messages 30000] [--bundle DIR] [--profile]
         [--no-backlog]
 
-Writes bench/out/ingest.json and bench/out/ingest.png.
+Writes bench/out/ingest.json and bench/out/ingest.png (with --profile also
+ingest_profile.txt, py-spy's samples; each next to --out).
 """
 
 from __future__ import annotations
@@ -225,42 +226,6 @@ def plot(doc: dict[str, Any], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def profile_summary(raw: Path, top: int = 12) -> dict[str, Any]:
-    """Share of samples per thread, and the top self and inclusive frames, from py-spy's
-    collapsed stacks ("thread;frame;frame count" per line)."""
-    import collections
-
-    threads: collections.Counter[str] = collections.Counter()
-    leaf: collections.Counter[str] = collections.Counter()
-    incl: collections.Counter[str] = collections.Counter()
-    total = 0
-    for line in raw.read_text().splitlines():
-        stack, _, n = line.rpartition(" ")
-        if not n.isdigit():
-            continue
-        frames = stack.split(";")
-        if "MainThread" not in frames[0]:
-            continue  # the event loop is the ingest path; worker threads idle by design
-        k = int(n)
-        total += k
-        threads[frames[0]] += k
-        leaf[frames[-1]] += k
-        for f in set(frames[1:]):
-            incl[f] += k
-
-    def share(c: collections.Counter[str]) -> list[tuple[str, float]]:
-        """Top entries as fractions of all samples."""
-        return [(f, round(v / max(total, 1), 3)) for f, v in c.most_common(top)]
-
-    # Inclusive time of the gateway's own code and its MQTT stack, the actionable part.
-    ours = collections.Counter({f: v for f, v in incl.items()
-                                if any(k in f for k in ("gateway/", "edgetok/", "paho/",
-                                                        "aiomqtt/", "models/"))
-                                and not f.startswith(("main ", "<module>", "cmd_"))})
-    return {"samples": total, "threads": share(threads), "self": share(leaf),
-            "inclusive": share(ours)}
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark, print and write bench/out/ingest.json."""
     p = argparse.ArgumentParser(description=__doc__,
@@ -275,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     sys.path.insert(0, str(ROOT / "bench"))
     from e2e import pick_bundle
+    from testbed import profile as profiling
 
     bundle = pick_bundle(args.bundle)
     from edgetok.models.bundle import read_manifest
@@ -295,13 +261,9 @@ def main(argv: list[str] | None = None) -> int:
         wait_sub_ready(port, sub_out)
         bodies = payloads(args.messages, time.time())
         if args.profile:
-            spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
             # Collapsed stacks of on-CPU samples (the event loop was measured never to
             # wait in select under this load: it is CPU-bound).
-            prof = subprocess.Popen([spy, "record", "--pid", str(gw.pid), "--format", "raw",
-                                     "--threads", "-o", str(work / "profile.txt"),
-                                     "--rate", "200"], stdout=subprocess.DEVNULL,
-                                    stderr=subprocess.STDOUT)
+            prof = profiling.record(gw.pid, work / "profile.txt", rate=200)
         cpu0 = {"gateway": cpu_s(gw.pid), "mosquitto_sub": cpu_s(sub.pid),
                 "broker": cpu_s(broker.pid)}
         result: dict[str, Any] = {}
@@ -327,11 +289,15 @@ def main(argv: list[str] | None = None) -> int:
         times = sub_times(sub_out)
         profile = None
         if prof is not None:
-            prof.send_signal(2)
-            prof.wait(timeout=30)
+            profiling.stop([prof])
             if (work / "profile.txt").is_file():
-                shutil.copy(work / "profile.txt", OUT / "ingest_profile.txt")
-                profile = profile_summary(work / "profile.txt")
+                # Next to --out: the default ingest.json gives bench/out/ingest_profile.txt.
+                args.out.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(work / "profile.txt",
+                            args.out.with_name(f"{args.out.stem}_profile.txt"))
+                # The event loop is the ingest path; worker threads idle by design.
+                profile = profiling.summarise(work / "profile.txt", top=12,
+                                              threads={"MainThread"})
         t0 = result["t0"]
         n = args.messages
         doc = {

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from edgetok.procs import to_toml
+from testbed import profile
 from testbed.net import BROKER_PORT, GW_IF, Testbed, TestbedError
 
 log = logging.getLogger(__name__)
@@ -87,6 +88,7 @@ class RunData:
     rate_log: list[tuple[float, float]] = field(default_factory=list)
     logs: Path | None = None
     exit_codes: dict[str, int | None] = field(default_factory=dict)
+    profiles: list[Path] = field(default_factory=list)  # py-spy raw files, one a gateway
 
 
 def merged(parts: list[RunData]) -> RunData:
@@ -105,7 +107,8 @@ def merged(parts: list[RunData]) -> RunData:
     return RunData(spec=replace(first.spec, windows=windows), driver=driver,
                    wire_bytes=[b for p in parts for b in p.wire_bytes],
                    rate_log=sorted(x for p in parts for x in p.rate_log),
-                   exit_codes={k: v for p in parts for k, v in p.exit_codes.items()})
+                   exit_codes={k: v for p in parts for k, v in p.exit_codes.items()},
+                   profiles=[x for p in parts for x in p.profiles])
 
 
 def controller_config(spec: RunSpec) -> dict[str, Any]:
@@ -226,13 +229,16 @@ class Run:
     A run has one lane per spec: policies measured side by side, at the same time, under the
     same link trace and on the same machine, each with its own broker (BROKER_PORT + lane),
     server and gateways. One driver staggers all the gateways' windows over the period.
+    With `profile_rate` (Hz), py-spy samples every gateway from the replay's start to the
+    driver's exit, into profile-<gateway id>.txt in the run's directory.
     """
 
     def __init__(self, tb: Testbed, specs: RunSpec | list[RunSpec], workdir: Path,
-                 run_id: int) -> None:
+                 run_id: int, profile_rate: int = 0) -> None:
         """Gateway ids unique to the run (retained decisions never leak across runs)."""
         specs = [specs] if isinstance(specs, RunSpec) else specs
         self.tb, self.spec, self.dir = tb, specs[0], workdir
+        self.profile_rate = profile_rate
         n = self.spec.gateways
         if any((x.gateways, x.link_mbit, x.cpu_share, x.trace) != (n, self.spec.link_mbit,
                self.spec.cpu_share, self.spec.trace) for x in specs):
@@ -292,6 +298,20 @@ class Run:
                 "edgetok", "gateway", "--config", str(path)), self.dir / f"{gw_id}.log",
                 cgroup=tb.hosts[i].cpu)))
 
+    def _profile_path(self, gw_id: str) -> Path:
+        """Where py-spy writes the samples of one gateway."""
+        return self.dir / f"profile-{gw_id}.txt"
+
+    def _start_profiles(self, started: list[tuple[str, subprocess.Popen[bytes]]],
+                        profilers: list[subprocess.Popen[bytes]]) -> None:
+        """A py-spy per gateway, on the host: outside the gateways' CPU quota and netns."""
+        gateways = {g for lane in self.lanes for g in lane.ids}
+        for name, proc in started:
+            if name in gateways:  # its pid is the gateway's: sh, taskset, ip netns exec exec
+                # Appended one by one: if a later one fails, the finally still stops these.
+                profilers.append(profile.record(proc.pid, self._profile_path(name),
+                                                self.profile_rate))
+
     def execute(self) -> list[RunData]:
         """Start every lane, replay, stop everything; the data of each lane, in lane order."""
         s, tb = self.spec, self.tb
@@ -300,6 +320,7 @@ class Run:
         started: list[tuple[str, subprocess.Popen[bytes]]] = []
         codes: dict[str, int | None] = {}
         stop_trace = threading.Event()
+        profilers: list[subprocess.Popen[bytes]] = []
         try:
             for lane in self.lanes:
                 self._start_lane(lane, started)
@@ -319,6 +340,8 @@ class Run:
             with drv.stdout:
                 for raw in drv.stdout:
                     line = raw.decode(errors="replace").strip()
+                    if line.startswith("REPLAY START") and self.profile_rate:
+                        self._start_profiles(started, profilers)
                     if line.startswith("REPLAY START") and s.trace:
                         trace_thread = threading.Thread(
                             target=self._trace, args=(float(line.split()[2]), stop_trace),
@@ -326,6 +349,7 @@ class Run:
                         trace_thread.start()
             code = drv.wait()
             tb.procs.remove(drv)
+            profile.stop(profilers)  # now: the gateways' shutdown is not part of a window
             stop_trace.set()
             if trace_thread is not None:
                 trace_thread.join()
@@ -335,6 +359,7 @@ class Run:
             data = json.loads(driver_out.read_text())
         finally:
             stop_trace.set()
+            profile.stop(profilers)
             # Gateways first: they drain in-flight windows while the servers still answer.
             for name, proc in reversed(started):
                 codes[name] = tb.stop(proc)
@@ -344,7 +369,8 @@ class Run:
                           if k in lane.ids or k in (f"server{lane.suffix}", f"coord{lane.suffix}")}
             out.append(RunData(lane.spec, lane_data(data, lane.ids),
                                [wire[i] for i in lane.hosts], self.rate_log, self.dir,
-                               lane_codes))
+                               lane_codes, [self._profile_path(g) for g in lane.ids
+                                            if self._profile_path(g).is_file()]))
         # What the metrics need besides driver.json, so a kept run can be re-analysed.
         (self.dir / "run.json").write_text(json.dumps({"lanes": [
             {"spec": {k: str(v) if isinstance(v, Path) else v
