@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import statistics
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -16,7 +18,7 @@ from edgetok.aio import within
 from edgetok.control import FALLBACK_MARGIN, FALLBACK_SLACK_S, GUARD_MARGIN
 from edgetok.frames import FrameHeader, Precision, TailReply, encode_frame
 from edgetok.gateway.models import Latency, Result, VariantRef, Where
-from edgetok.gateway.timing import ProbeCalibration, RunTimes
+from edgetok.gateway.timing import RUN_SAMPLES, ProbeCalibration, RunTimes
 from edgetok.gateway.uplink import UplinkState
 from edgetok.gateway.windows import ClosedWindow
 from edgetok.models.bundle import Variant
@@ -31,7 +33,8 @@ PROBE_INTERVAL_S = 2.0
 # While windows run heads here, a head probe calibrates the probes once per this many probe
 # intervals (one extra head per 10 s at the default 2 s interval).
 CALIBRATE_EVERY = 5
-# The calibration compares a probe with the median of at least this many window heads.
+# The calibration compares a probe with the median of at least this many window heads of
+# the decision's variant at its clock.
 CALIBRATION_MIN_RUNS = 4
 # FALLBACK_MARGIN and FALLBACK_SLACK_S (edgetok.control) size the time kept back from the
 # server for an on-device run; the coordinator plans with the same rule.
@@ -91,6 +94,10 @@ class Inferencer:
         self.probe_calibration = ProbeCalibration()
         self.last_probe_ms: float | None = None  # the last probe's own time, unscaled
         self._calibrated_mono = -float("inf")
+        # Windows' own heads (never probes) since the decision's variant and clock last
+        # changed: what a calibrating probe is compared with.
+        self._window_heads: deque[float] = deque(maxlen=RUN_SAMPLES)
+        self._window_key: tuple[str, object] | None = None
         self._ran: set[tuple[str, Part]] = set()  # sessions past their first run
         # The uplink rate sensed now (gateway/linksense.py) and the CPU clock setter; the
         # control plane plugs both in when it has them.
@@ -144,23 +151,15 @@ class Inferencer:
         their recent median, calibrates the probes instead (reported: None). None also when
         there is nothing to run yet.
         """
-        tokens, now = self._last_tokens, time.monotonic()
+        tokens = self._last_tokens
         own = self.manifest.variant(self.decision.variant)
         if tokens is None:
             return None
         if own.head:
-            window_ms = self.run_ms.get((own.id, "head"))
-            if (now - self._calibrated_mono < every_s * CALIBRATE_EVERY or window_ms is None
-                    or self.run_ms.count((own.id, "head")) < CALIBRATION_MIN_RUNS):
-                return None
-            self._calibrated_mono = now
-            _, ms, first = await self._timed(own.id, "head", tokens)
-            if not first:
-                self.last_probe_ms = ms
-                self.probe_calibration.update(window_ms, ms)
+            await self._calibrate(own.id, tokens, every_s)
             return None
         variant = self.fallback_of(self.decision)
-        if now - self.last_head_mono < every_s or not variant.head:
+        if time.monotonic() - self.last_head_mono < every_s or not variant.head:
             return None
         _, ms, first = await self._timed(variant.id, "head", tokens)
         if first:
@@ -169,6 +168,20 @@ class Inferencer:
         ms *= self.probe_calibration.scale
         self._record(variant.id, "head", ms)
         return ms
+
+    async def _calibrate(self, variant: str, tokens: np.ndarray, every_s: float) -> None:
+        """If due, time a head of `variant` beside its windows' recent median (same clock)."""
+        now = time.monotonic()
+        if (now - self._calibrated_mono < every_s * CALIBRATE_EVERY
+                or self._window_key != self._head_key(variant)
+                or len(self._window_heads) < CALIBRATION_MIN_RUNS):
+            return
+        window_ms = statistics.median(self._window_heads)
+        self._calibrated_mono = now
+        _, ms, first = await self._timed(variant, "head", tokens)
+        if not first and self._window_key == self._head_key(variant):  # clock unchanged
+            self.last_probe_ms = ms
+            self.probe_calibration.update(window_ms, ms)
 
     async def _timed(self, variant: str, part: Part, x: np.ndarray
                      ) -> tuple[np.ndarray, float, bool]:
@@ -189,7 +202,17 @@ class Inferencer:
         # in, it would make the device look slow to the coordinator for minutes.
         if not first:
             self._record(variant, part, ms, boosted)
+            if part == "head" and not boosted:
+                key = self._head_key(variant)
+                if key != self._window_key:
+                    self._window_heads.clear()
+                    self._window_key = key
+                self._window_heads.append(ms)
         return out, ms
+
+    def _head_key(self, variant: str) -> tuple[str, object]:
+        """A head's variant and the decision's clock: calibrate like against like."""
+        return variant, self.decision.extra.get("cpu_hz")
 
     def _record(self, variant: str, part: Part, ms: float, boosted: bool = False) -> None:
         (self.boosted_ms if boosted else self.run_ms).add((variant, part), ms)

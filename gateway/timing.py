@@ -59,8 +59,8 @@ class RunTimes:
         return fresh
 
 
-# A probe is scaled by at most this factor either way: one that reads 2x off a window's
-# head is a measurement gone wrong, not the bias of a method.
+# One calibration counts for at most this factor either way: a probe that reads more than
+# 2x off a window's head is partly a measurement gone wrong, not the bias of a method.
 PROBE_SCALE_LIMIT = 2.0
 # Smoothing weight of one calibration; calibrations are rare (one per several probe
 # intervals), so each counts for a good share.
@@ -85,7 +85,8 @@ class ProbeCalibration:
         """Fold in one probe timed beside the recent window heads' median."""
         if window_ms <= 0 or probe_ms <= 0:
             return
-        x = math.log(window_ms / probe_ms)
+        lim = math.log(PROBE_SCALE_LIMIT)
+        x = min(max(math.log(window_ms / probe_ms), -lim), lim)  # each sample, not the mean
         self.log_ratio = x if not self.samples else \
             (1 - PROBE_ALPHA) * self.log_ratio + PROBE_ALPHA * x
         self.samples += 1
@@ -93,5 +94,4 @@ class ProbeCalibration:
     @property
     def scale(self) -> float:
         """The factor a probe's time is multiplied by to read as a window's head."""
-        lim = math.log(PROBE_SCALE_LIMIT)
-        return math.exp(min(max(self.log_ratio, -lim), lim))
+        return math.exp(self.log_ratio)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import statistics
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -15,6 +16,10 @@ RTT_ALPHA = 0.3
 # Replies whose per-frame overhead the median is taken over: more rides out throttling
 # spikes on a slow gateway, fewer follows a change sooner.
 OVERHEAD_SAMPLES = 16
+# Overheads from before a gap this long in replies are dropped: the gateway was away from
+# the server (on its device), and a figure from its first, warming-up replies would
+# otherwise still set the median when it comes back for a coordinator's trial.
+OVERHEAD_GAP_S = 10.0
 
 
 @dataclass
@@ -35,6 +40,7 @@ class UplinkState:
     # Recent times of a reply that are neither the frame's bits at the sensed rate nor the
     # server's tail: encoding and publishing here, the broker's hops, the reply's way back.
     overheads_s: deque[float] = field(default_factory=lambda: deque(maxlen=OVERHEAD_SAMPLES))
+    last_overhead_mono: float = -float("inf")
 
     def learn(self, key: str, rtt_s: float, rate_bps: float | None, fresh: bool = False
               ) -> None:
@@ -58,8 +64,13 @@ class UplinkState:
     def learn_overhead(self, rtt_s: float, tail_s: float, bits: float,
                        rate_bps: float | None) -> None:
         """Keep one reply's overhead; only with a sensed rate to take the bits off."""
-        if rate_bps is not None:
-            self.overheads_s.append(max(rtt_s - tail_s - bits / rate_bps, 0.0))
+        if rate_bps is None:
+            return
+        now = time.monotonic()
+        if now - self.last_overhead_mono > OVERHEAD_GAP_S:
+            self.overheads_s.clear()
+        self.last_overhead_mono = now
+        self.overheads_s.append(max(rtt_s - tail_s - bits / rate_bps, 0.0))
 
     @property
     def overhead_s(self) -> float | None:

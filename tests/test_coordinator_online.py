@@ -12,7 +12,7 @@ from pydantic import ValidationError
 
 from edgetok.agent.coordinator.config import ControllerConfig
 from edgetok.agent.coordinator.model import evaluate, gain_from_rate, rate_bps
-from edgetok.agent.coordinator.online import OnlineController
+from edgetok.agent.coordinator.online import MAX_TRIAL_BACKOFF, OnlineController
 from edgetok.agent.coordinator.solver import solve_options
 from edgetok.agent.coordinator.synthetic import synthetic_manifest
 from edgetok.control import Decision, Telemetry
@@ -479,14 +479,16 @@ def _near_tie(worse: float) -> float:
     return ((1 + worse) * device - server) * 1e3
 
 
-def _run_near_tie(first_ms: float, true_ms: float, **kw: Any) -> list[Decision]:
-    """Decisions over 60 s of a gateway whose first frames measured `first_ms` of per-frame
-    overhead and whose later frames measure `true_ms`; reports every second, with the
-    overhead only while it transmits (as a real gateway: no frame, no figure)."""
+def _run_near_tie(first_ms: float, true_ms: float, seconds: int = 60, **kw: Any
+                  ) -> list[Decision]:
+    """The decisions step() publishes over `seconds` for a gateway whose first frames
+    measured `first_ms` of per-frame overhead and whose later frames measure `true_ms`;
+    reports every second, with the overhead only while it transmits (as a real gateway: no
+    frame, no figure) and from the report after the one that moved it."""
     ctl = OnlineController(config(prefer="latency", **kw), TIED)
-    out = []
+    out: list[Decision] = []
     overhead: float | None = first_ms
-    for t in map(float, range(60)):
+    for t in map(float, range(seconds)):
         d = ctl.current("a")
         head = {}
         if d is not None and d.split > 0:
@@ -495,9 +497,7 @@ def _run_near_tie(first_ms: float, true_ms: float, **kw: Any) -> list[Decision]:
         ctl.observe(Telemetry(gateway="a", ts=t, link_bps=10e6, tx_power_w=P_MAX,
                               cpu_hz=d.cpu_hz if d else 1.5e9, head_ms=head,
                               frame_overhead_ms=overhead), t)
-        new = ctl.decide("a", t)
-        if new is not None:
-            out.append(new)
+        out += ctl.step(t)  # as the server calls it: a second pass re-solves its cell
         d = ctl.current("a")
         overhead = true_ms if d is not None and d.split < TIED.num_layers else None
     assert out[0].split == TIED.num_layers, "the first plan is the device"
@@ -521,18 +521,35 @@ def test_a_near_tie_held_by_one_slow_overhead_is_tried_and_kept_when_it_was_slow
     trials = _explore(decisions)
     assert len(trials) == 1 and trials[0].split < TIED.num_layers
     assert AFTER <= trials[0].ts < STALE
-    assert decisions[-1].split < TIED.num_layers, "kept on the fresh overhead"
+    assert decisions[-1] is trials[0], "kept: published once, never undone"
 
 
-def test_trials_near_a_true_tie_are_bounded_to_one_per_interval() -> None:
-    ms = _near_tie(0.15)
+@pytest.mark.parametrize("worse", [0.05, 0.12])
+def test_a_trial_that_confirms_the_old_figure_goes_back_to_the_device(worse: float) -> None:
+    """Not held on the server by the switching margin that would keep any option in force:
+    the re-solve that ends a trial compares against the option it left. Within the switching
+    margin (5%) or past it (12%), the trial stands until its frames report, then goes back."""
+    ms = _near_tie(worse)
     decisions = _run_near_tie(ms, ms)
     trials = _explore(decisions)
-    assert len(trials) >= 2
-    assert all(b.ts - a.ts >= AFTER for a, b in itertools.pairwise(trials))
-    # Each trial is left at the re-solve that sees its (unchanged, worse) overhead.
-    back = [d for d in decisions if d.ts > trials[0].ts and d.split == TIED.num_layers]
-    assert back and back[0].ts < trials[1].ts
+    assert trials
+    after = [d for d in decisions if d.ts > trials[0].ts]
+    assert after and after[0].split == TIED.num_layers and after[0].reason != "forced", \
+        "not undone by step()'s second pass before the gateway even ran it"
+    assert after[0].ts - trials[0].ts >= 1.0
+    assert decisions[-1].split == TIED.num_layers
+
+
+def test_trials_that_keep_going_back_are_spaced_out() -> None:
+    """Near a true tie, each trial that goes back doubles the wait for the next, up to
+    MAX_TRIAL_BACKOFF times explore_after_s. (Estimates that never go stale here: the
+    relaxation to the priors would otherwise send the gateway to the server on its own.)"""
+    ms = _near_tie(0.12)
+    trials = _explore(_run_near_tie(ms, ms, seconds=300, stale_after_s=1e4))
+    gaps = [b.ts - a.ts for a, b in itertools.pairwise(trials)]
+    assert len(gaps) >= 3 and gaps[0] >= 2 * AFTER and gaps[1] >= 4 * AFTER, gaps
+    resolve = ControllerConfig.model_fields["resolve_interval_s"].default
+    assert max(gaps) <= MAX_TRIAL_BACKOFF * AFTER + 2 * resolve, "still tried now and then"
 
 
 @pytest.mark.parametrize(("worse", "kw"), [(0.3, {}), (0.05, {"explore_margin": 0.0})])

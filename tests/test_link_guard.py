@@ -17,6 +17,7 @@ from edgetok.frames import TailReply, decode_frame
 from edgetok.gateway import inference, qdisc
 from edgetok.gateway.inference import Decision, Inferencer
 from edgetok.gateway.linksense import LinkSensor, parse_iw_link
+from edgetok.gateway.uplink import OVERHEAD_GAP_S, UplinkState
 from edgetok.gateway.windows import ClosedWindow
 from edgetok.models.runtime import Runtime
 from edgetok.tokenizers import TokenizerConfig
@@ -253,3 +254,18 @@ async def test_telemetry_gets_only_the_heads_that_ran_since_it_last_asked(
     assert r.where == "device-fallback"
     assert set(inf.take_fresh_head_ms()) == {r.variant.id}
     assert split in inf.head_ms, "the status page keeps every head's last figure"
+
+
+def test_overheads_from_before_a_gap_in_replies_are_dropped() -> None:
+    """A gateway back from its device (a coordinator's trial of the server) reports the
+    overhead of its new replies, not a median still set by its first, warming-up ones."""
+    up = UplinkState()
+    for _ in range(10):
+        up.learn_overhead(0.011, 0.001, 0.0, 8e6)
+    assert up.overhead_s == pytest.approx(0.010)
+    up.learn_overhead(0.004, 0.001, 0.0, 8e6)
+    assert up.overhead_s == pytest.approx(0.010), "one new reply among recent ones"
+    up.last_overhead_mono -= OVERHEAD_GAP_S + 1  # as if it had been away that long
+    up.learn_overhead(0.004, 0.001, 0.0, 8e6)
+    assert up.overhead_s == pytest.approx(0.003)
+    assert list(up.overheads_s) == [pytest.approx(0.003)]

@@ -350,6 +350,10 @@ class Run:
             code = drv.wait()
             tb.procs.remove(drv)
             profile.stop(profilers)  # now: the gateways' shutdown is not part of a window
+            for gw_id in (g for lane in self.lanes for g in lane.ids):
+                if profilers and not self._profile_path(gw_id).is_file():
+                    log.warning("no py-spy samples of %s: see %s", gw_id,
+                                self._profile_path(gw_id).with_suffix(".log"))
             stop_trace.set()
             if trace_thread is not None:
                 trace_thread.join()
