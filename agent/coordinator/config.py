@@ -51,9 +51,14 @@ class ControllerConfig(Strict):
         "that make a lasting rise, not fading: the estimate restarts at the new level with "
         "its old spread, so a recovered link is used within as many reports instead of after "
         "the spread has decayed. 0: never.")
+    gain_fall_reports: int = Field(
+        3, ge=0, description="Reports in a row below mean - gain_rise_sigma σ of the gain that "
+        "make a lasting fall: the estimate restarts at the new level with its old spread, so "
+        "a link that dropped and stays there is planned at what it now carries, not far below "
+        "it until the spread the drop added has decayed. 0: never.")
     gain_rise_sigma: float = Field(
-        3.0, gt=0, description="How far above the gain's mean a report counts toward a rise, "
-        "in σ: lower notices a smaller rise, and takes more of a fade's upswing for one.")
+        3.0, gt=0, description="How far beyond the gain's mean a report counts toward a rise "
+        "or a fall, in σ: lower notices a smaller step, and takes more of a fade for one.")
     latency_margin: float = Field(
         0.1, ge=0, lt=1, description="Fraction of the deadline held back when planning, for "
         "estimation error: fewer missed deadlines, a little more energy.")

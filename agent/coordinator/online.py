@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from edgetok.agent.coordinator.config import ControllerConfig
-from edgetok.agent.coordinator.estimates import Ewma, RiseDetector, relaxed
+from edgetok.agent.coordinator.estimates import Ewma, StepDetector, relaxed
 from edgetok.agent.coordinator.fallback import fallback_option, fallback_reserve
 from edgetok.agent.coordinator.model import (
     Environment,
@@ -73,7 +73,7 @@ class GatewayState:
     trial_from: int | None = None  # the on-device option a trial under way left
     trial_backoff: int = 1  # trials are explore_after_s times this apart
     overhead_in_rate: bool = False  # no sensed rate: goodput carries the overhead
-    gain_rise: RiseDetector = field(default_factory=RiseDetector)
+    gain_step: StepDetector = field(default_factory=StepDetector)
 
 
 class OnlineController:
@@ -121,8 +121,8 @@ class OnlineController:
             prior = (self.config.gain_prior_sigma_db * math.log(10) / 10) ** 2
             speed = Ewma(a, clip_z=self.config.speed_clip_sigma, clip_floor=SPEED_SIGMA_FLOOR)
             st = self.gateways[gateway] = GatewayState(Ewma(a, var=prior), speed, Ewma(a))
-            st.gain_rise = RiseDetector(self.config.gain_rise_reports,
-                                        self.config.gain_rise_sigma)
+            st.gain_step = StepDetector(self.config.gain_rise_reports,
+                                        self.config.gain_fall_reports, self.config.gain_rise_sigma)
         return st
 
     def _cell(self, gateway: str) -> str:
@@ -171,9 +171,10 @@ class OnlineController:
             g = gain_from_rate(bps, p, self._bandwidth(t.gateway, True),
                                self.config.link.noise_w_per_hz)
             if g > 0:
-                if self._fold_gain(st, math.log(g)):
-                    log.info("gateway %s: link gain rose for good; planning at the new level",
-                             t.gateway)
+                step = self._fold_gain(st, math.log(g))
+                if step:
+                    log.info("gateway %s: link gain %s for good; planning at the new level",
+                             t.gateway, "rose" if step > 0 else "fell")
                 st.last_gain_ts = now
         if t.cpu_hz is not None:
             for variant, ms in t.head_ms.items():
@@ -188,8 +189,8 @@ class OnlineController:
             st.rate.update(t.windows_per_s)
         self._energy_queue(st, t)
 
-    def _fold_gain(self, st: GatewayState, x: float) -> bool:
-        """Fold one log-gain sample in; True if it completed a lasting rise.
+    def _fold_gain(self, st: GatewayState, x: float) -> int:
+        """Fold one log-gain sample in; +1 if it completed a lasting rise, -1 a fall, else 0.
 
         Good news never lowers the plan (mean - k·σ): a sample above the mean widens σ as if
         it were fading, and a link stepping up from 0.5 to 50 Mbit/s was planned worse for
@@ -199,10 +200,10 @@ class OnlineController:
         est, k = st.log_gain, self.config.gain_backoff_sigma
         above = est.count > 0 and x > est.mean
         plan = self._backed_off(est.mean, est)
-        rose = st.gain_rise.update(est, x, self.config.gain_alpha_down)
+        step = st.gain_step.update(est, x, self.config.gain_alpha_down)
         if above and k > 0 and self._backed_off(est.mean, est) < plan:
             est.var = ((est.mean - plan) / k) ** 2
-        return rose
+        return step
 
     def _backed_off(self, mean: float, est: Ewma) -> float:
         """The log gain planned against: `gain_backoff_sigma` σ below `mean`."""
