@@ -12,9 +12,10 @@ from pydantic import ValidationError
 
 from edgetok.agent.coordinator.config import ControllerConfig
 from edgetok.agent.coordinator.model import evaluate, gain_from_rate, rate_bps
-from edgetok.agent.coordinator.online import MAX_TRIAL_BACKOFF, OnlineController
+from edgetok.agent.coordinator.online import OnlineController
 from edgetok.agent.coordinator.solver import solve_options
 from edgetok.agent.coordinator.synthetic import synthetic_manifest
+from edgetok.agent.coordinator.trials import MAX_TRIAL_BACKOFF
 from edgetok.control import Decision, Telemetry
 
 B = 20e6

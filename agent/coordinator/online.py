@@ -27,6 +27,7 @@ from edgetok.agent.coordinator.model import (
 )
 from edgetok.agent.coordinator.policies import make_policy
 from edgetok.agent.coordinator.solver import FEAS_RTOL, Solution, rank, solve_options
+from edgetok.agent.coordinator.trials import Trials
 from edgetok.control import Decision, Telemetry
 from edgetok.models.bundle import Manifest
 
@@ -40,9 +41,6 @@ MAX_UTILISATION = 0.95
 # Passes of step() that re-solve gateways whose cell-mates started or stopped transmitting;
 # more passes settle a crowded cell within one round at the cost of more solves.
 MAX_SHARE_PASSES = 3
-# Trials of the server path that each went back to the device space the next ones out up to
-# this many times explore_after_s; past stale_after_s the overhead relaxes anyway.
-MAX_TRIAL_BACKOFF = 4
 
 
 @dataclass(slots=True)
@@ -69,9 +67,7 @@ class GatewayState:
     last_seen: float = -math.inf
     frame_overhead_s: float = 0.0  # per frame, beside bits / rate (see Telemetry)
     last_overhead_ts: float = -math.inf
-    last_trial_ts: float = -math.inf  # the last trial of the server path (see _trial)
-    trial_from: int | None = None  # the on-device option a trial under way left
-    trial_backoff: int = 1  # trials are explore_after_s times this apart
+    trials: Trials = field(default_factory=Trials)  # of the server path (trials.py)
     overhead_in_rate: bool = False  # no sensed rate: goodput carries the overhead
     gain_step: StepDetector = field(default_factory=StepDetector)
 
@@ -364,22 +360,27 @@ class OnlineController:
         seen = replace(sol, latency=sol.latency - reserve)
         best = int(rank(self.table, seen, self.policy.allowed, penalty, prefer)[0])
         cost = sol.energy if prefer == "energy" else seen.latency  # what a swap would save
-        held = self._standing_trial(st, sol.feasible, now)
+        after = self.config.explore_after_s
+        held = st.trials.standing(st.option, sol.feasible, st.last_overhead_ts, now, after)
         if held is not None:
             best = held
         else:
             # The re-solve that ends a trial judges a swap against the option it left, or
             # the trial would hold every near tie on the server by the rule below.
-            cur = st.option if st.trial_from is None else st.trial_from
+            cur = st.option if st.trials.left is None else st.trials.left
             if (cur is not None and cur != best and self.policy.allowed[cur]
                     and sol.feasible[cur] and penalty[cur] <= penalty[best] + margin
                     and cost[cur] <= cost[best] * (1 + self.config.switch_energy_frac)):
                 best = cur  # not worth a variant swap
-            self._end_trial(st, best)
-            trial = self._trial(st, best, sol.feasible, penalty, margin, cost, now)
-            if trial is not None:
-                st.trial_from, st.last_trial_ts = best, now
-                best, reason = trial, "explore"
+            tx = self.table.transmits
+            st.trials.end(back_on_device=not tx[best])
+            if not tx[best] and not st.overhead_in_rate:
+                eligible = tx & self.policy.allowed & sol.feasible & \
+                    (penalty <= penalty[best] + margin)
+                trial = st.trials.begin(best, eligible, cost, self.config.explore_margin,
+                                        st.last_overhead_ts, now, after)
+                if trial is not None:
+                    best, reason = trial, "explore"
         st.solved_ts = now
         st.solve_s = time.perf_counter() - started
         self.solves += 1
@@ -408,53 +409,6 @@ class OnlineController:
                  o.variant, o.precision, st.decision.cpu_hz, st.decision.tx_power_w,
                  st.decision.latency_ms, st.decision.energy_mj, st.decision.reason)
         return st.decision
-
-    def _trial(self, st: GatewayState, best: int, feasible: np.ndarray, penalty: np.ndarray,
-               margin: float, cost: np.ndarray, now: float) -> int | None:
-        """A transmitting option (server or split) to try instead of on-device `best`, or None.
-
-        On its device, a gateway sends no frame, so the per-frame overhead it was last
-        measured with stays as it was until it goes stale (`stale_after_s`, then as long
-        again to relax). Measured in a run's first seconds, while the broker and server
-        warm up, that figure can be twice the later one, and held a near tie on the device
-        for a whole phase of e2e run 14 (1.19x the best static). A trial is bounded: only
-        near a tie (the plan says at most `explore_margin` worse, as accurate and
-        feasible), at most once per `explore_after_s` (doubled, up to MAX_TRIAL_BACKOFF
-        times, each time a trial goes back to the device), and it stands until the
-        gateway's frames have measured the overhead afresh (or `explore_after_s` passed);
-        the re-solve after that keeps it, or goes back unless the trial's option is better
-        by the usual switching margin.
-        """
-        c = self.config
-        if (c.explore_margin <= 0 or self.table.transmits[best] or st.overhead_in_rate
-                or not math.isfinite(st.last_overhead_ts)
-                or now - st.last_overhead_ts < c.explore_after_s
-                or now - st.last_trial_ts < c.explore_after_s * st.trial_backoff):
-            return None
-        near = [i for i in np.flatnonzero(self.table.transmits)
-                if self.policy.allowed[i] and feasible[i]
-                and penalty[i] <= penalty[best] + margin
-                and cost[i] <= cost[best] * (1 + c.explore_margin)]
-        return int(min(near, key=lambda i: cost[i])) if near else None
-
-    def _standing_trial(self, st: GatewayState, feasible: np.ndarray, now: float
-                        ) -> int | None:
-        """The option of a trial under way whose frames have not yet measured the overhead
-        afresh (it stands through the re-solves until then), else None."""
-        opt = st.option
-        if (st.trial_from is None or opt is None or not feasible[opt]
-                or st.last_overhead_ts > st.last_trial_ts
-                or now - st.last_trial_ts >= self.config.explore_after_s):
-            return None
-        return opt
-
-    def _end_trial(self, st: GatewayState, best: int) -> None:
-        """Close a trial: back on the device, the next waits longer; kept, as usual again."""
-        if st.trial_from is None:
-            return
-        back = not self.table.transmits[best]
-        st.trial_backoff = min(2 * st.trial_backoff, MAX_TRIAL_BACKOFF) if back else 1
-        st.trial_from = None
 
     def _changed(self, st: GatewayState, best: int, sol: Solution, feasible: bool,
                  fallback: str) -> bool:
