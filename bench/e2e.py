@@ -197,20 +197,28 @@ def pick_bundle(arg: Path | None) -> Path:
                      "configs/models/quick.toml --out bundles/quick`")
 
 
+def _versus_best_static(runs: dict[str, dict[str, Any]], pct: str
+                        ) -> tuple[str, float] | None:
+    """The baseline with the lowest latency percentile `pct`, and joint's ratio to it."""
+    at = {p: runs[p]["latency_ms"][pct] for p in runs if runs[p]["latency_ms"][pct]}
+    base = {p: v for p, v in at.items() if p in BASELINES}
+    if "joint" not in at or not base:
+        return None
+    best = min(base, key=lambda p: base[p])
+    return best, round(at["joint"] / base[best], 3)
+
+
 def headline(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """joint p50 over the best static baseline's p50, and the hit rates, for one scenario;
     for information, the same ratio at p95 (where a trace's slow phase shows)."""
     p50 = {p: runs[p]["latency_ms"]["p50"] for p in runs if runs[p]["latency_ms"]["p50"]}
-    p95 = {p: runs[p]["latency_ms"]["p95"] for p in runs if runs[p]["latency_ms"]["p95"]}
-    base = {p: v for p, v in p50.items() if p in BASELINES}
     out: dict[str, Any] = {"p50_ms": p50, "hit_rate": {p: runs[p]["hit_rate"] for p in runs}}
-    if "joint" in p50 and base:
-        best = min(base, key=lambda p: base[p])
-        out.update(best_static=best, ratio=round(p50["joint"] / base[best], 3))
-        tail = {p: v for p, v in p95.items() if p in BASELINES}
-        if "joint" in p95 and tail:
-            best95 = min(tail, key=lambda p: tail[p])
-            out.update(best_static_p95=best95, ratio_p95=round(p95["joint"] / tail[best95], 3))
+    versus = _versus_best_static(runs, "p50")
+    if versus is not None:
+        out.update(best_static=versus[0], ratio=versus[1])
+        tail = _versus_best_static(runs, "p95")
+        if tail is not None:
+            out.update(best_static_p95=tail[0], ratio_p95=tail[1])
         best_hit = max(runs[p]["hit_rate"] or 0.0 for p in runs if p in BASELINES)
         out["joint_hit_ge_best"] = (runs["joint"]["hit_rate"] or 0.0) >= best_hit
     return out

@@ -7,12 +7,17 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from edgetok.procs import free_port, http_json, start_edgetok, stop, to_toml, wait_ready
 from edgetok.replay import DEFAULT_CHANNELS, ReplayPlan, load_dataset, make_plan, publish_plan
+
+if TYPE_CHECKING:
+    from edgetok.gateway.windows import ClosedWindow
+    from edgetok.models.bundle import Manifest
+    from edgetok.tokenizers import Tokenizer
 
 TOPIC = "sensors/imu"
 
@@ -142,16 +147,35 @@ def wait_results(gw: Proc, n: int, timeout: float = 60) -> list[dict[str, Any]]:
     return rows
 
 
-def offline_predictions(bundle: Path, plan: ReplayPlan, variant: str | None = None) -> np.ndarray:
-    """Logits of the unsplit model (split = L) on the plan's windows, run in-process."""
+def bundle_tokenizer(manifest: Manifest) -> Tokenizer:
+    """The tokenizer a bundle's manifest names, built."""
     from pydantic import TypeAdapter
 
-    from edgetok.models.runtime import Runtime
     from edgetok.tokenizers import TokenizerConfig
+
+    return TypeAdapter(TokenizerConfig).validate_python(manifest.input.tokenizer).build()
+
+
+def random_window(manifest: Manifest, seq: int) -> ClosedWindow:
+    """A closed window of the bundle's input shape, normal noise seeded by `seq`."""
+    from edgetok.gateway.windows import ClosedWindow
+    from edgetok.tokenizers.base import SeriesWindow
+
+    spec = manifest.input
+    values = np.random.default_rng(seq).normal(size=(len(spec.channels), spec.window))
+    ts = np.arange(spec.window) / spec.rate_hz
+    return ClosedWindow(stream="imu", seq=seq, start_ts=0.0, end_ts=float(ts[-1]),
+                        data=SeriesWindow(values=values, timestamps=ts),
+                        closed_mono=time.monotonic())
+
+
+def offline_predictions(bundle: Path, plan: ReplayPlan, variant: str | None = None) -> np.ndarray:
+    """Logits of the unsplit model (split = L) on the plan's windows, run in-process."""
+    from edgetok.models.runtime import Runtime
 
     rt = Runtime(bundle)
     m = rt.manifest
-    tok = TypeAdapter(TokenizerConfig).validate_python(m.input.tokenizer).build()
+    tok = bundle_tokenizer(m)
     t = np.stack([plan.timestamps(j) for j in range(len(plan.x))])
     tokens = tok.tokenize_array(plan.x.astype(np.float32), t).model_input()
     vid = variant or m.device_variant(0.0).id

@@ -10,20 +10,22 @@ from pathlib import Path
 from typing import Any
 
 import aiomqtt
-import numpy as np
 import pytest
 from conftest import Broker
-from harness import TOPIC, basicmotions_plan, start_coordinated, wait_for
-from pydantic import TypeAdapter
+from harness import (
+    TOPIC,
+    basicmotions_plan,
+    bundle_tokenizer,
+    random_window,
+    start_coordinated,
+    wait_for,
+)
 
 from edgetok.gateway.inference import CALIBRATION_MIN_RUNS, Inferencer
 from edgetok.gateway.inference import Decision as InfDecision
 from edgetok.gateway.timing import PROBE_SCALE_LIMIT, RUN_SAMPLES, ProbeCalibration, RunTimes
-from edgetok.gateway.windows import ClosedWindow
 from edgetok.models.runtime import Runtime
 from edgetok.replay import DEFAULT_CHANNELS, publish_plan
-from edgetok.tokenizers import TokenizerConfig
-from edgetok.tokenizers.base import SeriesWindow
 
 KEY = ("r0.00-s2", "head")
 
@@ -169,15 +171,6 @@ def test_a_calibration_learns_the_probes_bias_in_log_and_bounds_each_sample() ->
     assert wild.scale == pytest.approx(PROBE_SCALE_LIMIT ** 0.7), "and is forgotten as fast"
 
 
-def _window(runtime: Runtime, seq: int) -> ClosedWindow:
-    spec = runtime.manifest.input
-    values = np.random.default_rng(seq).normal(size=(len(spec.channels), spec.window))
-    ts = np.arange(spec.window) / spec.rate_hz
-    return ClosedWindow(stream="imu", seq=seq, start_ts=0.0, end_ts=float(ts[-1]),
-                        data=SeriesWindow(values=values, timestamps=ts),
-                        closed_mono=time.monotonic())
-
-
 @pytest.mark.asyncio
 async def test_probes_are_calibrated_against_window_heads_only_and_scaled_on_the_server(
         tiny_bundle: Path) -> None:
@@ -189,7 +182,7 @@ async def test_probes_are_calibrated_against_window_heads_only_and_scaled_on_the
     m = runtime.manifest
     device = m.device_variant(0.0)
     server = next(v for v in m.variants if v.split == 0 and v.pruning_ratio == 0.0)
-    tok = TypeAdapter(TokenizerConfig).validate_python(m.input.tokenizer).build()
+    tok = bundle_tokenizer(m)
 
     async def nowhere(frame: bytes, wait_s: float) -> bool:
         return False  # no broker: a server window falls back to the device
@@ -198,7 +191,7 @@ async def test_probes_are_calibrated_against_window_heads_only_and_scaled_on_the
     assert await inf.probe_head(0.1) is None, "nothing to run before the first window"
     heads = []
     for seq in range(2):  # the first run of a session is never timed
-        r = await inf.infer(_window(runtime, seq), 5.0)
+        r = await inf.infer(random_window(m, seq), 5.0)
         assert r.where == "device-fallback" and r.variant.id == device.id
     heads.append(r.latency_ms.head)
     for _ in range(2 * CALIBRATION_MIN_RUNS):
@@ -208,10 +201,10 @@ async def test_probes_are_calibrated_against_window_heads_only_and_scaled_on_the
     inf.decision = InfDecision(device.id, "fp32")
     cal = inf.probe_calibration
     for seq in range(2, 2 + CALIBRATION_MIN_RUNS - 2):
-        heads.append((await inf.infer(_window(runtime, seq), 5.0)).latency_ms.head)
+        heads.append((await inf.infer(random_window(m, seq), 5.0)).latency_ms.head)
         assert await inf.probe_head(0.0) is None
     assert cal.samples == 0, "probes are not window heads to calibrate against"
-    heads.append((await inf.infer(_window(runtime, 99), 5.0)).latency_ms.head)
+    heads.append((await inf.infer(random_window(m, 99), 5.0)).latency_ms.head)
     inf.take_fresh_head_ms()
     assert await inf.probe_head(0.0) is None, "a calibration reports nothing"
     assert cal.samples == 1 and inf.last_probe_ms is not None

@@ -11,17 +11,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from pydantic import TypeAdapter
+from harness import bundle_tokenizer, random_window
 
 from edgetok.frames import TailReply, decode_frame
 from edgetok.gateway import inference, qdisc
 from edgetok.gateway.inference import Decision, Inferencer
 from edgetok.gateway.linksense import LinkSensor, parse_iw_link
 from edgetok.gateway.uplink import OVERHEAD_GAP_S, UplinkState
-from edgetok.gateway.windows import ClosedWindow
 from edgetok.models.runtime import Runtime
-from edgetok.tokenizers import TokenizerConfig
-from edgetok.tokenizers.base import SeriesWindow
 
 IW_LINK = """Connected to aa:bb:cc:dd:ee:ff (on wlan0)
 \tSSID: plant-floor
@@ -93,16 +90,6 @@ async def test_sensor_reads_the_tbf_rate_it_is_given() -> None:
         subprocess.run(["ip", "link", "del", a], check=False)  # noqa: ASYNC221
 
 
-def _window(runtime: Runtime, seq: int) -> ClosedWindow:
-    spec = runtime.manifest.input
-    rng = np.random.default_rng(seq)
-    values = rng.normal(size=(len(spec.channels), spec.window)).astype(np.float64)
-    ts = np.arange(spec.window) / spec.rate_hz
-    return ClosedWindow(stream="imu", seq=seq, start_ts=0.0, end_ts=float(ts[-1]),
-                        data=SeriesWindow(values=values, timestamps=ts),
-                        closed_mono=time.monotonic())
-
-
 class Server:
     """The tail of a real split run, answering frames straight into the inferencer."""
 
@@ -129,7 +116,7 @@ def split_setup(tiny_bundle: Path) -> tuple[Inferencer, Server, str]:
     runtime = Runtime(tiny_bundle, threads=1)
     m = runtime.manifest
     split = next(v for v in m.variants if 0 < v.split < m.num_layers and v.pruning_ratio == 0)
-    tok = TypeAdapter(TokenizerConfig).validate_python(m.input.tokenizer).build()
+    tok = bundle_tokenizer(m)
     server = Server(runtime)
     inf = Inferencer("gw1", runtime, {"imu": tok}, server.publish,
                      Decision(split.id, "fp32"))
@@ -145,7 +132,7 @@ async def test_collapsed_sensed_link_goes_to_the_device_without_the_head(
     rate = {"bps": 50e6}
     inf.link_rate = lambda: rate["bps"]
     for seq in (0, 1):  # the first run of a session is not timed (see the next test)
-        ok = await inf.infer(_window(inf.runtime, seq), deadline_s=1.0)
+        ok = await inf.infer(random_window(inf.manifest, seq), deadline_s=1.0)
     assert ok.where == "split" and server.frames == 2
     assert inf.uplink.rtt_s, "a reply teaches the guard the round trip"
     # ... and the per-frame time beside the bits at the sensed rate and the server's tail.
@@ -153,14 +140,14 @@ async def test_collapsed_sensed_link_goes_to_the_device_without_the_head(
     assert inf.uplink.overhead_s is not None and 0 <= inf.uplink.overhead_s <= rtt
     heads = inf.run_ms.count((split, "head"))
     rate["bps"] = 100.0  # 100 bit/s: a frame of kilobytes would take minutes
-    r = await inf.infer(_window(inf.runtime, 2), deadline_s=1.0)
+    r = await inf.infer(random_window(inf.manifest, 2), deadline_s=1.0)
     assert r.where == "device-fallback" and server.frames == 2
     assert inf.uplink.guarded == 1 and inf.uplink.fallbacks == 1
     assert inf.run_ms.count((split, "head")) == heads, "the split head must not have run"
     assert inf.uplink.server_ok, "a slow link is not a dead server"
     # The link recovers: the next window goes out again at once, no probe wait.
     rate["bps"] = 50e6
-    r = await inf.infer(_window(inf.runtime, 3), deadline_s=1.0)
+    r = await inf.infer(random_window(inf.manifest, 3), deadline_s=1.0)
     assert r.where == "split" and server.frames == 3
 
 
@@ -173,9 +160,9 @@ async def test_coordinator_fallback_variant_is_used(
     other = next(v for v in m.variants if v.split == m.num_layers and v.pruning_ratio > 0)
     inf.decision = Decision(split, "fp32", fallback=other.id)
     inf.link_rate = lambda: 50e6
-    await inf.infer(_window(inf.runtime, 1), deadline_s=1.0)
+    await inf.infer(random_window(inf.manifest, 1), deadline_s=1.0)
     inf.link_rate = lambda: 100.0
-    r = await inf.infer(_window(inf.runtime, 2), deadline_s=1.0)
+    r = await inf.infer(random_window(inf.manifest, 2), deadline_s=1.0)
     assert r.where == "device-fallback" and r.variant.id == other.id
     assert r.label in m.labels
 
@@ -189,11 +176,11 @@ async def test_fallback_runs_at_the_fallback_clock_and_restores_it(
     inf.set_clock = clocks.append
     inf.decision = Decision(split, "fp32", fallback_hz=2.0e9, extra={"cpu_hz": 1.0e9})
     inf.link_rate = lambda: 50e6
-    await inf.infer(_window(inf.runtime, 1), deadline_s=1.0)
+    await inf.infer(random_window(inf.manifest, 1), deadline_s=1.0)
     assert clocks == []
     inf.link_rate = lambda: 100.0
     for seq in (2, 3):  # (a session's first run is not timed)
-        r = await inf.infer(_window(inf.runtime, seq), deadline_s=1.0)
+        r = await inf.infer(random_window(inf.manifest, seq), deadline_s=1.0)
     assert r.where == "device-fallback" and clocks == [2.0e9, 1.0e9] * 2
     # The raised-clock run times size the reserve, but are not reported as head times at
     # the decision's clock (the coordinator would read a faster device into them).
@@ -206,7 +193,7 @@ async def test_no_frame_overhead_without_a_sensed_rate(
         split_setup: tuple[Inferencer, Server, str]) -> None:
     """Without a rate to take the bits off, the round trip cannot be split: none is kept."""
     inf, server, _ = split_setup
-    r = await inf.infer(_window(inf.runtime, 1), deadline_s=1.0)
+    r = await inf.infer(random_window(inf.manifest, 1), deadline_s=1.0)
     assert r.where == "split" and server.frames == 1
     assert inf.uplink.rtt_s and inf.uplink.overhead_s is None
 
@@ -222,15 +209,15 @@ async def test_one_slow_reply_does_not_shut_the_server_out(
     inf.runtime.session(inf.decision.variant, "head")  # opened, as on a decision
     inf.link_rate = lambda: 50e6  # the frame's bits take microseconds: only history is slow
     server.delay_s = 0.6  # one slow spell, such as a tail session opened on first use
-    r = await inf.infer(_window(inf.runtime, 1), deadline_s=1.0)
+    r = await inf.infer(random_window(inf.manifest, 1), deadline_s=1.0)
     assert r.where == "split" and server.frames == 1
     server.delay_s = 0.0
-    r = await inf.infer(_window(inf.runtime, 2), deadline_s=0.4)
+    r = await inf.infer(random_window(inf.manifest, 2), deadline_s=0.4)
     assert r.where == "device-fallback" and server.frames == 1 and inf.uplink.guarded == 1
     await asyncio.sleep(inf.uplink.next_probe - time.monotonic() + 0.05)  # a probe is due
-    r = await inf.infer(_window(inf.runtime, 3), deadline_s=0.4)
+    r = await inf.infer(random_window(inf.manifest, 3), deadline_s=0.4)
     assert r.where == "split" and server.frames == 2, "a due probe goes out despite history"
-    r = await inf.infer(_window(inf.runtime, 4), deadline_s=0.4)
+    r = await inf.infer(random_window(inf.manifest, 4), deadline_s=0.4)
     assert r.where == "split" and server.frames == 3, "the probe's reply replaced the history"
     assert inf.uplink.guarded == 1
 
@@ -242,15 +229,15 @@ async def test_telemetry_gets_only_the_heads_that_ran_since_it_last_asked(
     estimate again and again, long after the device changed."""
     inf, _, split = split_setup
     inf.link_rate = lambda: 50e6
-    await inf.infer(_window(inf.runtime, 1), deadline_s=1.0)
+    await inf.infer(random_window(inf.manifest, 1), deadline_s=1.0)
     assert inf.take_fresh_head_ms() == {}, "a session's first run is not its speed"
     assert (split, "head") not in inf.run_ms
-    await inf.infer(_window(inf.runtime, 2), deadline_s=1.0)
+    await inf.infer(random_window(inf.manifest, 2), deadline_s=1.0)
     assert set(inf.take_fresh_head_ms()) == {split}
     assert inf.take_fresh_head_ms() == {}, "nothing ran since"
     inf.link_rate = lambda: 100.0  # guarded: the split head does not run, the fallback does
     for seq in (3, 4):
-        r = await inf.infer(_window(inf.runtime, seq), deadline_s=1.0)
+        r = await inf.infer(random_window(inf.manifest, seq), deadline_s=1.0)
     assert r.where == "device-fallback"
     assert set(inf.take_fresh_head_ms()) == {r.variant.id}
     assert split in inf.head_ms, "the status page keeps every head's last figure"
