@@ -71,6 +71,11 @@ class Telemetry(_Wire):
         "a sensed link rate and frames sent in the interval; the coordinator then takes the "
         "wire rate from link_bps and adds this per frame, where goodput alone would charge it "
         "to the rate.")
+    frame_floor_ms: float | None = Field(
+        None, ge=0, description="Median over the same replies of how long a frame took to "
+        "leave when that was longer than its radio hold (else 0): a wait, such as a CPU "
+        "quota refilling, that a longer hold would have hidden. The coordinator plans a "
+        "frame of airtime t at max(t, floor) + frame_overhead_ms. Absent: 0.")
     cpu_hz: float | None = Field(None, gt=0, description="Current CPU clock of the head (Hz).")
     head_ms: dict[str, float] = Field(
         default_factory=dict, description="Head latency per variant id (ms), measured at "

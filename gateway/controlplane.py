@@ -118,12 +118,14 @@ class ControlPlane:
         # Only when frames went out since the last report (the coordinator tells a fresh
         # figure from a stale one by its arrival), and measured against the sensed rate, so
         # meaningless without it.
-        overhead = None if not sent or link is None or up.overhead_s is None else \
-            round(up.overhead_s * 1e3, 3)
+        fresh = bool(sent) and link is not None and up.overhead_s is not None
+        overhead = round(up.overhead_s * 1e3, 3) if fresh and up.overhead_s is not None \
+            else None
+        floor = round(up.floor_s * 1e3, 3) if fresh and up.floor_s is not None else None
         return Telemetry(
             gateway=gw.cfg.id, ts=time.time(), uplink_bps=bps,
             tx_power_w=self.actuators.effective_tx_power_w(), link_bps=link,
-            frame_overhead_ms=overhead,
+            frame_overhead_ms=overhead, frame_floor_ms=floor,
             cpu_hz=self.actuators.effective_cpu_hz(),
             head_ms={k: round(v, 3) for k, v in gw.inferencer.take_fresh_head_ms().items()},
             queue_depth=len(gw.inflight), windows_per_s=round(rate, 4), windows_done=done,

@@ -391,9 +391,11 @@ class Inferencer:
             hold = self.airtime(len(frame))
             if hold > 0:  # frames queue for the emulated radio, one after the other
                 self._radio_free = max(t0, self._radio_free) + hold
-                await asyncio.sleep(self._radio_free - t0)
+                hold = self._radio_free - t0
+                await asyncio.sleep(hold)
                 if time.monotonic() >= deadline_mono:  # still on the air at the cutoff
                     raise TimeoutError
+            left_s = time.monotonic() - t0
             if not await self.publish_frame(frame, remaining):
                 raise TimeoutError
             up.frames_sent += 1
@@ -414,7 +416,8 @@ class Inferencer:
         if reply.error is None:
             rate = self.link_rate()
             up.learn(link_key, rtt_s, rate, fresh=fresh)
-            up.learn_overhead(rtt_s, reply.tail_ms / 1000, up.frame_bits[link_key], rate)
+            up.learn_overhead(rtt_s, reply.tail_ms / 1000, up.frame_bits[link_key], rate,
+                              left_s, hold)
         return reply, rtt_s * 1000
 
     def close(self) -> None:

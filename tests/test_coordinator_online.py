@@ -354,6 +354,35 @@ def test_frame_overhead_is_charged_per_frame_not_to_the_rate() -> None:
     assert np.allclose(after[tx], plain[tx])
 
 
+def test_a_frame_floor_is_hidden_by_a_longer_airtime_not_added_to_it() -> None:
+    """A gateway whose frames wait 16 ms to leave whatever their size (a 10% CPU quota
+    refilling) pays that wait inside a longer frame's airtime: a frame is planned at
+    max(airtime, floor) + overhead, not airtime + floor + overhead (e2e run 18, Pi trace)."""
+    ctl = OnlineController(config(), MANIFEST)
+    t = ctl.table
+    ctl.observe(Telemetry(gateway="a", ts=0.0, link_bps=10e6, frame_overhead_ms=2.5,
+                          frame_floor_ms=16.0, tx_power_w=P_MAX), 0.0)
+    env, queue = ctl.environment("a", 0.0)
+    alone = OnlineController(config(), MANIFEST)
+    alone.observe(Telemetry(gateway="b", ts=0.0, tx_power_w=P_MAX, link_bps=10e6), 0.0)
+    plain = alone.environment("b", 0.0)[1]
+    airtime = t.bits / rate_bps(P_MAX, env)  # at the planned (backed-off) rate
+    tx = t.transmits
+    short, long_ = tx & (airtime < 0.014), tx & (airtime > 0.018)
+    assert short.any() and long_.any(), "the premise: frames on both sides of the floor"
+    extra = queue - plain
+    assert np.allclose(extra[short], 0.0025 + 0.016 - airtime[short])
+    assert np.allclose(extra[long_], 0.0025)
+    # So a short frame takes the floor and a long one its airtime, plus the overhead.
+    lat, _ = evaluate(t, env, env.f_max_hz, P_MAX, queue)
+    base, _ = evaluate(t, env, env.f_max_hz, P_MAX, plain)
+    assert np.allclose((lat - base + airtime)[short], 0.016 + 0.0025)
+    # No floor reported (older gateways, real radios): one overhead per frame, as before.
+    ctl.observe(Telemetry(gateway="a", ts=1.0, link_bps=10e6, frame_overhead_ms=2.5,
+                          tx_power_w=P_MAX), 1.0)
+    assert np.allclose((ctl.environment("a", 1.0)[1] - plain)[tx], 0.0025)
+
+
 def test_a_newcomer_borrows_the_fleets_frame_overhead_until_it_has_its_own() -> None:
     """The broker's hops are the same for every gateway of a server: one that has sent no
     frame yet plans with the median of the others' fresh overheads, not with none."""

@@ -292,14 +292,18 @@ async def test_telemetry_reports_frame_overhead_only_for_fresh_frames_on_a_sense
         tmp_path: Path, tiny_bundle: Path) -> None:
     gw = Gateway(config(tmp_path, tiny_bundle))
     up, sensor = gw.inferencer.uplink, gw.control.sensor
+    up.learn_overhead(0.050, 0.001, 8000.0, 8e6)  # the first reply, cold: not kept
     for x in (0.004, 0.030, 0.005):  # one throttling spike among them: the median ignores it
         up.learn_overhead(x + 0.001, 0.001, 8000.0, 8e6)
+    for _ in range(2):  # frames that left 20 ms after their 1 ms hold: a 20 ms floor each
+        up.learn_overhead(0.025, 0.001, 8000.0, 8e6, left_s=0.020, hold_s=0.001)
     # A reading as the link sensor keeps it (this host has no tbf link to sense).
     sensor._rate, sensor._at = 10e6, asyncio.get_running_loop().time()
     assert gw.control.telemetry().frame_overhead_ms is None  # no frame went out since
     up.bytes_sent += 1000
     t = gw.control.telemetry()
     assert t.link_bps == 10e6 and t.frame_overhead_ms == pytest.approx(4.0)
+    assert t.frame_floor_ms == 0.0  # the median: three of five frames left on time
     up.bytes_sent += 1000
     sensor._rate = None  # measured against a rate no longer known: not reported
     assert gw.control.telemetry().frame_overhead_ms is None

@@ -245,8 +245,11 @@ async def test_telemetry_gets_only_the_heads_that_ran_since_it_last_asked(
 
 def test_overheads_from_before_a_gap_in_replies_are_dropped() -> None:
     """A gateway back from its device (a coordinator's trial of the server) reports the
-    overhead of its new replies, not a median still set by its first, warming-up ones."""
+    overhead of its new replies, not a median still set by its first, warming-up ones; and
+    the first reply after a start or a gap, which pays for cold paths, is not kept."""
     up = UplinkState()
+    up.learn_overhead(0.030, 0.001, 0.0, 8e6)
+    assert up.overhead_s is None, "the first reply is cold"
     for _ in range(10):
         up.learn_overhead(0.011, 0.001, 0.0, 8e6)
     assert up.overhead_s == pytest.approx(0.010)
@@ -254,5 +257,44 @@ def test_overheads_from_before_a_gap_in_replies_are_dropped() -> None:
     assert up.overhead_s == pytest.approx(0.010), "one new reply among recent ones"
     up.last_overhead_mono -= OVERHEAD_GAP_S + 1  # as if it had been away that long
     up.learn_overhead(0.004, 0.001, 0.0, 8e6)
-    assert up.overhead_s == pytest.approx(0.003)
+    assert up.overhead_s is None, "the first reply after a gap is cold too"
+    up.learn_overhead(0.004, 0.001, 0.0, 8e6)
     assert list(up.overheads_s) == [pytest.approx(0.003)]
+
+
+def test_a_frame_that_leaves_late_moves_its_wait_from_the_overhead_to_the_floor() -> None:
+    """Held 1 ms for its airtime but gone only after 16: the 15 ms are a wait a longer
+    hold would have hidden, so they are the floor's, not the per-frame overhead's."""
+    up = UplinkState()
+    bits, rate = 8000.0, 8e6  # 1 ms of airtime
+    for _ in range(3):
+        up.learn_overhead(0.0185, 0.0, bits, rate, left_s=0.016, hold_s=0.001)
+    assert up.overhead_s == pytest.approx(0.0025)
+    assert up.floor_s == pytest.approx(0.016)
+    # On time (within LATE_SLACK_S), the wait is the hold itself: no floor, as before.
+    on_time = UplinkState()
+    for _ in range(3):
+        on_time.learn_overhead(0.0185, 0.0, bits, rate, left_s=0.0015, hold_s=0.001)
+    assert on_time.overhead_s == pytest.approx(0.0175) and on_time.floor_s == 0.0
+
+
+@pytest.mark.asyncio
+async def test_a_busy_loop_during_the_radio_hold_is_measured_as_the_floor(
+        split_setup: tuple[Inferencer, Server, str]) -> None:
+    """The loop stalls for 30 ms inside a 1 ms radio hold (as a throttled CPU stalls it):
+    the real frame path reports the stall as its floor and keeps it off the overhead."""
+    inf, server, _ = split_setup
+    inf.link_rate = lambda: 50e6
+    stall_s = 0.030
+
+    def hold_with_a_stall(nbytes: int) -> float:
+        asyncio.get_running_loop().call_soon(time.sleep, stall_s)
+        return 0.001
+
+    inf.airtime = hold_with_a_stall
+    for seq in range(4):
+        r = await inf.infer(random_window(inf.manifest, seq), deadline_s=1.0)
+        assert r.where == "split"
+    floor, overhead = inf.uplink.floor_s, inf.uplink.overhead_s
+    assert floor is not None and overhead is not None
+    assert floor >= stall_s and overhead < stall_s / 2

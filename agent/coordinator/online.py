@@ -24,6 +24,7 @@ from edgetok.agent.coordinator.model import (
     OptionTable,
     gain_from_rate,
     options_from_manifest,
+    rate_bps,
 )
 from edgetok.agent.coordinator.policies import make_policy
 from edgetok.agent.coordinator.solver import FEAS_RTOL, Solution, rank, solve_options
@@ -66,6 +67,7 @@ class GatewayState:
     planned: tuple[float, ...] = field(default_factory=tuple)
     last_seen: float = -math.inf
     frame_overhead_s: float = 0.0  # per frame, beside bits / rate (see Telemetry)
+    frame_floor_s: float = 0.0  # least time a frame takes to leave (see Telemetry)
     last_overhead_ts: float = -math.inf
     trials: Trials = field(default_factory=Trials)  # of the server path (trials.py)
     overhead_in_rate: bool = False  # no sensed rate: goodput carries the overhead
@@ -153,12 +155,13 @@ class OnlineController:
         # its frames off a link too slow for them, or runs everything on the device).
         if t.frame_overhead_ms is not None and t.link_bps is not None:
             st.frame_overhead_s = t.frame_overhead_ms / 1000.0
+            st.frame_floor_s = (t.frame_floor_ms or 0.0) / 1000.0
             st.last_overhead_ts = now
             st.overhead_in_rate = False
             bps: float | None = t.link_bps
         else:
             if t.uplink_bps is not None:
-                st.frame_overhead_s = 0.0
+                st.frame_overhead_s = st.frame_floor_s = 0.0
                 st.overhead_in_rate = True
             bps = t.uplink_bps if t.uplink_bps is not None else t.link_bps
         if bps is not None:
@@ -283,32 +286,48 @@ class OnlineController:
         env = self._environment(self._gain(st, now), self._bandwidth(gateway, True),
                                 self._speed(st, now), wait, deadline, slow)
         # Applied to transmitting options only, as the server queue is (fixed_latency).
-        return env, self._queue(gateway, st, slow) + self._overhead(st, now) + \
+        return env, self._queue(gateway, st, slow) + self._overhead(st, env, now) + \
             self.fallback_reserve(env)
 
-    def _overhead(self, st: GatewayState, now: float) -> float:
-        """The per-frame overhead: the gateway's own while fresh; before it has sent a frame,
-        the fleet's (`_fleet_overhead`); once stale, relaxed toward the fleet's, so a gateway
-        that stopped sending after a slow spell tries the server again."""
-        if st.overhead_in_rate:
-            return 0.0
-        if now - st.last_overhead_ts <= self.config.stale_after_s:
-            return st.frame_overhead_s  # fresh: no need to look at the fleet
-        return relaxed(st.frame_overhead_s, self._fleet_overhead(st, now), st.last_overhead_ts,
-                       now, self.config.stale_after_s)
+    def _overhead(self, st: GatewayState, env: Environment, now: float) -> np.ndarray:
+        """Per option, what a frame costs beside its bits at r(p) and the server: the
+        per-frame overhead, and the part of the floor its airtime does not cover.
 
-    def _fleet_overhead(self, st: GatewayState, now: float) -> float:
-        """The median fresh per-frame overhead of the other gateways; 0 when there is none.
+        The gateway's own figures while fresh; before it has sent a frame, the fleet's
+        (`_fleet_overhead`); once stale, relaxed toward the fleet's, so a gateway that
+        stopped sending after a slow spell tries the server again. A 10% gateway's frames
+        wait ~16 ms for its CPU quota however small they are, and that wait runs inside a
+        longer frame's airtime: one overhead added to every frame planned 0.5 Mbit/s 70%
+        slower than it was (e2e run 18's Pi trace), and kept the gateway on its device.
+        The airtime is taken at full power: a lower one only hides more of the floor.
+        """
+        if st.overhead_in_rate:
+            return np.zeros(len(self.table.options))
+        overhead, floor = st.frame_overhead_s, st.frame_floor_s
+        if now - st.last_overhead_ts > self.config.stale_after_s:
+            fleet_overhead, fleet_floor = self._fleet_overhead(st, now)
+            args = (st.last_overhead_ts, now, self.config.stale_after_s)
+            overhead = relaxed(overhead, fleet_overhead, *args)
+            floor = relaxed(floor, fleet_floor, *args)
+        airtime = self.table.bits / np.maximum(rate_bps(env.p_max_w, env), 1e-300)
+        return np.asarray(overhead + np.maximum(floor - airtime, 0.0))
+
+    def _fleet_overhead(self, st: GatewayState, now: float) -> tuple[float, float]:
+        """The median fresh per-frame overhead and floor of the other gateways; 0 when there
+        is none.
 
         The broker's hops and the server's share of a reply are common to every gateway of
         this server, so a newcomer need not probe the server near a tie just to learn them
         (16 gateways starting at once each did). With nothing to go on, optimism: an untried
         path must get tried, or it is never measured.
         """
-        fresh = [o.frame_overhead_s for o in self.gateways.values()
+        fresh = [o for o in self.gateways.values()
                  if o is not st and not o.overhead_in_rate
                  and now - o.last_overhead_ts <= self.config.stale_after_s]
-        return statistics.median(fresh) if fresh else 0.0
+        if not fresh:
+            return 0.0, 0.0
+        return (statistics.median(o.frame_overhead_s for o in fresh),
+                statistics.median(o.frame_floor_s for o in fresh))
 
     def fallback(self, env: Environment) -> int:
         """The on-device option a gateway runs when the server cannot answer in time."""
