@@ -283,6 +283,10 @@ def main(argv: list[str] | None = None) -> int:
     matrix = scenarios(args.quick, replay_s, args.max_gateways)
     if args.only:
         keep = set(args.only.split(","))
+        unknown = keep - {s.name for s in matrix}
+        if unknown:  # a typo would otherwise run a smaller matrix without a word
+            raise SystemExit(f"e2e: no scenario named {', '.join(sorted(unknown))}; "
+                             f"the matrix has: {', '.join(s.name for s in matrix)}")
         matrix = [s for s in matrix if s.name in keep]
     work = Path(tempfile.mkdtemp(prefix="etk-e2e-"))
     lanes = {s.name: len(policies) if side_by_side(s, args.sequential) else 1 for s in matrix}

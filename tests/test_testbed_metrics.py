@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -273,3 +274,13 @@ def test_a_lane_keeps_only_its_own_gateways_records() -> None:
     assert lane["started"] == 1.0 and lane["sent"] == [{"gateway": "b"}]
     assert lane["results"] == data["results"] and lane["decisions"] == []
     assert lane["telemetry"] == [{"gateway": "b"}] and data["sent"][0] == {"gateway": "a"}
+
+
+def test_e2e_refuses_a_scenario_name_the_matrix_does_not_have() -> None:
+    """`--only pi-trace` (the scenario is pi-trace-50-0.5-50) once ran a smaller matrix
+    without a word: now it stops before the test bed is built, naming the real ones."""
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "e2e.py"), "--only",
+                          "link-50,pi-trace"], capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0
+    assert "no scenario named pi-trace;" in out.stderr
+    assert "pi-trace-50-0.5-50" in out.stderr and "link-50" not in out.stderr.split(";")[0]

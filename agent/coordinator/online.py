@@ -297,8 +297,9 @@ class OnlineController:
         (`_fleet_overhead`); once stale, relaxed toward the fleet's, so a gateway that
         stopped sending after a slow spell tries the server again. A 10% gateway's frames
         wait ~16 ms for its CPU quota however small they are, and that wait runs inside a
-        longer frame's airtime: one overhead added to every frame planned 0.5 Mbit/s 70%
-        slower than it was (e2e run 18's Pi trace), and kept the gateway on its device.
+        longer frame's airtime: one overhead added to every frame planned the uplink at 35 ms
+        where it took 18 (e2e run 18's Pi trace at 0.5 Mbit/s), and kept the gateway on
+        its device.
         The airtime is taken at full power: a lower one only hides more of the floor.
         """
         if st.overhead_in_rate:
