@@ -295,6 +295,7 @@ async def test_a_busy_loop_during_the_radio_hold_is_measured_as_the_floor(
     for seq in range(4):
         r = await inf.infer(random_window(inf.manifest, seq), deadline_s=1.0)
         assert r.where == "split"
+    assert server.frames == 4
     floor, overhead = inf.uplink.floor_s, inf.uplink.overhead_s
     assert floor is not None and overhead is not None
     assert floor >= stall_s and overhead < stall_s / 2
