@@ -20,6 +20,10 @@ OVERHEAD_SAMPLES = 16
 # the server (on its device), and a figure from its first, warming-up replies would
 # otherwise still set the median when it comes back for a coordinator's trial.
 OVERHEAD_GAP_S = 10.0
+# Replies kept before the overhead is reported: the median of three ignores one outlier, and
+# one early figure (8 ms where 2.5 was usual, at 10% CPU) sent a gateway back to its device
+# for the rest of an e2e round.
+MIN_OVERHEAD_SAMPLES = 3
 # A frame that left this much later than its airtime waited for more than the radio: on a
 # CPU quota, for the period that refills it (e2e run 18: 16 ms on a 10% gateway).
 LATE_SLACK_S = 0.001
@@ -93,13 +97,14 @@ class UplinkState:
 
     @property
     def overhead_s(self) -> float | None:
-        """Median of the recent overheads (a slow CPU's throttling makes single ones spiky)."""
-        return statistics.median(self.overheads_s) if self.overheads_s else None
+        """Median of the recent overheads (a slow CPU's throttling makes single ones spiky);
+        None until there are MIN_OVERHEAD_SAMPLES."""
+        return _median(self.overheads_s)
 
     @property
     def floor_s(self) -> float | None:
         """Median of the recent floors: the least time a frame takes to leave."""
-        return statistics.median(self.floors_s) if self.floors_s else None
+        return _median(self.floors_s)
 
     def predict(self, key: str, bits: float, rate_bps: float | None) -> float | None:
         """Expected round trip of a frame of `bits` now; None with nothing to go on.
@@ -114,3 +119,7 @@ class UplinkState:
         if rate_bps is None or then is None:
             return rtt
         return max(rtt + bits / rate_bps - bits / then, bits / rate_bps)
+
+
+def _median(samples: deque[float]) -> float | None:
+    return statistics.median(samples) if len(samples) >= MIN_OVERHEAD_SAMPLES else None
