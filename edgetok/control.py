@@ -118,7 +118,9 @@ class Decision(_Wire):
     tx_power_w: float = Field(
         ge=0, description="Transmit power (W); 0 when nothing is transmitted (split = L): "
         "leave the radio at its default.")
-    latency_ms: float = Field(ge=0, description="Predicted end-to-end latency per window (ms).")
+    latency_ms: float = Field(ge=0, description="Predicted end-to-end latency per window at "
+                              "the link gain's mean, what the median window sees (ms); the "
+                              "deadline is checked against a gain backed off for fading.")
     energy_mj: float = Field(ge=0, description="Predicted device energy per window (mJ).")
     distortion: float = Field(description="Predicted distortion (accuracy loss or output "
                               "distortion, as configured).")

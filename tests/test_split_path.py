@@ -10,12 +10,10 @@ import aiomqtt
 import numpy as np
 import pytest
 from conftest import Broker
-from harness import basicmotions_plan, server_config, spawn
-from pydantic import TypeAdapter
+from harness import basicmotions_plan, bundle_tokenizer, server_config, spawn
 
 from edgetok.frames import FrameHeader, TailReply, encode_frame
 from edgetok.models.runtime import Runtime
-from edgetok.tokenizers import TokenizerConfig
 
 pytestmark = pytest.mark.slow
 
@@ -43,7 +41,7 @@ def test_tail_over_the_wire_equals_full_model_for_every_split(
         rt = Runtime(tiny_bundle)
         m = rt.manifest
         plan = basicmotions_plan(limit=8)
-        tok = TypeAdapter(TokenizerConfig).validate_python(m.input.tokenizer).build()
+        tok = bundle_tokenizer(m)
         t = np.stack([plan.timestamps(j) for j in range(len(plan.x))])
         tokens = tok.tokenize_array(plan.x.astype(np.float32), t).model_input()
         frames, expected = [], {}
