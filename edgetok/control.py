@@ -63,7 +63,8 @@ class Telemetry(_Wire):
         None, ge=0, description="Transmit power in force while uplink_bps was measured (W).")
     link_bps: float | None = Field(
         None, gt=0, description="Link rate the radio reports now (bit/s: Wi-Fi tx bitrate, or "
-        "the emulated tbf rate); stands in for uplink_bps when no frame was sent.")
+        "the emulated tbf rate). When present, the coordinator plans the wire at this rate "
+        "(plus frame_overhead_ms per frame) and uplink_bps is for information only.")
     frame_overhead_ms: float | None = Field(
         None, ge=0, description="Median over recent replies of the part of a round trip that "
         "is neither the frame's bits at link_bps nor the server's tail: encoding and "

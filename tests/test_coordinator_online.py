@@ -421,6 +421,26 @@ def test_a_frame_floor_is_hidden_by_a_longer_airtime_not_added_to_it() -> None:
     assert np.allclose((ctl.environment("a", 1.0)[1] - plain)[tx], 0.0025)
 
 
+def test_goodput_is_not_read_as_the_link_rate_while_a_sensed_rate_awaits_its_overhead(
+        ) -> None:
+    """A gateway reports its overhead only from a few replies on; the reports before carry
+    the goodput of its first frames (0.4 Mbit/s on a 50 Mbit/s link in e2e run 20). The
+    gain stays the sensed rate's and the overhead the last one known."""
+    ctl = OnlineController(config(), MANIFEST)
+    ctl.observe(Telemetry(gateway="a", ts=0.0, link_bps=50e6, frame_overhead_ms=3.0,
+                          uplink_bps=20e6, tx_power_w=P_MAX), 0.0)
+    ctl.observe(Telemetry(gateway="a", ts=1.0, link_bps=50e6, uplink_bps=0.4e6,
+                          tx_power_w=P_MAX), 1.0)
+    sensed = OnlineController(config(), MANIFEST)
+    for ts in (0.0, 1.0):
+        sensed.observe(Telemetry(gateway="a", ts=ts, link_bps=50e6, tx_power_w=P_MAX), ts)
+    env, queue = ctl.environment("a", 1.0)
+    env_s, queue_s = sensed.environment("a", 1.0)
+    assert env.gain == pytest.approx(env_s.gain)
+    tx = ctl.table.transmits
+    assert np.allclose(queue[tx] - queue_s[tx], 0.003)
+
+
 def test_a_newcomer_borrows_the_fleets_frame_overhead_until_it_has_its_own() -> None:
     """The broker's hops are the same for every gateway of a server: one that has sent no
     frame yet plans with the median of the others' fresh overheads, not with none."""
