@@ -118,10 +118,10 @@ class ControlPlane:
         # Only when frames went out since the last report (the coordinator tells a fresh
         # figure from a stale one by its arrival), and measured against the sensed rate, so
         # meaningless without it.
-        fresh = bool(sent) and link is not None and up.overhead_s is not None
-        overhead = round(up.overhead_s * 1e3, 3) if fresh and up.overhead_s is not None \
-            else None
-        floor = round(up.floor_s * 1e3, 3) if fresh and up.floor_s is not None else None
+        fresh = bool(sent) and link is not None
+        ov, fl = up.overhead_s, up.floor_s
+        overhead = round(ov * 1e3, 3) if fresh and ov is not None else None
+        floor = round(fl * 1e3, 3) if fresh and fl is not None else None
         return Telemetry(
             gateway=gw.cfg.id, ts=time.time(), uplink_bps=bps,
             tx_power_w=self.actuators.effective_tx_power_w(), link_bps=link,

@@ -24,8 +24,8 @@ OVERHEAD_GAP_S = 10.0
 # one early figure (8 ms where 2.5 was usual, at 10% CPU) sent a gateway back to its device
 # for the rest of an e2e round.
 MIN_OVERHEAD_SAMPLES = 3
-# A frame that left this much later than its airtime waited for more than the radio: on a
-# CPU quota, for the period that refills it (e2e run 18: 16 ms on a 10% gateway).
+# A frame that left this much later than its radio hold waited for more than the radio: on
+# a CPU quota, for the period that refills it (e2e run 19: ~9 ms on a 10% gateway).
 LATE_SLACK_S = 0.001
 
 

@@ -303,11 +303,11 @@ class OnlineController:
         The gateway's own figures while fresh; before it has sent a frame, the fleet's
         (`_fleet_overhead`); once stale, relaxed toward the fleet's, so a gateway that
         stopped sending after a slow spell tries the server again. A 10% gateway's frames
-        wait ~16 ms for its CPU quota however small they are, and that wait runs inside a
-        longer frame's airtime: one overhead added to every frame planned the uplink at 35 ms
-        where it took 18 (e2e run 18's Pi trace at 0.5 Mbit/s), and kept the gateway on
-        its device.
-        The airtime is taken at full power: a lower one only hides more of the floor.
+        wait ~9 ms for its CPU quota however small they are (e2e run 19), and that wait runs
+        inside a longer frame's airtime: one overhead added to every frame planned the
+        uplink at 35 ms where it took 18 (run 18's Pi trace at 0.5 Mbit/s), and kept the
+        gateway on its device. The airtime is taken at full power: a lower one only hides
+        more of the floor.
         """
         if st.overhead_in_rate:
             return np.zeros(len(self.table.options))
@@ -440,7 +440,7 @@ class OnlineController:
         backed-off gain and the reserve, so the deadline still holds in a fade.
 
         Ranked at the backed-off gain, a newcomer's link (its gain prior: 6 dB, backed off
-        2σ) planned 16x slower than it was, and a 10% gateway ran its device for the first
+        2σ) planned at 1/16 of its rate, and a 10% gateway ran its device for the first
         5-8 s of every e2e round at 0.5 Mbit/s, where the server was 1.2x faster. Counting
         the reserve, every transmitting option would look slower by a fallback it rarely runs.
         """
