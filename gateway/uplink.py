@@ -47,8 +47,8 @@ class UplinkState:
     # Recent times of a reply after its frame left that are not the server's tail:
     # publishing here, the broker's hops, the reply's way back.
     overheads_s: deque[float] = field(default_factory=lambda: deque(maxlen=OVERHEAD_SAMPLES))
-    # Beside each: how long the frame took to leave when that was later than its airtime
-    # (else 0). A radio hold that long costs nothing more: the wait runs inside it.
+    # Beside each: how long the frame took to leave when that was later than its radio hold
+    # (else 0). A hold that long costs nothing more: the wait runs inside it.
     floors_s: deque[float] = field(default_factory=lambda: deque(maxlen=OVERHEAD_SAMPLES))
     last_overhead_mono: float = -float("inf")
 
