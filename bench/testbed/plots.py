@@ -91,9 +91,9 @@ def plot_all(doc: dict[str, Any], out: Path, stem: str = "e2e") -> list[Path]:
             if not m or "error" in m:
                 continue
             c, mk = STYLE[pol]
-            rows = m["per_window"]
+            rows = sorted(m["per_window"], key=lambda r: r["t"])  # every round on one clock
             ax.plot([r["t"] for r in rows], [r["latency_ms"] for r in rows], marker=mk,
-                    ms=3, color=c, label=pol)
+                    ms=3, lw=0.6, color=c, label=pol)
         ax.axhline(deadline, color="grey", ls="--", lw=0.8, label="deadline")
         for at, mbit in sc["trace"]:
             ax.axvline(at, color="k", lw=0.5)
