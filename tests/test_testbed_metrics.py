@@ -218,6 +218,7 @@ def test_rounds_merge_into_one_run_of_all_their_windows() -> None:
     spec = _spec(actuators=True)
     first, second = _data(spec), _data(spec)
     later = 100.0
+    second.driver["started"] += later
     for row in second.driver["sent"]:
         row["gateway"], row["t_pub"] = "g0-r2", row["t_pub"] + later
     for row in second.driver["results"]:
@@ -236,6 +237,9 @@ def test_rounds_merge_into_one_run_of_all_their_windows() -> None:
     assert both["latency_ms"]["p50"] == one["latency_ms"]["p50"]
     assert both["uplink_wire_bytes"] == 2 * one["uplink_wire_bytes"]
     assert both["decisions"] == 2
+    # Each round's windows keep their time from their own replay's start (a trace's plot
+    # restarts with the trace), not from the first round's.
+    assert [r["t"] for r in both["per_window"]] == [r["t"] for r in one["per_window"]] * 2
     assert merged([first]) is first
 
 

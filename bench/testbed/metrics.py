@@ -64,7 +64,8 @@ def summarise(data: RunData) -> dict[str, Any]:
         energy.append(e_mj)
         fbytes.append(nbytes)
         rows.append({"gateway": sent["gateway"], "window": sent["window"],
-                     "t": round(sent["t_pub"] - drv["started"], 3), "latency_ms": round(ms, 3),
+                     "t": round(sent["t_pub"] - _round_start(drv, sent["t_pub"]), 3),
+                     "latency_ms": round(ms, 3),
                      "where": r["where"], "variant": r["variant"]["id"],
                      "stages_ms": r["latency_ms"], "energy_mj": round(e_mj, 4),
                      "frame_bytes": nbytes, "link_mbit": mbit})
@@ -92,3 +93,10 @@ def summarise(data: RunData) -> dict[str, Any]:
 def _r(x: float) -> float | None:
     """Round for JSON; None for NaN or infinity."""
     return None if not np.isfinite(x) else round(float(x), 3)
+
+
+def _round_start(drv: dict[str, Any], t_pub: float) -> float:
+    """When the replay that published at `t_pub` started: a trace's time axis restarts with
+    each round, as the trace does."""
+    starts = [t for t in drv.get("round_starts", [drv["started"]]) if t <= t_pub]
+    return max(starts) if starts else float(drv["started"])

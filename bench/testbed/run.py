@@ -96,7 +96,8 @@ def merged(parts: list[RunData]) -> RunData:
     if len(parts) == 1:
         return parts[0]
     first = parts[0]
-    driver: dict[str, Any] = {"started": first.driver["started"]}
+    driver: dict[str, Any] = {"started": first.driver["started"],
+                              "round_starts": [p.driver["started"] for p in parts]}
     for key in ("sent", "results", "frames", "telemetry"):
         driver[key] = [x for p in parts for x in p.driver.get(key, [])]
     # Each round's driver also sees the decisions retained from the rounds before it.
