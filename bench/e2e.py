@@ -267,6 +267,17 @@ def main(argv: list[str] | None = None) -> int:
                    "energy (stretch to the deadline at the least energy) or latency (as fast "
                    "as the energy budget allows)")
     args = p.parse_args(argv)
+    windows = args.windows or (QUICK_WINDOWS if args.quick else WINDOWS)
+    replay_s = (WARMUP + windows) / args.window_rate
+    matrix = scenarios(args.quick, replay_s, args.max_gateways)
+    if args.only:
+        keep = set(args.only.split(","))
+        unknown = keep - {s.name for s in matrix}
+        if unknown:  # a typo would otherwise run a smaller matrix without a word (checked
+            # first: before the test bed, the bundle and the root it needs)
+            raise SystemExit(f"e2e: no scenario named {', '.join(sorted(unknown))}; "
+                             f"the matrix has: {', '.join(s.name for s in matrix)}")
+        matrix = [s for s in matrix if s.name in keep]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     why = available()
     if why is not None:
@@ -279,16 +290,6 @@ def main(argv: list[str] | None = None) -> int:
     if mode == "static" and "joint" in policies:
         log.warning("no coordinator: joint cannot run; measuring the static baselines only")
         policies.remove("joint")
-    windows = args.windows or (QUICK_WINDOWS if args.quick else WINDOWS)
-    replay_s = (WARMUP + windows) / args.window_rate
-    matrix = scenarios(args.quick, replay_s, args.max_gateways)
-    if args.only:
-        keep = set(args.only.split(","))
-        unknown = keep - {s.name for s in matrix}
-        if unknown:  # a typo would otherwise run a smaller matrix without a word
-            raise SystemExit(f"e2e: no scenario named {', '.join(sorted(unknown))}; "
-                             f"the matrix has: {', '.join(s.name for s in matrix)}")
-        matrix = [s for s in matrix if s.name in keep]
     work = Path(tempfile.mkdtemp(prefix="etk-e2e-"))
     lanes = {s.name: len(policies) if side_by_side(s, args.sequential) else 1 for s in matrix}
     n_gw = max(s.gateways * lanes[s.name] for s in matrix)
