@@ -286,15 +286,28 @@ class OnlineController:
         """The current estimated environment of a gateway and its per-option queueing:
         planned with the gain backed off for fading, or, `expected`, at its mean."""
         st = self._state(gateway)
+        env = self._planned(gateway, st, now)
+        if expected:
+            env = self._at_mean(st, env, now)
+        return env, self._costs(st, env, self._queue(gateway, st, env.slowdown), now)
+
+    def _planned(self, gateway: str, st: GatewayState, now: float) -> Environment:
+        """The gateway's environment with the gain backed off for fading."""
         wait = st.queue_depth * st.head_s
         deadline = self._deadline(st) * (1.0 - self.config.latency_margin)
-        slow = self.slowdown(now)
-        env = self._environment(self._gain(st, now, backed_off=not expected),
-                                self._bandwidth(gateway, True), self._speed(st, now), wait,
-                                deadline, slow)
-        # Applied to transmitting options only, as the server queue is (fixed_latency).
-        return env, self._queue(gateway, st, slow) + self._overhead(st, env, now) + \
-            self.fallback_reserve(env)
+        return self._environment(self._gain(st, now), self._bandwidth(gateway, True),
+                                 self._speed(st, now), wait, deadline, self.slowdown(now))
+
+    def _at_mean(self, st: GatewayState, env: Environment, now: float) -> Environment:
+        """`env` at the gain's mean: what the median window sees."""
+        return replace(env, gain=self._gain(st, now, backed_off=False))
+
+    def _costs(self, st: GatewayState, env: Environment, server: np.ndarray,
+               now: float) -> np.ndarray:
+        """Per option, the fixed time beside compute and airtime: the server's queueing
+        (`server`), the frame's overhead and the fallback reserve. Applied to transmitting
+        options only, as the server queue is (fixed_latency)."""
+        return server + self._overhead(st, env, now) + self.fallback_reserve(env)
 
     def _overhead(self, st: GatewayState, env: Environment, now: float) -> np.ndarray:
         """Per option, what a frame costs beside its bits at r(p) and the server: the
@@ -373,7 +386,9 @@ class OnlineController:
         """Re-solve for one gateway if due; a new Decision when it changed, else None."""
         started = time.perf_counter()
         st = self._state(gateway)
-        env, queue = self.environment(gateway, now)
+        env = self._planned(gateway, st, now)
+        server = self._queue(gateway, st, env.slowdown)  # shared by both gains below
+        queue = self._costs(st, env, server, now)
         reason = self._due(st, env, queue, now) or ("forced" if force else "")
         if not reason:
             return None
@@ -381,7 +396,7 @@ class OnlineController:
         sol = solve_options(self.table, env, queue, prefer)
         fb = self.fallback(env)
         penalty, margin = self._penalty(st, sol)
-        seen = replace(sol, latency=self._expected_latency(gateway, sol, now))
+        seen = replace(sol, latency=self._expected_latency(st, env, server, sol, now))
         best = int(rank(self.table, seen, self.policy.allowed, penalty, prefer)[0])
         cost = sol.energy if prefer == "energy" else seen.latency  # what a swap would save
         after = self.config.explore_after_s
@@ -434,7 +449,8 @@ class OnlineController:
                  st.decision.latency_ms, st.decision.energy_mj, st.decision.reason)
         return st.decision
 
-    def _expected_latency(self, gateway: str, sol: Solution, now: float) -> np.ndarray:
+    def _expected_latency(self, st: GatewayState, env: Environment, server: np.ndarray,
+                          sol: Solution, now: float) -> np.ndarray:
         """Per option, the latency a window sees at the solution's clocks and powers: at the
         gain's mean, and without the fallback reserve. This ranks; feasibility keeps the
         backed-off gain and the reserve, so the deadline still holds in a fade.
@@ -444,9 +460,9 @@ class OnlineController:
         5-8 s of every e2e round at 0.5 Mbit/s, where the server was 1.2x faster. Counting
         the reserve, every transmitting option would look slower by a fallback it rarely runs.
         """
-        env, queue = self.environment(gateway, now, expected=True)
-        latency, _ = evaluate(self.table, env, sol.f, sol.p, queue)
-        return np.asarray(latency - self.fallback_reserve(env))
+        mid = self._at_mean(st, env, now)
+        latency, _ = evaluate(self.table, mid, sol.f, sol.p, self._costs(st, mid, server, now))
+        return np.asarray(latency - self.fallback_reserve(mid))
 
     def _changed(self, st: GatewayState, best: int, sol: Solution, feasible: bool,
                  fallback: str) -> bool:
