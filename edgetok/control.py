@@ -90,6 +90,12 @@ class Telemetry(_Wire):
         None, ge=0, description="Estimated mean energy per window over the interval (mJ).")
     latency_ms: float | None = Field(
         None, ge=0, description="Measured mean end-to-end latency per window (ms).")
+    window_ms: dict[str, float] = Field(
+        default_factory=dict, description="Median latency from window close to result of the "
+        "windows finished since the previous report, by the variant of the decision they ran "
+        "under (ms); a window that fell back to the device counts under the variant that sent "
+        "it to the server. The coordinator learns from it how far each path's measured "
+        "latency sits from its plan.")
     deadline_ms: float | None = Field(
         None, gt=0, description="The gateway's window deadline, when it differs from the "
         "coordinator's default (ms).")

@@ -130,6 +130,7 @@ class ControlPlane:
             head_ms={k: round(v, 3) for k, v in gw.inferencer.take_fresh_head_ms().items()},
             queue_depth=len(gw.inflight), windows_per_s=round(rate, 4), windows_done=done,
             latency_ms=self.measured()["latency_ms"],
+            window_ms={k: round(v, 3) for k, v in gw.inferencer.take_fresh_window_ms().items()},
             deadline_ms=min(s.deadline_ms for s in gw.cfg.streams),
             applied_seq=self.last.seq if self.last else None, bundle=gw.manifest.bundle_id)
 

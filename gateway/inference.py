@@ -99,6 +99,9 @@ class Inferencer:
         self._window_heads: deque[float] = deque(maxlen=RUN_SAMPLES)
         self._window_key: tuple[str, object] | None = None
         self._ran: set[tuple[str, Part]] = set()  # sessions past their first run
+        # Window close to result (ms) of the windows finished since telemetry last took
+        # them, by the decision's variant: how each path really does against its plan.
+        self._fresh_windows: dict[str, list[float]] = {}
         # The uplink rate sensed now (gateway/linksense.py) and the CPU clock setter; the
         # control plane plugs both in when it has them.
         self.link_rate: LinkRate = lambda: None
@@ -139,6 +142,13 @@ class Inferencer:
     def take_fresh_head_ms(self) -> dict[str, float]:
         """For telemetry: the median head time of each variant run since the last call."""
         return self.run_ms.take_fresh_heads()
+
+    def take_fresh_window_ms(self) -> dict[str, float]:
+        """For telemetry: the median latency of the windows finished since the last call, by
+        the variant of the decision they ran under; then forget them."""
+        fresh = {v: statistics.median(ms) for v, ms in self._fresh_windows.items()}
+        self._fresh_windows.clear()
+        return fresh
 
     async def probe_head(self, every_s: float) -> float | None:
         """Time one head on the last window's tokens if one is due; the time reported (ms).
@@ -348,6 +358,9 @@ class Inferencer:
         probs = softmax(flat)
         labels = self.manifest.labels
         total_ms = (time.monotonic() - win.closed_mono) * 1000
+        # A fallback counts under the variant that sent the window to the server: that
+        # choice cost its wait as well as the fallback.
+        self._fresh_windows.setdefault(dec.variant, []).append(total_ms)
         return Result(
             gateway=self.gateway, stream=win.stream, window=win.seq, start_ts=win.start_ts,
             end_ts=win.end_ts, label=labels[int(probs.argmax())],

@@ -246,6 +246,27 @@ async def test_telemetry_gets_only_the_heads_that_ran_since_it_last_asked(
     assert split in inf.head_ms, "the status page keeps every head's last figure"
 
 
+@pytest.mark.asyncio
+async def test_telemetry_gets_window_latencies_by_the_decision_they_ran_under(
+        split_setup: tuple[Inferencer, Server, str]) -> None:
+    """The coordinator compares each path's windows with its plan: a window that fell back
+    counts under the split that sent it to the server (that choice cost the wait too), and
+    each report carries only its own windows."""
+    inf, _, split = split_setup
+    inf.link_rate = lambda: 50e6
+    served = [await inf.infer(random_window(inf.manifest, seq), deadline_s=1.0)
+              for seq in (1, 2, 3)]
+    assert [r.where for r in served] == ["split"] * 3
+    fresh = inf.take_fresh_window_ms()
+    assert fresh == {split: pytest.approx(sorted(r.latency_ms.total for r in served)[1],
+                                          abs=1e-3)}
+    assert inf.take_fresh_window_ms() == {}, "nothing ran since"
+    inf.link_rate = lambda: 100.0  # guarded: every window falls back
+    r = await inf.infer(random_window(inf.manifest, 4), deadline_s=1.0)
+    assert r.where == "device-fallback" and r.variant.id != split
+    assert inf.take_fresh_window_ms() == {split: pytest.approx(r.latency_ms.total, abs=1e-3)}
+
+
 def test_overheads_from_before_a_gap_in_replies_are_dropped() -> None:
     """A gateway back from its device (a coordinator's trial of the server) reports the
     overhead of its new replies, not a median still set by its first, warming-up ones; and

@@ -7,9 +7,9 @@ later one, and held a near tie on the device for a whole phase of e2e run 14 (1.
 static). A trial is bounded: only near a tie (a transmitting option planned at most
 `explore_margin` worse, as accurate and feasible), at most once per `explore_after_s`
 (doubled, up to MAX_TRIAL_BACKOFF times, each time a trial goes back to the device); it
-stands until the gateway's frames have measured the overhead afresh (or `explore_after_s`
-passed), and the re-solve after that keeps it, or goes back unless the trial's option beats
-the one it left by the usual switching margin.
+stands until the gateway's frames have measured the overhead afresh, and its windows their
+latency if it reports them (or `explore_after_s` passed). The re-solve after that keeps it,
+or goes back unless the trial's option beats the one it left by the usual switching margin.
 """
 
 from __future__ import annotations
@@ -32,12 +32,13 @@ class Trials:
     left: int | None = None  # the on-device option a trial under way left
     backoff: int = 1  # trials are explore_after_s times this apart
 
-    def standing(self, option: int | None, feasible: np.ndarray, overhead_ts: float,
+    def standing(self, option: int | None, feasible: np.ndarray, measured_ts: float,
                  now: float, after_s: float) -> int | None:
-        """The option of a trial under way whose frames have not yet measured the overhead
-        afresh (it stands through the re-solves until then), else None."""
+        """The option of a trial under way whose frames have not yet measured it afresh
+        (`measured_ts`: when they last did; it stands through the re-solves until then),
+        else None."""
         if (self.left is None or option is None or not feasible[option]
-                or overhead_ts > self.last_ts or now - self.last_ts >= after_s):
+                or measured_ts > self.last_ts or now - self.last_ts >= after_s):
             return None
         return option
 
