@@ -126,8 +126,10 @@ class Decision(_Wire):
         ge=0, description="Transmit power (W); 0 when nothing is transmitted (split = L): "
         "leave the radio at its default.")
     latency_ms: float = Field(ge=0, description="Predicted end-to-end latency per window at "
-                              "the link gain's mean, what the median window sees (ms); the "
-                              "deadline is checked against a gain backed off for fading.")
+                              "the link gain's mean, what the median window sees, with what "
+                              "this gateway's windows on this path measured beyond their "
+                              "plans (ms); the deadline is checked against a gain backed off "
+                              "for fading, by the model alone.")
     energy_mj: float = Field(ge=0, description="Predicted device energy per window (mJ).")
     distortion: float = Field(description="Predicted distortion (accuracy loss or output "
                               "distortion, as configured).")

@@ -215,13 +215,15 @@ class OnlineController:
         if st.residual_seq != d.seq:
             st.residual_seq = d.seq
             return
+        path = bool(self.table.transmits[i])
+        if not self._measured(st, path):
+            return
         n = len(self.table.options)
         f = np.full(n, t.cpu_hz or d.cpu_hz)
         p = np.full(n, t.tx_power_w or d.tx_power_w or self.config.link.p_max_w)
         env = self._planned(t.gateway, st, now)
         planned = self._bare_latency(st, env, self._queue(t.gateway, st, env.slowdown), f, p,
                                      now)[i]
-        path = bool(self.table.transmits[i])
         est = st.residual.get(path)
         if est is None:
             est = st.residual[path] = Ewma(self.config.ewma_alpha,
@@ -229,6 +231,19 @@ class OnlineController:
                                            clip_floor=RESIDUAL_SIGMA_FLOOR_S)
         est.update(t.window_ms[d.variant] / 1000.0 - float(planned))
         st.residual_ts[path] = now
+
+    def _measured(self, st: GatewayState, path: bool) -> bool:
+        """Whether the gateway has measured what the model plans `path` with: its compute
+        speed on the device; its link, and its per-frame overhead where it senses its rate,
+        on a transmitting path. Before that, a residual would take in what those estimates
+        are about to explain, and keep it: a 25% gateway learned +4 ms on the server path
+        before its overhead (1.6 ms + a 3 ms floor) came in, counted both, and ran its
+        device for the rest of the round at 8-12 ms where the server took 6-7 (e2e run 25).
+        """
+        if not path:
+            return math.isfinite(st.last_speed_ts)
+        return math.isfinite(st.last_gain_ts) and (st.overhead_in_rate
+                                                   or math.isfinite(st.last_overhead_ts))
 
     def _residual(self, st: GatewayState, now: float) -> np.ndarray:
         """Per option, the measured-minus-planned latency of its path on this gateway (s).
@@ -521,7 +536,7 @@ class OnlineController:
             gateway=gateway, epoch=self.epoch_ms, seq=st.seq, ts=now, bundle=self.table.bundle,
             variant=o.variant, pruning_ratio=o.pruning_ratio, split=o.split,
             precision=o.precision, cpu_hz=float(sol.f[best]), tx_power_w=float(sol.p[best]),
-            latency_ms=float(seen.latency[best]) * 1e3,
+            latency_ms=max(float(seen.latency[best]) * 1e3, 0.0),  # (a residual can be < 0)
             energy_mj=float(sol.energy[best]) * 1e3,
             distortion=o.distortion, accuracy=o.accuracy, feasible=feasible,
             policy=self.policy.name, reason=reason if feasible else "infeasible",
