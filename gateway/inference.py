@@ -36,6 +36,9 @@ CALIBRATE_EVERY = 5
 # The calibration compares a probe with the median of at least this many window heads of
 # the decision's variant at its clock.
 CALIBRATION_MIN_RUNS = 4
+# Window latencies kept per variant between two telemetry reports: their median is as good
+# from the last thousand, and a long report interval must not pile them up.
+FRESH_WINDOWS = 1024
 # FALLBACK_MARGIN and FALLBACK_SLACK_S (edgetok.control) size the time kept back from the
 # server for an on-device run; the coordinator plans with the same rule.
 Publish = Callable[[bytes, float], Awaitable[bool]]
@@ -101,7 +104,7 @@ class Inferencer:
         self._ran: set[tuple[str, Part]] = set()  # sessions past their first run
         # Window close to result (ms) of the windows finished since telemetry last took
         # them, by the decision's variant: how each path really does against its plan.
-        self._fresh_windows: dict[str, list[float]] = {}
+        self._fresh_windows: dict[str, deque[float]] = {}
         # The uplink rate sensed now (gateway/linksense.py) and the CPU clock setter; the
         # control plane plugs both in when it has them.
         self.link_rate: LinkRate = lambda: None
@@ -360,7 +363,7 @@ class Inferencer:
         total_ms = (time.monotonic() - win.closed_mono) * 1000
         # A fallback counts under the variant that sent the window to the server: that
         # choice cost its wait as well as the fallback.
-        self._fresh_windows.setdefault(dec.variant, []).append(total_ms)
+        self._fresh_windows.setdefault(dec.variant, deque(maxlen=FRESH_WINDOWS)).append(total_ms)
         return Result(
             gateway=self.gateway, stream=win.stream, window=win.seq, start_ts=win.start_ts,
             end_ts=win.end_ts, label=labels[int(probs.argmax())],

@@ -616,12 +616,11 @@ class OnlineController:
                                "server_slowdown": self.slowdown(now), "gateways": {}}
         for gw, st in self.gateways.items():
             env, queue = self.environment(gw, now)
-            res = self._residual(st, now) * 1e3
+            device, transmit = self._residual_by_path(st, now)
             out["gateways"][gw] = {
                 "gain": env.gain, "bandwidth_hz": env.bandwidth_hz,
                 "compute_scale": env.compute_scale, "queue_ms_max": float(queue.max()) * 1e3,
                 "energy_queue_mj": st.energy_queue_mj,
-                "residual_ms": {"device": float(res[~self.table.transmits].max(initial=0.0)),
-                                "transmit": float(res[self.table.transmits].max(initial=0.0))},
+                "residual_ms": {"device": device * 1e3, "transmit": transmit * 1e3},
                 "decision": st.decision.model_dump(mode="json") if st.decision else None}
         return out
