@@ -123,23 +123,34 @@ def test_a_gateway_on_server_only_still_reports_its_head_speed(
         server.stop()
 
 
-def test_a_gateway_on_its_device_calibrates_its_probes_between_windows(
+def test_a_gateway_on_its_device_calibrates_its_probes_and_reports_its_windows(
         tmp_path: Path, mosquitto: Broker, tiny_bundle: Path) -> None:
     """The real daemon: with windows on the device, a probe after one of them (one per five
-    probe intervals) is timed beside their heads; it makes no result."""
+    probe intervals) is timed beside their heads; it makes no result. The windows' own
+    latency reaches the coordinator, which learns the device path's residual from it."""
     server, gw = start_coordinated(tmp_path, tiny_bundle, mosquitto.port, policy="device-only",
                                    telemetry_interval_s=0.2, head_probe_interval_s=0.1)
     try:
         L = json.loads((tiny_bundle / "manifest.json").read_text())["num_layers"]
         wait_for(lambda: gw.get("/v1/status")[1]["decision"]["split"] == L, 30,
                  "an on-device decision")
-        asyncio.run(_replay_and_listen(mosquitto.port, "gw-test", 10, 20.0, idle_s=0.5))
+        reports, _ = asyncio.run(_replay_and_listen(mosquitto.port, "gw-test", 10, 20.0,
+                                                    idle_s=0.5))
         status = gw.get("/v1/status")[1]
         rows = gw.get("/v1/results")[1]["results"]
         assert len(rows) == 10 and {r["where"] for r in rows} == {"device"}
         probe = status["control"]["head_probe"]
         # 10 windows over ~5 s, a calibration due every 0.5 s once 4 heads have run.
         assert 1 <= probe["calibrations"] <= 10, probe
+        # Each report carries its own windows' latency under the decision's variant, and
+        # the coordinator learns the device path's residual from them.
+        variant = status["control"]["decision"]["variant"]
+        measured = [r["window_ms"] for r in reports if r["window_ms"]]
+        assert measured and all(set(m) == {variant} for m in measured), measured
+        view = server.get("/v1/status")[1]["coordinator"]["gateways"]["gw-test"]
+        residual = view["residual_ms"]
+        assert residual["device"] != 0.0 and residual["transmit"] == residual["device"], \
+            (residual, server.logtext()[-1500:])
     finally:
         gw.stop()
         server.stop()
