@@ -18,7 +18,7 @@ from edgetok.aio import within
 from edgetok.control import FALLBACK_MARGIN, FALLBACK_SLACK_S, GUARD_MARGIN
 from edgetok.frames import FrameHeader, Precision, TailReply, encode_frame
 from edgetok.gateway.models import Latency, Result, VariantRef, Where
-from edgetok.gateway.timing import RUN_SAMPLES, ProbeCalibration, RunTimes
+from edgetok.gateway.timing import RUN_SAMPLES, FreshMedians, ProbeCalibration, RunTimes
 from edgetok.gateway.uplink import UplinkState
 from edgetok.gateway.windows import ClosedWindow
 from edgetok.models.bundle import Variant
@@ -36,9 +36,6 @@ CALIBRATE_EVERY = 5
 # The calibration compares a probe with the median of at least this many window heads of
 # the decision's variant at its clock.
 CALIBRATION_MIN_RUNS = 4
-# Window latencies kept per variant between two telemetry reports: their median is as good
-# from the last thousand, and a long report interval must not pile them up.
-FRESH_WINDOWS = 1024
 # FALLBACK_MARGIN and FALLBACK_SLACK_S (edgetok.control) size the time kept back from the
 # server for an on-device run; the coordinator plans with the same rule.
 Publish = Callable[[bytes, float], Awaitable[bool]]
@@ -104,7 +101,7 @@ class Inferencer:
         self._ran: set[tuple[str, Part]] = set()  # sessions past their first run
         # Window close to result (ms) of the windows finished since telemetry last took
         # them, by the decision's variant: how each path really does against its plan.
-        self._fresh_windows: dict[str, deque[float]] = {}
+        self._fresh_windows = FreshMedians()
         # The uplink rate sensed now (gateway/linksense.py) and the CPU clock setter; the
         # control plane plugs both in when it has them.
         self.link_rate: LinkRate = lambda: None
@@ -149,9 +146,7 @@ class Inferencer:
     def take_fresh_window_ms(self) -> dict[str, float]:
         """For telemetry: the median latency of the windows finished since the last call, by
         the variant of the decision they ran under; then forget them."""
-        fresh = {v: statistics.median(ms) for v, ms in self._fresh_windows.items()}
-        self._fresh_windows.clear()
-        return fresh
+        return self._fresh_windows.take()
 
     async def probe_head(self, every_s: float) -> float | None:
         """Time one head on the last window's tokens if one is due; the time reported (ms).
@@ -363,7 +358,7 @@ class Inferencer:
         total_ms = (time.monotonic() - win.closed_mono) * 1000
         # A fallback counts under the variant that sent the window to the server: that
         # choice cost its wait as well as the fallback.
-        self._fresh_windows.setdefault(dec.variant, deque(maxlen=FRESH_WINDOWS)).append(total_ms)
+        self._fresh_windows.add(dec.variant, total_ms)
         return Result(
             gateway=self.gateway, stream=win.stream, window=win.seq, start_ts=win.start_ts,
             end_ts=win.end_ts, label=labels[int(probs.argmax())],

@@ -14,6 +14,26 @@ from edgetok.models.runtime import Part
 RUN_SAMPLES = 8
 
 Key = tuple[str, Part]
+# Samples kept per key between two telemetry reports: their median is as good from the last
+# thousand, and a long report interval must not pile them up.
+FRESH_SAMPLES = 1024
+
+
+class FreshMedians:
+    """Samples by key since they were last taken, for one telemetry report each."""
+
+    def __init__(self) -> None:
+        self._samples: dict[str, deque[float]] = {}
+
+    def add(self, key: str, ms: float) -> None:
+        """Keep one sample for the next report."""
+        self._samples.setdefault(key, deque(maxlen=FRESH_SAMPLES)).append(ms)
+
+    def take(self) -> dict[str, float]:
+        """The median of each key's samples since the last call; then forget them."""
+        out = {k: statistics.median(v) for k, v in self._samples.items()}
+        self._samples.clear()
+        return out
 
 
 class RunTimes:
@@ -22,14 +42,14 @@ class RunTimes:
 
     def __init__(self, reported: bool = True) -> None:
         self._recent: dict[Key, deque[float]] = {}
-        self._fresh: dict[str, list[float]] = {}
+        self._fresh = FreshMedians()
         self.reported = reported
 
     def add(self, key: Key, ms: float) -> None:
         """Record one run; a reported head run is also kept for the next telemetry report."""
         self._recent.setdefault(key, deque(maxlen=RUN_SAMPLES)).append(ms)
         if self.reported and key[1] == "head":
-            self._fresh.setdefault(key[0], []).append(ms)
+            self._fresh.add(key[0], ms)
 
     def get(self, key: Key, default: float | None = None) -> float | None:
         """The estimate for `key`, or `default` before its first run."""
@@ -54,9 +74,7 @@ class RunTimes:
         Each report carries only its own runs: a figure sent again would be folded in again
         by the coordinator, long after the device (its clock, its load) has changed.
         """
-        fresh = {v: statistics.median(ms) for v, ms in self._fresh.items()}
-        self._fresh.clear()
-        return fresh
+        return self._fresh.take()
 
 
 # One calibration counts for at most this factor either way: a probe that reads more than

@@ -216,7 +216,7 @@ class OnlineController:
             st.residual_seq = d.seq
             return
         path = bool(self.table.transmits[i])
-        if not self._measured(st, path):
+        if not self._plannable(st, path):
             return
         n = len(self.table.options)
         f = np.full(n, t.cpu_hz or d.cpu_hz)
@@ -232,7 +232,7 @@ class OnlineController:
         est.update(t.window_ms[d.variant] / 1000.0 - float(planned))
         st.residual_ts[path] = now
 
-    def _measured(self, st: GatewayState, path: bool) -> bool:
+    def _plannable(self, st: GatewayState, path: bool) -> bool:
         """Whether the gateway has measured what the model plans `path` with: its compute
         speed on the device; its link, and its per-frame overhead where it senses its rate,
         on a transmitting path. Before that, a residual would take in what those estimates
