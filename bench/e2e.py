@@ -348,9 +348,8 @@ def main(argv: list[str] | None = None) -> int:
                 # A trace spans one replay, so each of its rounds replays it whole; its lanes
                 # rotate as elsewhere (run 21's Pi trace, run once: joint 1.21x server-only
                 # while on server-only's own variant in 97% of its windows; run 20: 0.95x).
-                n_rounds = args.rounds
                 side = lanes[sc.name] > 1
-                for rnd, batch in batches(policies, n_rounds, side):
+                for rnd, batch in batches(policies, args.rounds, side):
                     batch = [pol for pol in batch if pol not in runs]  # not if a round failed
                     if not batch:
                         continue
@@ -359,12 +358,12 @@ def main(argv: list[str] | None = None) -> int:
                                      link_mbit=sc.link_mbit, cpu_share=sc.cpu_share,
                                      trace=sc.trace,
                                      windows=windows if sc.trace else
-                                     split_windows(windows, n_rounds, rnd))
+                                     split_windows(windows, args.rounds, rnd))
                              for pol in batch]
                     what = "side by side" if side else batch[0]
                     log.info("run %d: %s / %s (round %d of %d)", run_id, sc.name,
                              ", ".join(batch) + (" side by side" if side else ""), rnd + 1,
-                             n_rounds)
+                             args.rounds)
                     try:
                         datas = Run(tb, specs, work / f"{run_id:03d}-{sc.name}-"
                                     f"{what.replace(' ', '-')}", run_id,

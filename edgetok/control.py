@@ -1,18 +1,23 @@
 """Control-plane wire schemas: gateway telemetry and the coordinator's retained decision.
 
 Shared by the gateway (publishes `edgetok/<gw>/telemetry`, applies `edgetok/<gw>/control`)
-and the edge server (the reverse). Both are JSON objects validated with pydantic; unknown
-keys are rejected so a typo on one side shows up as an error instead of a silent default.
+and the edge server (the reverse). Both are JSON objects validated with pydantic. A field is
+only ever added, within one version, as something the other side may ignore: a payload's
+unknown keys are dropped with a warning, so a fleet upgraded one side at a time keeps its
+control loop. A change the other side must understand bumps CONTROL_VERSION.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from typing import Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from edgetok.frames import Precision
+
+log = logging.getLogger(__name__)
 
 CONTROL_VERSION = 1
 # Payloads are small JSON; a bound stops a hostile message from making us parse megabytes.
@@ -35,6 +40,11 @@ POLICY_NAMES: tuple[PolicyName, ...] = ("joint", "device-only", "server-only", "
 
 
 M = TypeVar("M", bound=BaseModel)
+
+# Unknown keys are warned about once per (payload type, sender, keys); the bound keeps a
+# stream of hostile senders from growing the set without end (it then starts over).
+MAX_UNKNOWN_WARNINGS = 1024
+_warned_unknown: set[tuple[str, str, tuple[str, ...]]] = set()
 
 
 class ControlError(ValueError):
@@ -167,12 +177,30 @@ def _decode(data: bytes | str, model: type[M]) -> M:
     if isinstance(obj, dict) and obj.get("version", CONTROL_VERSION) != CONTROL_VERSION:
         raise ControlError(f"{model.__name__} version {obj.get('version')!r} is not supported "
                            f"(want {CONTROL_VERSION})")
+    if isinstance(obj, dict):
+        obj = _known_keys(obj, model)
     try:
         return model.model_validate(obj)
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '(top)'}: {e['msg']}"
                              for e in exc.errors())
         raise ControlError(f"bad {model.__name__}: {problems}") from exc
+
+
+def _known_keys(obj: dict[str, object], model: type[M]) -> dict[str, object]:
+    """`obj` without the keys `model` does not know, warning once about them: a sender
+    newer than this side adds fields it may ignore (window_ms, frame_floor_ms)."""
+    unknown = tuple(sorted(k for k in obj if k not in model.model_fields))
+    if not unknown:
+        return obj
+    key = (model.__name__, str(obj.get("gateway")), unknown)
+    if key not in _warned_unknown:
+        if len(_warned_unknown) >= MAX_UNKNOWN_WARNINGS:
+            _warned_unknown.clear()
+        _warned_unknown.add(key)
+        log.warning("%s for gateway %s carries fields this version does not know, ignored: "
+                    "%s (is the sender newer?)", model.__name__, key[1], ", ".join(unknown))
+    return {k: v for k, v in obj.items() if k in model.model_fields}
 
 
 def encode_telemetry(t: Telemetry) -> bytes:

@@ -44,7 +44,7 @@ def test_telemetry_round_trips_with_optional_fields_absent() -> None:
 
 @pytest.mark.parametrize("payload, match", [
     (b"not json", "not JSON"),
-    (b'{"gateway": "g", "ts": 1, "bogus": 2}', "bogus"),
+    (b'{"gateway": "g", "ts": 1, "bogus": 2, "uplink_bps": "fast"}', "uplink_bps"),
     (b'{"gateway": "g", "ts": 1, "uplink_bps": -5}', "uplink_bps"),
     (b'{"gateway": "g", "ts": 1, "version": 99}', "version 99"),
     (b'{"ts": 1}', "gateway"),
@@ -52,6 +52,24 @@ def test_telemetry_round_trips_with_optional_fields_absent() -> None:
 def test_bad_telemetry_is_a_control_error(payload: bytes, match: str) -> None:
     with pytest.raises(ControlError, match=match):
         decode_telemetry(payload)
+
+
+def test_fields_from_a_newer_sender_are_ignored_with_one_warning(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A fleet upgraded one side at a time keeps its control loop: a newer gateway's
+    telemetry, or a newer coordinator's decision, is read for the fields this side knows."""
+    raw = json.loads(encode_decision(_decision()))
+    with caplog.at_level("WARNING", logger="edgetok.control"):
+        for _ in range(3):
+            assert decode_decision(json.dumps({**raw, "zz_future": [1, 2]})) == _decision()
+            t = decode_telemetry(b'{"gateway": "gw9", "ts": 1, "cpu_hz": 1e9, "zz_new": {}}')
+            assert t.gateway == "gw9" and t.cpu_hz == 1e9
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 2, "once per payload type, sender and keys"
+    assert "zz_future" in warned[0] and "gw1" in warned[0]
+    assert "zz_new" in warned[1] and "gw9" in warned[1]
+    with pytest.raises(ControlError, match="version 2"):
+        decode_decision(json.dumps({**raw, "version": 2, "zz_future": 1}))
 
 
 def test_bad_decision_is_a_control_error() -> None:

@@ -106,6 +106,19 @@ def test_decisions_in_force_set_clock_and_power_when_actuators_run() -> None:
     assert m["per_window"][0]["energy_mj"] == pytest.approx(want, rel=1e-3)
 
 
+def test_the_prediction_in_force_is_compared_with_each_windows_latency() -> None:
+    """The decision's latency_ms over the window's own total, decision by decision: what a
+    user reads on the gateway's status page beside what it measured."""
+    data = _data(_spec())
+    base = {"gateway": "g0", "epoch": 1, "cpu_hz": 1e9, "tx_power_w": 0.01}
+    data.driver["decisions"] = [{**base, "seq": 1, "received_ts": 999.0, "latency_ms": 1.5},
+                                {**base, "seq": 2, "received_ts": 1001.5, "latency_ms": 6.0}]
+    ratio = summarise(data)["predicted_over_measured"]
+    assert ratio["p10"] == pytest.approx(0.5 + 0.1 * 1.5) and ratio["p90"] == pytest.approx(
+        2.0 - 0.1 * 1.5), "window 1 ran under 1.5 ms (0.5 of its 3), window 2 under 6 (2.0)"
+    assert summarise(_data(_spec(coordinator="static")))["predicted_over_measured"] is None
+
+
 def test_full_power_gives_the_scenario_rate() -> None:
     """At p_max the emulated channel gives the scenario rate; less power, less rate."""
     assert rate_for(P_MAX_W, 7e6) == pytest.approx(7e6, rel=1e-9)

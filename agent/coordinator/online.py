@@ -46,6 +46,9 @@ MAX_SHARE_PASSES = 3
 # The least spread of a path's residual (s) that clipping assumes: window latencies that
 # agree within 1 ms do not make a window 3 ms slower an outlier.
 RESIDUAL_SIGMA_FLOOR_S = 0.001
+# Expected latencies this close to 0 are compared against this instead (ms): a residual below
+# zero can take one there, and a relative change of almost nothing would republish on noise.
+REPUBLISH_FLOOR_MS = 1.0
 
 
 @dataclass(slots=True)
@@ -76,8 +79,11 @@ class GatewayState:
     trials: Trials = field(default_factory=Trials)  # of the server path (trials.py)
     overhead_in_rate: bool = False  # no sensed rate: goodput carries the overhead
     gain_step: StepDetector = field(default_factory=StepDetector)
+    # The first decision of the option and knobs in force: a decision republished only for
+    # its expected latency runs the same windows, so what is learned per decision goes on.
+    option_seq: int = -1
     # Measured minus planned window latency (s), by whether the path transmits, and when
-    # each was last measured; `residual_seq`: the decision whose first report was skipped.
+    # each was last measured; `residual_seq`: the option_seq whose first report was skipped.
     residual: dict[bool, Ewma] = field(default_factory=dict)
     residual_ts: dict[bool, float] = field(default_factory=dict)
     residual_seq: int = -1
@@ -210,10 +216,12 @@ class OnlineController:
         a 10% gateway, e2e run 19).
         """
         d, i = st.decision, st.option
-        if d is None or i is None or t.applied_seq != d.seq or d.variant not in t.window_ms:
+        # (A gateway still on an older decision of the same option runs the same windows.)
+        if (d is None or i is None or t.applied_seq is None
+                or not st.option_seq <= t.applied_seq <= d.seq or d.variant not in t.window_ms):
             return
-        if st.residual_seq != d.seq:
-            st.residual_seq = d.seq
+        if st.residual_seq != st.option_seq:
+            st.residual_seq = st.option_seq
             return
         path = bool(self.table.transmits[i])
         if not self._plannable(st, path):
@@ -245,8 +253,9 @@ class OnlineController:
         return math.isfinite(st.last_gain_ts) and (st.overhead_in_rate
                                                    or math.isfinite(st.last_overhead_ts))
 
-    def _residual(self, st: GatewayState, now: float) -> np.ndarray:
-        """Per option, the measured-minus-planned latency of its path on this gateway (s).
+    def _residual(self, by_path: tuple[float, float]) -> np.ndarray:
+        """Per option, the measured-minus-planned latency of its path on this gateway (s),
+        from the pair `_residual_by_path` gives.
 
         What no estimate models lands here. A 25% gateway's windows took 7.9 ms on its device
         where 5.0-5.8 was planned, and 6.1-7.2 ms on the server path where 5.5-7.0 was (e2e
@@ -256,7 +265,7 @@ class OnlineController:
         what both share (tokenizing, storing the result) then leaves the ranking as the
         model has it, and a path left after one bad spell is tried again.
         """
-        device, transmit = self._residual_by_path(st, now)
+        device, transmit = by_path
         return np.where(self.table.transmits, transmit, device)
 
     def _residual_by_path(self, st: GatewayState, now: float) -> tuple[float, float]:
@@ -458,7 +467,8 @@ class OnlineController:
             return st.last_overhead_ts
         return min(st.last_overhead_ts, st.residual_ts.get(True, -math.inf))
 
-    def _due(self, st: GatewayState, env: Environment, queue: np.ndarray, now: float) -> str:
+    def _due(self, st: GatewayState, env: Environment, queue: np.ndarray,
+             residual: tuple[float, float], now: float) -> str:
         if st.decision is None:
             return "initial"
         if st.trials.left is not None and self._measured_ts(st) > st.trials.last_ts:
@@ -472,8 +482,7 @@ class OnlineController:
                                                                      strict=True)):
             return "estimates-moved"
         # The residuals can be 0 or below, so they are compared against the latency in force.
-        moved = (abs(a - b) for a, b in zip(self._residual_by_path(st, now),
-                                            st.planned_residual, strict=True))
+        moved = (abs(a - b) for a, b in zip(residual, st.planned_residual, strict=True))
         if max(moved) > thr * st.decision.latency_ms / 1000.0:
             return "estimates-moved"
         return ""
@@ -485,14 +494,16 @@ class OnlineController:
         env = self._planned(gateway, st, now)
         server = self._queue(gateway, st, env.slowdown)  # shared by both gains below
         queue = self._costs(st, env, server, now)
-        reason = self._due(st, env, queue, now) or ("forced" if force else "")
+        residual = self._residual_by_path(st, now)
+        reason = self._due(st, env, queue, residual, now) or ("forced" if force else "")
         if not reason:
             return None
         prefer = self.config.prefer
         sol = solve_options(self.table, env, queue, prefer)
         fb = self.fallback(env)
         penalty, margin = self._penalty(st, sol)
-        seen = replace(sol, latency=self._expected_latency(st, env, server, sol, now))
+        seen = replace(sol, latency=self._expected_latency(st, env, server, sol, residual,
+                                                           now))
         best = int(rank(self.table, seen, self.policy.allowed, penalty, prefer)[0])
         cost = sol.energy if prefer == "energy" else seen.latency  # what a swap would save
         after = self.config.explore_after_s
@@ -522,21 +533,29 @@ class OnlineController:
         self.solve_seconds += st.solve_s
         st.planned = (env.gain, env.compute_scale, float(queue.max()) + 1e-6,
                       env.bandwidth_hz, env.deadline_s, st.energy_queue_mj + 1.0)
-        st.planned_residual = self._residual_by_path(st, now)
+        st.planned_residual = residual
         # Feasible against the real deadline: the margin is for planning only.
         feasible = bool(sol.latency[best] <= self._deadline(st) * (1 + FEAS_RTOL)
                         and sol.energy[best] <= env.energy_budget_j * (1 + FEAS_RTOL))
         fb_variant = self.table.options[fb].variant
-        if not self._changed(st, best, sol, feasible, fb_variant):
+        expected_ms = max(float(seen.latency[best]) * 1e3, 0.0)  # (a residual can be < 0)
+        change = self._change(st, best, sol, feasible, fb_variant, expected_ms)
+        if not change:
             return None
         o = self.table.options[best]
+        f, p = float(sol.f[best]), float(sol.p[best])
+        if change == "latency" and st.decision is not None:
+            # Knobs within tolerance stay as they are: the gateway re-applies nothing.
+            f, p = st.decision.cpu_hz, st.decision.tx_power_w
         st.seq += 1
         st.option = best
+        if change == "option":
+            st.option_seq = st.seq
         st.decision = Decision(
             gateway=gateway, epoch=self.epoch_ms, seq=st.seq, ts=now, bundle=self.table.bundle,
             variant=o.variant, pruning_ratio=o.pruning_ratio, split=o.split,
-            precision=o.precision, cpu_hz=float(sol.f[best]), tx_power_w=float(sol.p[best]),
-            latency_ms=max(float(seen.latency[best]) * 1e3, 0.0),  # (a residual can be < 0)
+            precision=o.precision, cpu_hz=f, tx_power_w=p,
+            latency_ms=expected_ms,
             energy_mj=float(sol.energy[best]) * 1e3,
             distortion=o.distortion, accuracy=o.accuracy, feasible=feasible,
             policy=self.policy.name, reason=reason if feasible else "infeasible",
@@ -547,14 +566,15 @@ class OnlineController:
         return st.decision
 
     def _expected_latency(self, st: GatewayState, env: Environment, server: np.ndarray,
-                          sol: Solution, now: float) -> np.ndarray:
+                          sol: Solution, residual: tuple[float, float], now: float
+                          ) -> np.ndarray:
         """Per option, the latency a window sees at the solution's clocks and powers: the
         model's at the gain's mean without the fallback reserve (`_bare_latency`), plus
         what its path measured beyond its plans (`_residual`). This ranks; feasibility keeps
         the backed-off gain, the reserve and the model alone, so the deadline still holds
         in a fade.
         """
-        return self._bare_latency(st, env, server, sol.f, sol.p, now) + self._residual(st, now)
+        return self._bare_latency(st, env, server, sol.f, sol.p, now) + self._residual(residual)
 
     def _bare_latency(self, st: GatewayState, env: Environment, server: np.ndarray,
                       f: np.ndarray, p: np.ndarray, now: float) -> np.ndarray:
@@ -570,16 +590,24 @@ class OnlineController:
         latency, _ = evaluate(self.table, mid, f, p, self._costs(st, mid, server, now))
         return np.asarray(latency - self.fallback_reserve(mid))
 
-    def _changed(self, st: GatewayState, best: int, sol: Solution, feasible: bool,
-                 fallback: str) -> bool:
+    def _change(self, st: GatewayState, best: int, sol: Solution, feasible: bool,
+                fallback: str, expected_ms: float) -> str:
+        """What a new decision would change: "option" (the option, its clock or power, its
+        feasibility or fallback), "latency" (only the latency it expects), or "" (nothing)."""
         d = st.decision
         if (d is None or best != st.option or d.feasible != feasible
                 or d.fallback_variant != fallback):
-            return True
+            return "option"
         tol = self.config.actuation_tolerance
         f, p = float(sol.f[best]), float(sol.p[best])
-        return (abs(f - d.cpu_hz) > tol * d.cpu_hz
-                or abs(p - d.tx_power_w) > tol * max(d.tx_power_w, 1e-3 * self.config.link.p_max_w))
+        p_scale = max(d.tx_power_w, 1e-3 * self.config.link.p_max_w)
+        if abs(f - d.cpu_hz) > tol * d.cpu_hz or abs(p - d.tx_power_w) > tol * p_scale:
+            return "option"
+        # The gateway shows the prediction beside what it measures: in e2e run 26 a decision
+        # made before anything was measured said 2.4 ms for windows that took 6.3.
+        moved = abs(expected_ms - d.latency_ms) > self.config.republish_latency_frac * max(
+            d.latency_ms, REPUBLISH_FLOOR_MS)
+        return "latency" if moved else ""
 
     def step(self, now: float) -> list[Decision]:
         """Re-solve every gateway that is due; the decisions that changed (latest per gateway).

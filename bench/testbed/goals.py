@@ -44,8 +44,14 @@ def best_static_by_rate(sc: dict[str, Any]) -> dict[float, str]:
 def switching_bound(sc: dict[str, Any]) -> float | None:
     """The p50 ratio an oracle would reach that switches, at each link rate, to the baseline
     best there (its windows at that rate, pooled), over the best static's p50: how far
-    switching between the static choices alone can go. Joint can go further, as it also
-    picks pruning, precision and clock; a goal below this bound asks for that."""
+    switching between the static choices alone can go.
+
+    Each static policy already picks the pruning ratio, precision, clock and power within
+    its split, so joint can go further only with the splits between 0 and L. And where one
+    path's latency does not move with the rate (the device's, at a fixed CPU), the median
+    of the per-window best is the smaller of the two medians: if the other path beats it
+    in more than half the windows, its own median already does. Switching then gains
+    nothing at p50 beyond noise; a goal below 1 asks for a split that beats both ends."""
     best = best_static_by_rate(sc)
     if not best:
         return None

@@ -33,6 +33,7 @@ def summarise(data: RunData) -> dict[str, Any]:
     cpu_on = s.actuators and s.coordinator != "static"
     tx_on = cpu_on and not s.trace
     lat, hit, correct, energy, fbytes, rows = [], [], [], [], [], []
+    predicted: list[float] = []  # the decision's latency_ms over the window's own
     where: collections.Counter[str] = collections.Counter()
     variants: collections.Counter[str] = collections.Counter()
     missing = 0
@@ -61,6 +62,10 @@ def summarise(data: RunData) -> dict[str, Any]:
         # E = κ·C·f² + p·S/r(p), with C = measured head seconds × the clock in force.
         cycles = r["latency_ms"]["head"] / 1000 * f
         e_mj = (KAPPA * cycles * f * f + p * nbytes * 8 / r_bps) * 1000
+        # Both from window close to result: what a user compares on the gateway's status.
+        if (d is not None and d.get("latency_ms") is not None and s.coordinator != "static"
+                and r["latency_ms"]["total"] > 0):
+            predicted.append(d["latency_ms"] / r["latency_ms"]["total"])
         energy.append(e_mj)
         fbytes.append(nbytes)
         rows.append({"gateway": sent["gateway"], "window": sent["window"],
@@ -77,6 +82,11 @@ def summarise(data: RunData) -> dict[str, Any]:
         "latency_ms": {"p50": _r(np.percentile(arr, 50)), "p95": _r(np.percentile(arr, 95)),
                        "p99": _r(np.percentile(arr, 99)), "mean": _r(float(np.mean(arr)))},
         "hit_rate": round(sum(hit) / n, 4) if n else None,
+        # The coordinator's prediction in force over each window's latency (close to result).
+        "predicted_over_measured": ({"p50": _r(float(np.median(predicted))),
+                                     "p10": _r(float(np.percentile(predicted, 10))),
+                                     "p90": _r(float(np.percentile(predicted, 90)))}
+                                    if predicted else None),
         "accuracy": round(sum(correct) / len(correct), 4) if correct else None,
         "energy_mj_per_window": _r(float(np.mean(energy))) if energy else None,
         "frame_bytes_per_window": _r(float(np.mean(fbytes))) if fbytes else None,
