@@ -434,9 +434,10 @@ def _write(path: Path, doc: dict[str, Any]) -> None:
 
 
 def table(doc: dict[str, Any]) -> str:
-    """A plain-text table: p50/p95/p99, hit rate, energy per policy, and the ratio."""
+    """A plain-text table: p50/p95/p99, hit rate, energy per policy, the median of the
+    coordinator's prediction over each window's latency (pred/ms), and the ratio."""
     lines = [f"{'scenario':<15} {'policy':<12} {'p50':>8} {'p95':>8} {'p99':>8} {'hit':>6} "
-             f"{'acc':>6} {'mJ/win':>8} {'B/win':>8}  where"]
+             f"{'acc':>6} {'mJ/win':>8} {'B/win':>8} {'pred/ms':>7}  where"]
     for name, sc in doc["scenarios"].items():
         for pol, m in sc["runs"].items():
             if "error" in m:
@@ -446,7 +447,9 @@ def table(doc: dict[str, Any]) -> str:
             lines.append(f"{name:<15} {pol:<12} {_f(lt['p50'])} {_f(lt['p95'])} "
                          f"{_f(lt['p99'])} {_f(m['hit_rate'], 6)} {_f(m['accuracy'], 6)} "
                          f"{_f(m['energy_mj_per_window'])} "
-                         f"{_f(m['uplink_wire_bytes_per_window'])}  {m['where']}")
+                         f"{_f(m['uplink_wire_bytes_per_window'])} "
+                         f"{_f((m.get('predicted_over_measured') or {}).get('p50'), 7)}"
+                         f"  {m['where']}")
         h = sc["headline"]
         if "ratio" in h:
             lines.append(f"{name:<15} joint/best static ({h['best_static']}) p50 ratio = "

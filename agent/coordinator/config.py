@@ -86,9 +86,10 @@ class ControllerConfig(Strict):
     actuation_tolerance: float = Field(
         0.05, ge=0, description="Relative change of clock or power worth a new decision.")
     republish_latency_frac: float = Field(
-        0.2, gt=0, description="Relative change of a decision's expected latency, its option "
+        0.5, gt=0, description="Relative change of a decision's expected latency, its option "
         "and knobs unchanged, that republishes it, so the prediction a gateway shows stays "
-        "near what it measures: smaller keeps it closer, with more control messages.")
+        "near what it measures: smaller keeps it closer, with more control messages (at 0.2, "
+        "window-to-window noise on a CPU-capped gateway republished one every 3 s).")
     bandwidth_sharing: Literal["none", "equal"] = Field(
         "equal", description="How gateways on one cell share its bandwidth: 'equal' splits B "
         "among those transmitting, 'none' gives each the whole band.")

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import logging
 import math
-import statistics
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -25,11 +24,12 @@ from edgetok.agent.coordinator.model import (
     evaluate,
     gain_from_rate,
     options_from_manifest,
-    rate_bps,
 )
+from edgetok.agent.coordinator.overhead import frame_overhead
 from edgetok.agent.coordinator.policies import make_policy
+from edgetok.agent.coordinator.residual import TRANSMIT, PathResiduals
 from edgetok.agent.coordinator.solver import FEAS_RTOL, Solution, rank, solve_options
-from edgetok.agent.coordinator.trials import Trials
+from edgetok.agent.coordinator.state import GatewayState
 from edgetok.control import Decision, Telemetry
 from edgetok.models.bundle import Manifest
 
@@ -43,51 +43,9 @@ MAX_UTILISATION = 0.95
 # Passes of step() that re-solve gateways whose cell-mates started or stopped transmitting;
 # more passes settle a crowded cell within one round at the cost of more solves.
 MAX_SHARE_PASSES = 3
-# The least spread of a path's residual (s) that clipping assumes: window latencies that
-# agree within 1 ms do not make a window 3 ms slower an outlier.
-RESIDUAL_SIGMA_FLOOR_S = 0.001
 # Expected latencies this close to 0 are compared against this instead (ms): a residual below
 # zero can take one there, and a relative change of almost nothing would republish on noise.
 REPUBLISH_FLOOR_MS = 1.0
-
-
-@dataclass(slots=True)
-class GatewayState:
-    """What the controller knows about one gateway (mutable, owned by the controller)."""
-
-    log_gain: Ewma
-    log_speed: Ewma
-    rate: Ewma
-    last_gain_ts: float = -math.inf
-    last_speed_ts: float = -math.inf
-    cell: str | None = None
-    queue_depth: int = 0
-    head_s: float = 0.0
-    deadline_s: float | None = None
-    energy_queue_mj: float = 0.0
-    windows_done: int | None = None
-    option: int | None = None
-    decision: Decision | None = None
-    seq: int = 0
-    solved_ts: float = -math.inf
-    solve_s: float = 0.0
-    planned: tuple[float, ...] = field(default_factory=tuple)
-    last_seen: float = -math.inf
-    frame_overhead_s: float = 0.0  # per frame, beside bits / rate (see Telemetry)
-    frame_floor_s: float = 0.0  # least time a frame takes to leave (see Telemetry)
-    last_overhead_ts: float = -math.inf
-    trials: Trials = field(default_factory=Trials)  # of the server path (trials.py)
-    overhead_in_rate: bool = False  # no sensed rate: goodput carries the overhead
-    gain_step: StepDetector = field(default_factory=StepDetector)
-    # The first decision of the option and knobs in force: a decision republished only for
-    # its expected latency runs the same windows, so what is learned per decision goes on.
-    option_seq: int = -1
-    # Measured minus planned window latency (s), by whether the path transmits, and when
-    # each was last measured; `residual_seq`: the option_seq whose first report was skipped.
-    residual: dict[bool, Ewma] = field(default_factory=dict)
-    residual_ts: dict[bool, float] = field(default_factory=dict)
-    residual_seq: int = -1
-    planned_residual: tuple[float, float] = (0.0, 0.0)  # (device, transmit) at the last solve
 
 
 class OnlineController:
@@ -134,7 +92,9 @@ class OnlineController:
             a = self.config.ewma_alpha
             prior = (self.config.gain_prior_sigma_db * math.log(10) / 10) ** 2
             speed = Ewma(a, clip_z=self.config.speed_clip_sigma, clip_floor=SPEED_SIGMA_FLOOR)
-            st = self.gateways[gateway] = GatewayState(Ewma(a, var=prior), speed, Ewma(a))
+            residual = PathResiduals(a, self.config.speed_clip_sigma)
+            st = self.gateways[gateway] = GatewayState(Ewma(a, var=prior), speed, Ewma(a),
+                                                       residual)
             st.gain_step = StepDetector(self.config.gain_rise_reports,
                                         self.config.gain_fall_reports, self.config.gain_rise_sigma)
         return st
@@ -207,21 +167,16 @@ class OnlineController:
         self._fold_residual(t, st, now)
 
     def _fold_residual(self, t: Telemetry, st: GatewayState, now: float) -> None:
-        """Fold the measured latency of the decision in force into its path's residual.
-
-        The plan is the model's at the estimates just folded in, at the decision's clock and
-        power, and without the residual itself. The first report of each decision is
-        skipped: it mixes in windows of the option before it, and a path's first windows
-        after a gap are cold (the first reply after 10 s took 30 ms against 12-17 later on
-        a 10% gateway, e2e run 19).
-        """
-        d, i = st.decision, st.option
+        """Fold the measured latency of the decision in force into its path's residual
+        (`residual.py`), against the model's plan at the estimates just folded in, at the
+        decision's clock and power, without the residual itself; not the first report of an
+        option, nor before the path's own estimates exist (`_plannable`)."""
+        d, i, res = st.decision, st.option, st.residual
         # (A gateway still on an older decision of the same option runs the same windows.)
         if (d is None or i is None or t.applied_seq is None
                 or not st.option_seq <= t.applied_seq <= d.seq or d.variant not in t.window_ms):
             return
-        if st.residual_seq != st.option_seq:
-            st.residual_seq = st.option_seq
+        if res.first_report(st.option_seq):
             return
         path = bool(self.table.transmits[i])
         if not self._plannable(st, path):
@@ -232,13 +187,7 @@ class OnlineController:
         env = self._planned(t.gateway, st, now)
         planned = self._bare_latency(st, env, self._queue(t.gateway, st, env.slowdown), f, p,
                                      now)[i]
-        est = st.residual.get(path)
-        if est is None:
-            est = st.residual[path] = Ewma(self.config.ewma_alpha,
-                                           clip_z=self.config.speed_clip_sigma,
-                                           clip_floor=RESIDUAL_SIGMA_FLOOR_S)
-        est.update(t.window_ms[d.variant] / 1000.0 - float(planned))
-        st.residual_ts[path] = now
+        res.fold(path, t.window_ms[d.variant] / 1000.0 - float(planned), now)
 
     def _plannable(self, st: GatewayState, path: bool) -> bool:
         """Whether the gateway has measured what the model plans `path` with: its compute
@@ -254,32 +203,13 @@ class OnlineController:
                                                    or math.isfinite(st.last_overhead_ts))
 
     def _residual(self, by_path: tuple[float, float]) -> np.ndarray:
-        """Per option, the measured-minus-planned latency of its path on this gateway (s),
-        from the pair `_residual_by_path` gives.
-
-        What no estimate models lands here. A 25% gateway's windows took 7.9 ms on its device
-        where 5.0-5.8 was planned, and 6.1-7.2 ms on the server path where 5.5-7.0 was (e2e
-        run 24: the quota slows the head more than the probes and the profile say); the
-        plans tied, so it flipped between the paths all run while the server was 20% faster.
-        A path never measured takes the other path's figure, and a stale one relaxes to it:
-        what both share (tokenizing, storing the result) then leaves the ranking as the
-        model has it, and a path left after one bad spell is tried again.
-        """
+        """Per option, its path's residual (s), from the (device, transmit) pair."""
         device, transmit = by_path
         return np.where(self.table.transmits, transmit, device)
 
     def _residual_by_path(self, st: GatewayState, now: float) -> tuple[float, float]:
-        """The residual (s) of the device path and of the transmitting path (`_residual`)."""
-        if not st.residual:
-            return 0.0, 0.0
-        # The path measured last anchors the other: what they share, such as tokenizing,
-        # leaves the ranking alone, and what sets the other apart fades once it is stale.
-        anchor = max(st.residual_ts, key=lambda path: st.residual_ts[path])
-        out = {anchor: st.residual[anchor].mean}
-        other = st.residual.get(not anchor)
-        out[not anchor] = out[anchor] if other is None else relaxed(
-            other.mean, out[anchor], st.residual_ts[not anchor], now, self.config.stale_after_s)
-        return out[False], out[True]
+        """The (device, transmit) residual (s) to plan with now (`residual.py`)."""
+        return st.residual.by_path(now, self.config.stale_after_s)
 
     def _fold_gain(self, st: GatewayState, x: float) -> int:
         """Fold one log-gain sample in; +1 if it completed a lasting rise, -1 a fall, else 0.
@@ -401,45 +331,10 @@ class OnlineController:
         return server + self._overhead(st, env, now) + self.fallback_reserve(env)
 
     def _overhead(self, st: GatewayState, env: Environment, now: float) -> np.ndarray:
-        """Per option, what a frame costs beside its bits at r(p) and the server: the
-        per-frame overhead, and the part of the floor its airtime does not cover.
-
-        The gateway's own figures while fresh; before it has sent a frame, the fleet's
-        (`_fleet_overhead`); once stale, relaxed toward the fleet's, so a gateway that
-        stopped sending after a slow spell tries the server again. A 10% gateway's frames
-        wait ~9 ms for its CPU quota however small they are (e2e run 19), and that wait runs
-        inside a longer frame's airtime: one overhead added to every frame planned the
-        uplink at 35 ms where it took 18 (run 18's Pi trace at 0.5 Mbit/s), and kept the
-        gateway on its device. The airtime is taken at full power: a lower one only hides
-        more of the floor.
-        """
-        if st.overhead_in_rate:
-            return np.zeros(len(self.table.options))
-        overhead, floor = st.frame_overhead_s, st.frame_floor_s
-        if now - st.last_overhead_ts > self.config.stale_after_s:
-            fleet_overhead, fleet_floor = self._fleet_overhead(st, now)
-            args = (st.last_overhead_ts, now, self.config.stale_after_s)
-            overhead = relaxed(overhead, fleet_overhead, *args)
-            floor = relaxed(floor, fleet_floor, *args)
-        airtime = self.table.bits / np.maximum(rate_bps(env.p_max_w, env), 1e-300)
-        return np.asarray(overhead + np.maximum(floor - airtime, 0.0))
-
-    def _fleet_overhead(self, st: GatewayState, now: float) -> tuple[float, float]:
-        """The median fresh per-frame overhead and floor of the other gateways; 0 when there
-        is none.
-
-        The broker's hops and the server's share of a reply are common to every gateway of
-        this server, so a newcomer need not probe the server near a tie just to learn them
-        (16 gateways starting at once each did). With nothing to go on, optimism: an untried
-        path must get tried, or it is never measured.
-        """
-        fresh = [o for o in self.gateways.values()
-                 if o is not st and not o.overhead_in_rate
-                 and now - o.last_overhead_ts <= self.config.stale_after_s]
-        if not fresh:
-            return 0.0, 0.0
-        return (statistics.median(o.frame_overhead_s for o in fresh),
-                statistics.median(o.frame_floor_s for o in fresh))
+        """Per option, what a frame costs beside its bits at r(p) and the server
+        (`overhead.py`)."""
+        return frame_overhead(st, self.gateways.values(), self.table, env, now,
+                              self.config.stale_after_s)
 
     def fallback(self, env: Environment) -> int:
         """The on-device option a gateway runs when the server cannot answer in time."""
@@ -463,9 +358,9 @@ class OnlineController:
     def _measured_ts(self, st: GatewayState) -> float:
         """When the gateway's frames last measured the transmitting path: their overhead,
         and their windows' latency if it reports them (what a trial waits for)."""
-        if not st.residual:
+        if not st.residual.est:
             return st.last_overhead_ts
-        return min(st.last_overhead_ts, st.residual_ts.get(True, -math.inf))
+        return min(st.last_overhead_ts, st.residual.last_ts(TRANSMIT))
 
     def _due(self, st: GatewayState, env: Environment, queue: np.ndarray,
              residual: tuple[float, float], now: float) -> str:
@@ -482,7 +377,7 @@ class OnlineController:
                                                                      strict=True)):
             return "estimates-moved"
         # The residuals can be 0 or below, so they are compared against the latency in force.
-        moved = (abs(a - b) for a, b in zip(residual, st.planned_residual, strict=True))
+        moved = (abs(a - b) for a, b in zip(residual, st.residual.planned, strict=True))
         if max(moved) > thr * st.decision.latency_ms / 1000.0:
             return "estimates-moved"
         return ""
@@ -533,7 +428,7 @@ class OnlineController:
         self.solve_seconds += st.solve_s
         st.planned = (env.gain, env.compute_scale, float(queue.max()) + 1e-6,
                       env.bandwidth_hz, env.deadline_s, st.energy_queue_mj + 1.0)
-        st.planned_residual = residual
+        st.residual.planned = residual
         # Feasible against the real deadline: the margin is for planning only.
         feasible = bool(sol.latency[best] <= self._deadline(st) * (1 + FEAS_RTOL)
                         and sol.energy[best] <= env.energy_budget_j * (1 + FEAS_RTOL))
