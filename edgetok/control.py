@@ -199,7 +199,7 @@ def _known_keys(obj: dict[str, object], model: type[M]) -> dict[str, object]:
             _warned_unknown.clear()
         _warned_unknown.add(key)
         log.warning("%s for gateway %s carries fields this version does not know, ignored: "
-                    "%s (is the sender newer?)", model.__name__, key[1], ", ".join(unknown))
+                    "%.200s (is the sender newer?)", model.__name__, key[1], ", ".join(unknown))
     return {k: v for k, v in obj.items() if k in model.model_fields}
 
 
