@@ -583,17 +583,9 @@ TIED = synthetic_manifest(num_layers=4, ratios=(0.0,), int8_loss=0.0, fp16_loss=
 def _near_tie(worse: float) -> float:
     """The per-frame overhead (ms) at which the best transmitting option plans `worse`
     (relative) above the best on-device one, by latency, on a 10 Mbit/s link."""
-    ctl = OnlineController(config(prefer="latency"), TIED)
-    ctl.observe(Telemetry(gateway="a", ts=0.0, link_bps=10e6, tx_power_w=P_MAX), 0.0)
-    env, queue = ctl.environment("a", 0.0)
-    sol = solve_options(ctl.table, env, queue, "latency")
-    env, queue = ctl.environment("a", 0.0, expected=True)  # the latency options rank by
-    seen = evaluate(ctl.table, env, sol.f, sol.p, queue)[0] - ctl.fallback_reserve(env)
-    tx = ctl.table.transmits
-    ok = ctl.policy.allowed  # (the privacy floor keeps the whole model off the server)
-    device, server = float(seen[~tx & ok].min()), float(seen[tx & ok].min())
+    device, server = _plans(None)
     assert server < device, "the synthetic link must favour the server without overhead"
-    return ((1 + worse) * device - server) * 1e3
+    return (1 + worse) * device - server
 
 
 def _run_near_tie(first_ms: float, true_ms: float, seconds: int = 60,
@@ -683,17 +675,18 @@ def test_no_trial_when_the_server_plans_clearly_worse_or_trials_are_off(
     assert all(d.split == TIED.num_layers for d in decisions if d.ts < STALE)
 
 
-def _plans(overhead_ms: float) -> tuple[float, float]:
-    """The latency (ms) the best on-device and the best transmitting option plan at the near
-    tie of `_near_tie`, with `overhead_ms` per frame."""
+def _plans(overhead_ms: float | None) -> tuple[float, float]:
+    """The latency (ms) the best on-device and the best transmitting option plan, as the
+    latency preference ranks them, on a 10 Mbit/s link with `overhead_ms` per frame."""
     ctl = OnlineController(config(prefer="latency"), TIED)
     ctl.observe(Telemetry(gateway="a", ts=0.0, link_bps=10e6, tx_power_w=P_MAX,
                           frame_overhead_ms=overhead_ms), 0.0)
     env, queue = ctl.environment("a", 0.0)
     sol = solve_options(ctl.table, env, queue, "latency")
-    env, queue = ctl.environment("a", 0.0, expected=True)
+    env, queue = ctl.environment("a", 0.0, expected=True)  # the latency options rank by
     seen = (evaluate(ctl.table, env, sol.f, sol.p, queue)[0] - ctl.fallback_reserve(env)) * 1e3
-    tx, ok = ctl.table.transmits, ctl.policy.allowed
+    tx = ctl.table.transmits
+    ok = ctl.policy.allowed  # (the privacy floor keeps the whole model off the server)
     return float(seen[~tx & ok].min()), float(seen[tx & ok].min())
 
 
