@@ -164,7 +164,8 @@ class GatewayConfig(Strict):
         "this often, right after a window the server answered and none is in flight, so "
         "the coordinator sees when this device is fast again; 0: never. While windows run "
         "heads here, one probe every 5 periods, timed beside their heads, calibrates the "
-        "probes (a probe and a window's head read differently on a quota-capped CPU). Costs "
+        "probes (a probe and a window's head read differently on a quota-capped CPU), "
+        "kept in state_dir/probe-calibration.json across restarts. Costs "
         "one head run per period (about 0.1% of a core for a 2 ms head at 2 s).")
     unclaimed_topics: list[str] = Field(default_factory=list, description="Extra topic "
                                         "filters to subscribe (QoS 1), e.g. 'sensors/#': a "

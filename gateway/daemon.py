@@ -87,7 +87,8 @@ class Gateway:
         self.ingest = Ingest(self.store, self.session, Router(cfg.streams), self.buffers,
                              self.counters, cfg.journal, self._deadletter, self._close_due)
         self.inferencer = Inferencer(cfg.id, self.runtime, self.tokenizers,
-                                     self._publish_frame, decision)
+                                     self._publish_frame, decision,
+                                     cfg.state_dir / "probe-calibration.json")
         self.control = ControlPlane(self, Actuators(cfg.actuators))
         self.metrics = GatewayMetrics(self)
         self.health = Health(self)

@@ -10,6 +10,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -74,7 +75,9 @@ class Inferencer:
     """Turns closed windows into results using the current decision."""
 
     def __init__(self, gateway: str, runtime: Runtime, tokenizers: dict[str, Tokenizer],
-                 publish_frame: Publish, decision: Decision) -> None:
+                 publish_frame: Publish, decision: Decision,
+                 calibration_path: Path | None = None) -> None:
+        """`calibration_path`: where the head probes' calibration is kept across restarts."""
         self.gateway = gateway
         self.runtime = runtime
         self.manifest = runtime.manifest
@@ -91,7 +94,7 @@ class Inferencer:
         self.boosted_ms = RunTimes(reported=False)
         self.last_head_mono = -float("inf")  # when a head last ran at the decision's clock
         self._last_tokens: np.ndarray | None = None  # a real input for a head probe
-        self.probe_calibration = ProbeCalibration()
+        self.probe_calibration = ProbeCalibration(calibration_path, self.manifest.bundle_id)
         self.last_probe_ms: float | None = None  # the last probe's own time, unscaled
         self._calibrated_mono = -float("inf")
         # Windows' own heads (never probes) since the decision's variant and clock last
@@ -287,19 +290,39 @@ class Inferencer:
         return x, ms
 
     def fallback_reserve_s(self, fallback: Variant) -> float:
-        """Time to keep back from the server for an on-device run of `fallback`."""
-        parts = [p for p in ("head", "tail") if getattr(fallback, p)]
-        known = self.boosted_ms if self._boost_clocks() else self.run_ms
-        runs = [known.get((fallback.id, p)) for p in parts]
-        if all(r is not None for r in runs):
-            est = sum(r for r in runs if r is not None)
-        else:  # not run yet here: the bundle's profile is the best guess,
+        """Time to keep back from the server for an on-device run of `fallback`: its own runs
+        at the fallback clock; else its runs (or probes) at the decision's clock, scaled to
+        the fallback clock; else the bundle's profile.
+
+        Runs at the decision's clock come before the profile: a 10% gateway whose fallback
+        had never run at a raised clock sized its reserve from the profile, 24 ms, while
+        its probes of the same variant at the same clock took 45 (e2e run 31): a server
+        that failed to answer would have left the fallback too little time.
+        """
+        both: tuple[Part, Part] = ("head", "tail")
+        parts = [p for p in both if getattr(fallback, p)]
+        est = None
+        clocks = self._boost_clocks()
+        if clocks is not None:
+            est = self._run_ms(self.boosted_ms, fallback.id, parts)
+        if est is None:
+            est = self._run_ms(self.run_ms, fallback.id, parts)
+            if est is not None and clocks is not None and clocks[0] > 0:
+                est *= clocks[1] / clocks[0]  # measured at the decision's clock
+        if est is None:  # not run yet here: the bundle's profile is the best guess,
             est = fallback.profile.head_ms_1t + fallback.profile.tail_ms_1t
             clock = self.decision.fallback_hz or self.decision.extra.get("cpu_hz")
             if isinstance(clock, int | float) and clock > 0:
                 # ... slowed to the clock in force when that is below the profiling clock.
                 est *= max(1.0, self.manifest.reference_hz / clock)
         return est / 1000 * FALLBACK_MARGIN + FALLBACK_SLACK_S
+
+    @staticmethod
+    def _run_ms(times: RunTimes, variant: str, parts: list[Part]) -> float | None:
+        """The sum of `variant`'s recent run times over `parts`; None unless all have run."""
+        runs = [times.get((variant, p)) for p in parts]
+        return sum(r for r in runs if r is not None) if all(r is not None for r in runs) \
+            else None
 
     async def infer(self, win: ClosedWindow, deadline_s: float) -> Result:
         """The result of one window; never raises for a server or link failure."""

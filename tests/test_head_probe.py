@@ -182,9 +182,34 @@ def test_a_calibration_learns_the_probes_bias_in_log_and_bounds_each_sample() ->
     assert wild.scale == pytest.approx(PROBE_SCALE_LIMIT ** 0.7), "and is forgotten as fast"
 
 
+def test_a_calibration_survives_a_restart_on_the_same_bundle_only(tmp_path: Path) -> None:
+    """A restarted gateway that the coordinator keeps on the server runs no window heads to
+    calibrate against: the calibration it learned before comes back. Another bundle, or a
+    file that is torn or wild, is no calibration (a wild one is held to the limit)."""
+    path = tmp_path / "probe-calibration.json"
+    cal = ProbeCalibration(path, "bundle-a")
+    cal.update(7.0, 4.0)
+    again = ProbeCalibration(path, "bundle-a")
+    assert again.samples == 1 and again.scale == pytest.approx(7.0 / 4.0)
+    again.update(7.0, 4.0)
+    assert ProbeCalibration(path, "bundle-a").samples == 2
+    assert ProbeCalibration(path, "bundle-b").samples == 0, "learned on another model"
+    path.write_text('{"bundle": "bundle-a", "log_ratio": 0.5, "sam')
+    assert ProbeCalibration(path, "bundle-a").scale == 1.0
+    path.write_text(json.dumps({"bundle": "bundle-a", "log_ratio": 9.0, "samples": 3}))
+    assert ProbeCalibration(path, "bundle-a").scale == pytest.approx(PROBE_SCALE_LIMIT)
+    assert not list(tmp_path.glob("*.tmp")), "written whole, through a rename"
+    blocked = tmp_path / "blocked"
+    blocked.mkdir()  # a directory where the file should be: saving fails, calibrating not
+    cal = ProbeCalibration(blocked, "bundle-a")
+    cal.update(8.0, 4.0)
+    assert cal.samples == 1 and cal.scale == pytest.approx(2.0)
+    assert not (tmp_path / "blocked.tmp").exists()
+
+
 @pytest.mark.asyncio
 async def test_probes_are_calibrated_against_window_heads_only_and_scaled_on_the_server(
-        tiny_bundle: Path) -> None:
+        tiny_bundle: Path, tmp_path: Path) -> None:
     """Real ORT sessions. On the server, probes stand in for the device's heads. Back on the
     device, a calibrating probe waits for enough windows' own heads (the probes recorded
     before count for nothing), is compared with their median, and is no window head
@@ -198,7 +223,9 @@ async def test_probes_are_calibrated_against_window_heads_only_and_scaled_on_the
     async def nowhere(frame: bytes, wait_s: float) -> bool:
         return False  # no broker: a server window falls back to the device
 
-    inf = Inferencer("gw1", runtime, {"imu": tok}, nowhere, InfDecision(server.id, "fp32"))
+    kept = tmp_path / "probe-calibration.json"
+    inf = Inferencer("gw1", runtime, {"imu": tok}, nowhere, InfDecision(server.id, "fp32"),
+                     kept)
     assert await inf.probe_head(0.1) is None, "nothing to run before the first window"
     heads = []
     for seq in range(2):  # the first run of a session is never timed
@@ -232,3 +259,9 @@ async def test_probes_are_calibrated_against_window_heads_only_and_scaled_on_the
     assert ms is not None and ms == pytest.approx(cal.scale * inf.last_probe_ms)
     assert inf.take_fresh_head_ms() == {device.id: pytest.approx(ms)}
     assert await inf.probe_head(10.0) is None, "at most one probe per interval"
+    inf.close()
+    # Restarted on the same bundle, the gateway scales its first probe as it did before.
+    back = Inferencer("gw1", runtime, {"imu": tok}, nowhere, InfDecision(server.id, "fp32"),
+                      kept)
+    assert back.probe_calibration.scale == pytest.approx(cal.scale)
+    back.close()

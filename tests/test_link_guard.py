@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from harness import bundle_tokenizer, random_window
 
+from edgetok.control import FALLBACK_MARGIN, FALLBACK_SLACK_S
 from edgetok.frames import TailReply, decode_frame
 from edgetok.gateway import inference, qdisc
 from edgetok.gateway.inference import Decision, Inferencer
@@ -189,6 +190,35 @@ async def test_fallback_runs_at_the_fallback_clock_and_restores_it(
     # the decision's clock (the coordinator would read a faster device into them).
     assert r.variant.id not in inf.head_ms
     assert (r.variant.id, "head") in inf.boosted_ms
+
+
+@pytest.mark.asyncio
+async def test_the_fallback_reserve_is_sized_from_what_ran_here_before_the_profile(
+        split_setup: tuple[Inferencer, Server, str]) -> None:
+    """Before a fallback has run at the raised clock, runs of the same variant at the
+    decision's clock (windows or probes) size the reserve, scaled to the raised clock; the
+    profile only when nothing ran. A 10% gateway's profile said 9.5 ms where its runs took
+    45: the reserve let the server keep the time its fallback needed."""
+    inf, _, split = split_setup
+    inf.set_clock = lambda hz: None
+    inf.decision = Decision(split, "fp32", fallback_hz=1.0e9, extra={"cpu_hz": 1.0e9})
+    fb = inf.fallback_of(inf.decision)
+    assert fb.head and not fb.tail
+
+    def reserve_of(run_ms: float) -> float:
+        return run_ms / 1000 * FALLBACK_MARGIN + FALLBACK_SLACK_S
+
+    profiled = inf.fallback_reserve_s(fb)
+    assert profiled < reserve_of(45.0)
+    for ms in (44.0, 45.0, 46.0):
+        inf.run_ms.add((fb.id, "head"), ms)
+    assert inf.fallback_reserve_s(fb) == pytest.approx(reserve_of(45.0))
+    # Raised to twice the decision's clock for a fallback: half the time.
+    inf.decision = Decision(split, "fp32", fallback_hz=2.0e9, extra={"cpu_hz": 1.0e9})
+    assert inf.fallback_reserve_s(fb) == pytest.approx(reserve_of(22.5))
+    # Once the fallback has run at its own clock, those runs say it.
+    inf.boosted_ms.add((fb.id, "head"), 30.0)
+    assert inf.fallback_reserve_s(fb) == pytest.approx(reserve_of(30.0))
 
 
 @pytest.mark.asyncio

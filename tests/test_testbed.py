@@ -102,6 +102,28 @@ def test_cpu_quota_caps_the_process_and_follows_the_actuator_file(bed: Testbed) 
 
 
 @needs_testbed
+def test_a_busy_process_under_a_quota_is_stalled_and_the_stalls_are_counted(
+        bed: Testbed) -> None:
+    """The kernel's count of quota stalls, which e2e reports per lane: a busy loop at 10% of
+    a core spends most of its wall time stalled; without a quota, none of it."""
+    host = bed.hosts[0]
+    bed.set_cpu(0, 0.1)
+    before = host.cpu.throttled_s()
+    assert before is not None
+    proc = bed.popen(host.netns, [sys.executable, "-c", "while True: pass"], cgroup=host.cpu)
+    time.sleep(1.0)
+    bed.stop(proc)
+    stalled = (host.cpu.throttled_s() or 0.0) - before
+    assert 0.5 < stalled < 1.5
+    bed.set_cpu(0, None)
+    before = host.cpu.throttled_s() or 0.0
+    proc = bed.popen(host.netns, [sys.executable, "-c", "while True: pass"], cgroup=host.cpu)
+    time.sleep(0.5)
+    bed.stop(proc)
+    assert (host.cpu.throttled_s() or 0.0) - before < 0.05
+
+
+@needs_testbed
 def test_gateways_and_server_run_on_separate_cpus(bed: Testbed) -> None:
     """Gateway processes run on the gateway CPUs only, server-side ones on the others."""
     host = bed.hosts[0]

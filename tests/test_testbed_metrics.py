@@ -25,7 +25,13 @@ from e2e import (  # noqa: E402
     split_windows,
 )
 from testbed.driver import parse_gateways  # noqa: E402
-from testbed.goals import check, ratio_interval, same_variant_share  # noqa: E402
+from testbed.goals import (  # noqa: E402
+    check,
+    ratio_interval,
+    same_variant_share,
+    summary,
+    where_the_gap_arises,
+)
 from testbed.metrics import summarise  # noqa: E402
 from testbed.run import (  # noqa: E402
     KAPPA,
@@ -167,6 +173,8 @@ def test_goals_apply_the_strict_ratio_only_where_the_best_static_choice_changes(
     assert t["best_differs"] and t["ratio_goal"] == 0.6 and not t["ratio_met"]
     assert not f["best_differs"] and f["ratio_goal"] == 1.05 and f["ratio_met"]
     assert t["hit_met"] and not f["hit_met"]
+    # Without per-window stages there is no split at the close, and the console says so.
+    assert "ratio_after_close" not in t and "before it: - ms" in summary(goals)
 
 
 def test_the_headline_ratio_is_against_the_best_static_at_each_percentile() -> None:
@@ -301,3 +309,33 @@ def test_e2e_refuses_a_scenario_name_the_matrix_does_not_have() -> None:
     assert out.returncode != 0
     assert "no scenario named pi-trace;" in out.stderr
     assert "pi-trace-50-0.5-50" in out.stderr and "link-50" not in out.stderr.split(";")[0]
+
+
+def test_a_gap_is_told_apart_before_and_after_the_window_closes() -> None:
+    """Joint as fast as the best static from close to result but 2 ms later before the close
+    (the lane's broker and ingest): the ratio after the close is 1 and the gap is in ingest."""
+    def rows(before: float, after: float) -> list[dict[str, Any]]:
+        return [{"latency_ms": before + after + d, "stages_ms": {"total": after + d}}
+                for d in (-0.5, 0.0, 0.5)]
+
+    sc = {"runs": {"joint": {"per_window": rows(6.0, 9.0)},
+                   "server-only": {"per_window": rows(4.0, 9.0)}},
+          "headline": {"best_static": "server-only"}}
+    assert where_the_gap_arises(sc) == {"ratio_after_close": 1.0, "before_close_gap_ms": 2.0}
+    sc["runs"]["joint"] = {"per_window": rows(4.0, 18.0)}
+    assert where_the_gap_arises(sc) == {"ratio_after_close": 2.0, "before_close_gap_ms": 0.0}
+    sc["runs"]["joint"] = {"per_window": []}
+    assert where_the_gap_arises(sc) is None
+
+
+def test_each_window_is_split_at_its_close_and_quota_stalls_are_counted() -> None:
+    """Before the close: stored minus published minus the gateway's own total; the quota's
+    stalls over the windows sent; unreadable stalls leave the figure out."""
+    data = _data(_spec())
+    data.throttled_s = [0.004, None]
+    m = summarise(data)
+    # Windows 1 and 2: 20 and 250 ms end to end, 3 ms each from close to result.
+    assert m["split_ms"] == {"before_close": pytest.approx(132.0), "after_close": 3.0}
+    assert m["cpu_throttled_ms_per_window"] == pytest.approx(1.0)  # 4 ms over 4 sent
+    data.throttled_s = [None]
+    assert summarise(data)["cpu_throttled_ms_per_window"] is None

@@ -118,6 +118,18 @@ class CpuGroup:
             except (OSError, ValueError) as exc:  # a torn write is retried on the next poll
                 log.debug("cpu.max bridge: %s", exc)
 
+    def throttled_s(self) -> float | None:
+        """Seconds the quota has stalled the group since it was made (cpu.stat: v2's
+        throttled_usec, v1's throttled_time in ns); None if unreadable."""
+        try:
+            stat = dict(line.split()[:2] for line in
+                        (self.path / "cpu.stat").read_text().splitlines() if line.strip())
+            if "throttled_usec" in stat:
+                return int(stat["throttled_usec"]) / 1e6
+            return int(stat["throttled_time"]) / 1e9
+        except (OSError, KeyError, ValueError):
+            return None
+
     def pids(self) -> list[int]:
         """Processes in the cgroup now."""
         try:

@@ -90,6 +90,26 @@ def same_variant_share(sc: dict[str, Any]) -> float | None:
     return round(sum(w.get("variant") == usual for w in joint) / len(joint), 3)
 
 
+def where_the_gap_arises(sc: dict[str, Any]) -> dict[str, float] | None:
+    """joint against the best static baseline on each side of the window's close: the
+    p50 ratio from close to result (the queue, head, uplink and tail a decision sets), and
+    the difference (ms) of the p50 before the close (publish, broker, ingest, journal:
+    the same work under every policy, so a gap there is the lane, not the decision)."""
+    best, joint = (
+        [w for w in _windows(sc, pol) if w.get("stages_ms")]
+        for pol in (sc["headline"]["best_static"], "joint"))
+    if not best or not joint:
+        return None
+    after = {k: np.median([w["stages_ms"]["total"] for w in rows])
+             for k, rows in (("joint", joint), ("best", best))}
+    before = {k: np.median([w["latency_ms"] - w["stages_ms"]["total"] for w in rows])
+              for k, rows in (("joint", joint), ("best", best))}
+    if after["best"] <= 0:
+        return None
+    return {"ratio_after_close": round(float(after["joint"] / after["best"]), 3),
+            "before_close_gap_ms": round(float(before["joint"] - before["best"]), 3)}
+
+
 def check(doc: dict[str, Any]) -> dict[str, Any]:
     """Per scenario: the p50 ratio and its goal, hit rate against the best baseline."""
     out: dict[str, Any] = {}
@@ -106,6 +126,7 @@ def check(doc: dict[str, Any]) -> dict[str, Any]:
                      "ratio_ci95": ratio_interval(sc), "ratio_p95": h.get("ratio_p95"),
                      "switching_bound": switching_bound(sc),
                      "joint_same_variant_share": same_variant_share(sc),
+                     **(where_the_gap_arises(sc) or {}),
                      "hit_met": bool(h.get("joint_hit_ge_best"))}
     return out
 
@@ -119,8 +140,15 @@ def summary(goals: dict[str, Any]) -> str:
                      f"{g.get('ratio_p95')}; switching between baselines: "
                      f"{g.get('switching_bound')}; goal <= "
                      f"{g['ratio_goal']:g}: {'met' if g['ratio_met'] else 'MISSED'}; joint ran "
-                     f"the best static's variant in {g.get('joint_same_variant_share')}); "
+                     f"the best static's variant in {g.get('joint_same_variant_share')}; "
+                     f"after the close: {g.get('ratio_after_close')}, before it: "
+                     f"{_signed(g.get('before_close_gap_ms'))} ms); "
                      "hit >= best: "
                      f"{'met' if g['hit_met'] else 'MISSED'}; best static by rate: "
                      f"{g['best_static_by_link_mbit']}")
     return "\n".join(lines)
+
+
+def _signed(x: float | None) -> str:
+    """A difference with its sign, or a dash."""
+    return "-" if x is None else f"{x:+.2f}"

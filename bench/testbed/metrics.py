@@ -33,6 +33,7 @@ def summarise(data: RunData) -> dict[str, Any]:
     cpu_on = s.actuators and s.coordinator != "static"
     tx_on = cpu_on and not s.trace
     lat, hit, correct, energy, fbytes, rows = [], [], [], [], [], []
+    after: list[float] = []  # window close to result: the part a decision has a say in
     predicted: list[float] = []  # the decision's latency_ms over the window's own
     where: collections.Counter[str] = collections.Counter()
     variants: collections.Counter[str] = collections.Counter()
@@ -48,6 +49,7 @@ def summarise(data: RunData) -> dict[str, Any]:
             continue
         ms = (r["created_ts"] - sent["t_pub"]) * 1000
         lat.append(ms)
+        after.append(float(r["latency_ms"]["total"]))
         hit.append(ms <= s.deadline_ms)
         correct.append(r["label"].lower() == str(sent["label"]).lower())
         where[r["where"]] += 1
@@ -77,10 +79,18 @@ def summarise(data: RunData) -> dict[str, Any]:
     n = len(hit)
     mine = {sent["gateway"] for sent in drv["sent"]}
     arr = np.array(lat) if lat else np.array([np.nan])
+    stalled = [x for x in data.throttled_s if x is not None]
     return {
         "windows": n, "missing": missing,
         "latency_ms": {"p50": _r(np.percentile(arr, 50)), "p95": _r(np.percentile(arr, 95)),
                        "p99": _r(np.percentile(arr, 99)), "mean": _r(float(np.mean(arr)))},
+        # p50 of each window's latency before its close (publish, broker, ingest, journal)
+        # and after it (queue, head, uplink, tail): where a gap between policies arises.
+        "split_ms": ({"before_close": _r(float(np.median(arr - np.array(after)))),
+                      "after_close": _r(float(np.median(after)))} if lat else None),
+        # The gateways' CPU quota stalls during the replay, per window sent (warm-up too).
+        "cpu_throttled_ms_per_window": (_r(1000 * sum(stalled) / max(len(drv["sent"]), 1))
+                                        if stalled else None),
         "hit_rate": round(sum(hit) / n, 4) if n else None,
         # The coordinator's prediction in force over each window's latency (close to result).
         "predicted_over_measured": ({"p50": _r(float(np.median(predicted))),

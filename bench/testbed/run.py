@@ -89,6 +89,10 @@ class RunData:
     logs: Path | None = None
     exit_codes: dict[str, int | None] = field(default_factory=dict)
     profiles: list[Path] = field(default_factory=list)  # py-spy raw files, one a gateway
+    # Seconds each gateway's CPU quota stalled it during the replay (None: unreadable): the
+    # emulated clock stalls a window that finds its quota spent, so a lane stalled more
+    # than another is slower for reasons no decision has a say in.
+    throttled_s: list[float | None] = field(default_factory=list)
 
 
 def merged(parts: list[RunData]) -> RunData:
@@ -109,7 +113,8 @@ def merged(parts: list[RunData]) -> RunData:
                    wire_bytes=[b for p in parts for b in p.wire_bytes],
                    rate_log=sorted(x for p in parts for x in p.rate_log),
                    exit_codes={k: v for p in parts for k, v in p.exit_codes.items()},
-                   profiles=[x for p in parts for x in p.profiles])
+                   profiles=[x for p in parts for x in p.profiles],
+                   throttled_s=[x for p in parts for x in p.throttled_s])
 
 
 def controller_config(spec: RunSpec) -> dict[str, Any]:
@@ -326,6 +331,7 @@ class Run:
             for lane in self.lanes:
                 self._start_lane(lane, started)
             before = {i: tb.tx_bytes(i) for i in self.hosts}
+            stalled = {i: tb.hosts[i].cpu.throttled_s() for i in self.hosts}
             driver_out = self.dir / "driver.json"
             gateways = [f"{g}@{lane.broker_port}" for lane in self.lanes for g in lane.ids]
             static = all(lane.spec.coordinator == "static" for lane in self.lanes)
@@ -361,6 +367,8 @@ class Run:
             if code != 0:
                 raise TestbedError(f"driver exited with {code}; logs in {self.dir}")
             wire = {i: tb.tx_bytes(i) - b for i, b in before.items()}
+            stalled = {i: _delta(tb.hosts[i].cpu.throttled_s(), t0)
+                       for i, t0 in stalled.items()}
             data = json.loads(driver_out.read_text())
         finally:
             stop_trace.set()
@@ -375,14 +383,21 @@ class Run:
             out.append(RunData(lane.spec, lane_data(data, lane.ids),
                                [wire[i] for i in lane.hosts], self.rate_log, self.dir,
                                lane_codes, [self._profile_path(g) for g in lane.ids
-                                            if self._profile_path(g).is_file()]))
+                                            if self._profile_path(g).is_file()],
+                               [stalled[i] for i in lane.hosts]))
         # What the metrics need besides driver.json, so a kept run can be re-analysed.
         (self.dir / "run.json").write_text(json.dumps({"lanes": [
             {"spec": {k: str(v) if isinstance(v, Path) else v
                       for k, v in ((f, getattr(d.spec, f)) for f in d.spec.__slots__)},
-             "gateways": lane.ids, "wire_bytes": d.wire_bytes, "exit_codes": d.exit_codes}
+             "gateways": lane.ids, "wire_bytes": d.wire_bytes, "exit_codes": d.exit_codes,
+             "throttled_s": d.throttled_s}
             for lane, d in zip(self.lanes, out, strict=True)], "rate_log": self.rate_log}))
         return out
+
+
+def _delta(now: float | None, then: float | None) -> float | None:
+    """now - then, or None if either is unknown."""
+    return None if now is None or then is None else round(now - then, 6)
 
 
 def nominal_hz(bundle: Path) -> float:
