@@ -435,9 +435,10 @@ def _write(path: Path, doc: dict[str, Any]) -> None:
 
 def table(doc: dict[str, Any]) -> str:
     """A plain-text table: p50/p95/p99, hit rate, energy per policy, the median of the
-    coordinator's prediction over each window's latency (pred/ms), and the ratio."""
+    coordinator's prediction over each window's latency (pred/ms), the CPU quota's stalls
+    per window (ms), and the ratio."""
     lines = [f"{'scenario':<15} {'policy':<12} {'p50':>8} {'p95':>8} {'p99':>8} {'hit':>6} "
-             f"{'acc':>6} {'mJ/win':>8} {'B/win':>8} {'pred/ms':>7}  where"]
+             f"{'acc':>6} {'mJ/win':>8} {'B/win':>8} {'pred/ms':>7} {'stall':>6}  where"]
     for name, sc in doc["scenarios"].items():
         for pol, m in sc["runs"].items():
             if "error" in m:
@@ -448,7 +449,8 @@ def table(doc: dict[str, Any]) -> str:
                          f"{_f(lt['p99'])} {_f(m['hit_rate'], 6)} {_f(m['accuracy'], 6)} "
                          f"{_f(m['energy_mj_per_window'])} "
                          f"{_f(m['uplink_wire_bytes_per_window'])} "
-                         f"{_f((m.get('predicted_over_measured') or {}).get('p50'), 7)}"
+                         f"{_f((m.get('predicted_over_measured') or {}).get('p50'), 7)} "
+                         f"{_f(m.get('cpu_throttled_ms_per_window'), 6)}"
                          f"  {m['where']}")
         h = sc["headline"]
         if "ratio" in h:
