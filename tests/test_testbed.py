@@ -164,6 +164,10 @@ def test_policies_run_side_by_side_each_in_its_own_lane(tmp_path: Path,
         assert set(lane.exit_codes) == {f"g0-r7-{lane.spec.policy}",
                                         f"server-{lane.spec.policy}"}
     assert server.wire_bytes[0] > device.wire_bytes[0], "frames cross the server lane's link"
+    # Each lane's gateway's quota stalls during the replay, read from its own cgroup.
+    for lane in (device, server):
+        assert len(lane.throttled_s) == 1 and lane.throttled_s[0] is not None
+        assert 0.0 <= lane.throttled_s[0] < 10.0
     # Slots of 0.25 s, each publish within a quarter slot of its own: never closer than half.
     t_dev = {r["j"]: r["t_pub"] for r in device.driver["sent"]}
     gaps = [r["t_pub"] - t_dev[r["j"]] for r in server.driver["sent"]]
