@@ -331,7 +331,7 @@ class Run:
             for lane in self.lanes:
                 self._start_lane(lane, started)
             before = {i: tb.tx_bytes(i) for i in self.hosts}
-            stalled = {i: tb.hosts[i].cpu.throttled_s() for i in self.hosts}
+            stalled_at_start = {i: tb.hosts[i].cpu.throttled_s() for i in self.hosts}
             driver_out = self.dir / "driver.json"
             gateways = [f"{g}@{lane.broker_port}" for lane in self.lanes for g in lane.ids]
             static = all(lane.spec.coordinator == "static" for lane in self.lanes)
@@ -368,7 +368,7 @@ class Run:
                 raise TestbedError(f"driver exited with {code}; logs in {self.dir}")
             wire = {i: tb.tx_bytes(i) - b for i, b in before.items()}
             stalled = {i: _delta(tb.hosts[i].cpu.throttled_s(), t0)
-                       for i, t0 in stalled.items()}
+                       for i, t0 in stalled_at_start.items()}
             data = json.loads(driver_out.read_text())
         finally:
             stop_trace.set()
