@@ -129,9 +129,11 @@ class GatewaySide:
         old = self.run_ms.get(variant)
         self.run_ms[variant] = ms if old is None else 0.8 * old + 0.2 * ms
 
-    def reserve_s(self, fallback: str, profile_ms: float) -> float:
-        """Inferencer.fallback_reserve_s: time kept back for the on-device fallback."""
-        return self.run_ms.get(fallback, profile_ms) / 1000 * FALLBACK_MARGIN + self.slack_s
+    def reserve_s(self, fallback: str, profile_ms: float, margin: float = FALLBACK_MARGIN
+                  ) -> float:
+        """Inferencer.fallback_reserve_s: time kept back for the on-device fallback, at the
+        decision's margin (sure or lean)."""
+        return self.run_ms.get(fallback, profile_ms) / 1000 * margin + self.slack_s
 
     def window(self, close_s: float, head_s: float, lat_s: float, tx_s: float, p_w: float,
                reserve_s: float, deadline_s: float, guess_s: float
@@ -183,11 +185,12 @@ def server_queue_s(table: OptionTable, opts: dict[str, int]) -> float:
 
 def gateway_step(table: OptionTable, env: Environment, side: GatewaySide, o: int, dv: int,
                  dev_profile_ms: dict[str, float], now: float, f: float, p: float, f_fb: float,
-                 lat: float, en: float, server_guess_s: float) -> dict[str, float]:
+                 lat: float, en: float, server_guess_s: float,
+                 margin: float = FALLBACK_MARGIN) -> dict[str, float]:
     """One second of windows of one gateway as built: means over its windows, with fallback.
 
-    `dv` is the decision's fallback (run at `f_fb`); `server_guess_s` the tail and queueing
-    time the gateway saw on its last replies.
+    `dv` is the decision's fallback (run at `f_fb`, its reserve at `margin`);
+    `server_guess_s` the tail and queueing time the gateway saw on its last replies.
     """
     c, w = table.c_head * env.compute_scale, int(WINDOWS_PER_S)
     dev_id, dev_s = table.options[dv].variant, float(c[dv] / f_fb)
@@ -204,7 +207,7 @@ def gateway_step(table: OptionTable, env: Environment, side: GatewaySide, o: int
         for k in range(w):
             # Inferencer.fallback_reserve_s: the profile, slowed to the fallback clock.
             reserve = side.reserve_s(dev_id, max(dev_profile_ms[dev_id],
-                                                 float(table.c_head[dv] / f_fb) * 1e3))
+                                                 float(table.c_head[dv] / f_fb) * 1e3), margin)
             end, radio_j, fell, ran = side.window(now + k / WINDOWS_PER_S, head_s, lat, tx_s,
                                                   p, reserve, env.deadline_s, guess)
             if fell:
@@ -290,7 +293,8 @@ def run_policy(trace: Trace, policy: str, manifest: Manifest, deadline_ms: float
                 d.pruning_ratio).id, DEVICE_PRECISION)
             fb = gateway_step(table, env, side, o, dv, dev_profile_ms, now, d.cpu_hz,
                               d.tx_power_w, d.fallback_cpu_hz or d.cpu_hz, float(lat[o]),
-                              float(en[o]), float(table.t_tail[o]) + prev_queue)
+                              float(en[o]), float(table.t_tail[o]) + prev_queue,
+                              d.fallback_margin or FALLBACK_MARGIN)
             for k, v in fb.items():
                 series[f"fb_{k}"][t, i] = v
             done[i] += int(WINDOWS_PER_S)

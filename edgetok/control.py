@@ -28,6 +28,15 @@ MAX_CONTROL_BYTES = 256 * 1024
 # time, minus FALLBACK_SLACK_S, or the gateway gives up and runs the device variant.
 # More margin falls back earlier than needed; less risks a fallback that misses the deadline.
 FALLBACK_MARGIN = 1.5
+# The lean reserve: the fallback's typical run, no margin. The coordinator plans with it only
+# for an option that the sure reserve above leaves no time for the server's reply, and says
+# so in the decision (`fallback_margin`). A fallback after a lean cutoff finishes in time
+# about half the time; after its first timeout a gateway stops waiting for a silent server
+# (only a probe every PROBE_INTERVAL_S tries it), so what is exposed is the windows in flight
+# when the server went silent and one probe per interval after. At 10% of a core the sure
+# reserve (1.5 x 47 ms + 10) kept a 28 ms server path off a 100 ms deadline, and every window
+# ran its 47 ms head on the device (e2e run 32).
+LEAN_FALLBACK_MARGIN = 1.0
 # Event-loop and thread hand-over costs that the measured run time does not show.
 FALLBACK_SLACK_S = 0.01
 # Before transmitting, the gateway predicts the server path from its sensed link rate and the
@@ -155,6 +164,10 @@ class Decision(_Wire):
         "in time; None: the on-device variant of the same pruning ratio.")
     fallback_cpu_hz: float | None = Field(
         None, gt=0, description="CPU clock for a fallback run (Hz); None: the decision's.")
+    fallback_margin: float | None = Field(
+        None, gt=0, description="The reserve kept back for a fallback run, in multiples of "
+        "its measured run time (plus a fixed 10 ms): 1.5 (sure) normally, 1.0 (lean) for a "
+        "transmitting option the sure reserve leaves no time; None: 1.5.")
 
     def supersedes(self, other: Decision | None) -> bool:
         """True if this decision is newer than `other` (by epoch, then seq)."""

@@ -86,7 +86,8 @@ class ControlPlane:
             d.variant, d.precision, seq=d.seq, source=f"coordinator:{d.policy}",
             extra={"predicted_latency_ms": d.latency_ms, "predicted_energy_mj": d.energy_mj,
                    "feasible": d.feasible, "cpu_hz": d.cpu_hz, "tx_power_w": d.tx_power_w},
-            fallback=d.fallback_variant, fallback_hz=d.fallback_cpu_hz)
+            fallback=d.fallback_variant, fallback_hz=d.fallback_cpu_hz,
+            fallback_margin=d.fallback_margin)
         # The fallback must be warm too: the window that needs it is already late.
         await loop.run_in_executor(gw.inferencer.executor, gw.inferencer.warm,
                                    gw.inferencer.fallback_of(running))

@@ -199,8 +199,14 @@ def _decision(gw: Gateway) -> DecisionInfo:
     v = gw.manifest.variant(dec.variant)
     known = {k: dec.extra[k] for k in ("predicted_latency_ms", "predicted_energy_mj",
                                        "feasible", "cpu_hz", "tx_power_w") if k in dec.extra}
+    fallback: dict[str, Any] = {}
+    if v.split < gw.manifest.num_layers:
+        fb = gw.inferencer.fallback_of(dec)
+        fallback = {"fallback_variant": fb.id, "fallback_margin": dec.fallback_margin,
+                    "fallback_reserve_ms": round(gw.inferencer.fallback_reserve_s(fb) * 1e3, 3)}
     return DecisionInfo(variant=dec.variant, pruning_ratio=v.pruning_ratio, split=v.split,
-                        precision=dec.precision, seq=dec.seq, source=dec.source, **known)
+                        precision=dec.precision, seq=dec.seq, source=dec.source, **known,
+                        **fallback)
 
 
 def status_doc(gw: Gateway) -> Status:

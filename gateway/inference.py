@@ -54,6 +54,7 @@ class Decision:
     extra: dict[str, object] = field(default_factory=dict)
     fallback: str | None = None  # on-device variant for a fallback; None: the same ratio's
     fallback_hz: float | None = None  # clock for a fallback run; None: leave it
+    fallback_margin: float | None = None  # reserve / fallback run time; None: FALLBACK_MARGIN
 
 
 class InferenceError(RuntimeError):
@@ -290,9 +291,11 @@ class Inferencer:
         return x, ms
 
     def fallback_reserve_s(self, fallback: Variant) -> float:
-        """Time to keep back from the server for an on-device run of `fallback`: its own runs
-        at the fallback clock; else its runs (or probes) at the decision's clock, scaled to
-        the fallback clock; else the bundle's profile.
+        """Time to keep back from the server for an on-device run of `fallback`: the
+        decision's margin (sure or lean, edgetok.control) times the run's time, plus
+        FALLBACK_SLACK_S. The run's time is its own runs at the fallback clock; else its runs
+        (or probes) at the decision's clock, scaled to the fallback clock; else the bundle's
+        profile.
 
         Runs at the decision's clock come before the profile: a 10% gateway whose fallback
         had never run at a raised clock sized its reserve from the profile, 24 ms, while
@@ -315,7 +318,8 @@ class Inferencer:
             if isinstance(clock, int | float) and clock > 0:
                 # ... slowed to the clock in force when that is below the profiling clock.
                 est *= max(1.0, self.manifest.reference_hz / clock)
-        return est / 1000 * FALLBACK_MARGIN + FALLBACK_SLACK_S
+        margin = self.decision.fallback_margin or FALLBACK_MARGIN
+        return est / 1000 * margin + FALLBACK_SLACK_S
 
     @staticmethod
     def _run_ms(times: RunTimes, variant: str, parts: list[Part]) -> float | None:

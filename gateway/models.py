@@ -104,6 +104,14 @@ class DecisionInfo(_Out):
     feasible: bool | None = Field(None, description="Whether the coordinator met all limits.")
     cpu_hz: float | None = Field(None, description="CPU clock the coordinator chose.")
     tx_power_w: float | None = Field(None, description="Transmit power the coordinator chose.")
+    fallback_variant: str | None = Field(
+        None, description="On-device variant a window runs when the server cannot answer in "
+        "time (transmitting decisions only).")
+    fallback_margin: float | None = Field(
+        None, description="The coordinator's reserve margin: 1.5 sure, 1.0 lean (None: 1.5).")
+    fallback_reserve_ms: float | None = Field(
+        None, description="Time kept back from the server for that fallback now: a reply "
+        "later than the deadline minus this is given up on.")
 
 
 class UplinkInfo(_Out):

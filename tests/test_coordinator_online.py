@@ -331,6 +331,76 @@ def test_latency_preference_ranks_transmissions_without_their_fallback_reserve()
     assert d is not None and d.feasible and d.split < table.num_layers
 
 
+def _slow_device_controller(deadline_ms: float, **kw: Any) -> OnlineController:
+    """prefer=latency on a device 20x slower than the server, after one report."""
+    slow_device = synthetic_manifest(num_layers=4, ratios=(0.0,), layer_ms=10.0,
+                                     server_speedup=20.0)
+    ctl = OnlineController(config(prefer="latency", server={"slowdown": 1.0, "queue_ms": 0.5},
+                                  budget={"deadline_ms": deadline_ms, "privacy_min_split": 0},
+                                  **kw), slow_device)
+    Sim(ctl).report("gw1", 0.0, gain(20e6))
+    return ctl
+
+
+def _lean_deadline_ms() -> tuple[float, str]:
+    """A deadline whose planning share (0.9) the server path the slow device's controller
+    chooses meets with the lean fallback reserve, not with the sure one, while the sure
+    reserve still fits in it (a reserve that does not is no reserve at all); and that
+    option's variant."""
+    from edgetok.control import LEAN_FALLBACK_MARGIN
+
+    probe = _slow_device_controller(400.0)
+    roomy = probe.decide("gw1", 0.0)
+    assert roomy is not None and roomy.split < probe.table.num_layers
+    env, queue = probe.environment("gw1", 0.0)
+    i = probe.table.index(roomy.variant, roomy.precision)
+    sure = float(probe.fallback_reserve(env)[i])
+    lean = float(probe.fallback_reserve(env, margin=LEAN_FALLBACK_MARGIN)[i])
+    bare = float(solve_options(probe.table, env, queue, "latency").latency[i]) - sure
+    low, high = max(bare + lean, sure), bare + sure
+    assert low < high
+    return (low + high) / 2 / 0.9 * 1e3, roomy.variant
+
+
+def test_a_server_path_the_sure_reserve_shuts_out_is_planned_with_the_lean_one() -> None:
+    """Where the sure fallback reserve leaves the server's reply no time but the lean one
+    does, the server path is chosen with the lean reserve and the decision says so; where
+    the sure one fits, it is kept; with lean_fallback off, the device runs."""
+    from edgetok.control import FALLBACK_MARGIN, LEAN_FALLBACK_MARGIN
+
+    tight_ms, variant = _lean_deadline_ms()
+    ctl = _slow_device_controller(tight_ms)
+    table = ctl.table
+    env, _ = ctl.environment("gw1", 0.0)
+    dev = next(i for i, o in enumerate(table.options) if o.split == table.num_layers)
+    # The premise: the device alone makes the deadline.
+    assert table.c_head[dev] * env.compute_scale / env.f_max_hz < env.deadline_s
+    d = ctl.decide("gw1", 0.0)
+    assert d is not None and d.feasible and d.variant == variant
+    assert d.fallback_margin == LEAN_FALLBACK_MARGIN
+    sure_only = _slow_device_controller(tight_ms, lean_fallback=False).decide("gw1", 0.0)
+    assert sure_only is not None and sure_only.split == table.num_layers
+    assert sure_only.fallback_margin is None  # nothing to fall back from
+    roomy = _slow_device_controller(400.0).decide("gw1", 0.0)
+    assert roomy is not None and roomy.variant == variant
+    assert roomy.fallback_margin == FALLBACK_MARGIN
+
+
+def test_a_decision_that_moves_to_the_lean_reserve_is_republished() -> None:
+    """The same option, planned with the lean reserve after the sure one, is news to the
+    gateway: its cutoff moves."""
+    from edgetok.control import FALLBACK_MARGIN, LEAN_FALLBACK_MARGIN
+
+    tight_ms, variant = _lean_deadline_ms()
+    ctl = _slow_device_controller(400.0)
+    first = ctl.decide("gw1", 0.0)
+    assert first is not None and first.fallback_margin == FALLBACK_MARGIN
+    Sim(ctl).report("gw1", 1.0, gain(20e6), deadline_ms=tight_ms)
+    d = ctl.decide("gw1", 1.0)
+    assert d is not None and d.seq > first.seq and d.variant == variant
+    assert d.fallback_margin == LEAN_FALLBACK_MARGIN
+
+
 def test_frame_overhead_is_charged_per_frame_not_to_the_rate() -> None:
     # A 10 Mbit/s link whose replies also spend 8 ms per frame off the wire. Read as goodput,
     # the overhead would look like a slow link, costing big frames far more than small ones.
@@ -384,10 +454,12 @@ def test_options_are_ranked_at_the_gains_mean_and_kept_feasible_at_its_backoff()
     assert tx[chosen] and ranks[rate][2] == mean_best
     # Where both agree, nothing changes: the device when it is faster either way.
     assert any(not tx[m] and not tx[b] and not tx[c] for m, b, c in ranks.values())
-    # A deadline the transmitting option meets at the mean but not backed off: not taken.
+    # A deadline the transmitting option meets at the mean but not backed off, even with
+    # the lean fallback reserve: not taken.
     ctl = OnlineController(config(prefer="latency"), TIED)
     ctl.observe(Telemetry(gateway="a", ts=0.0, link_bps=rate, tx_power_w=P_MAX), 0.0)
     env, queue = ctl.environment("a", 0.0)
+    queue = queue - ctl.fallback_reserve(env) + ctl.fallback_reserve(env, margin=1.0)
     backed = evaluate(ctl.table, env, env.f_max_hz, P_MAX, queue)[0][mean_best]
     tight = float(backed) * 1e3 * 0.95 / (1 - ctl.config.latency_margin)
     assert not tx[_newcomer_ranks(rate, deadline_ms=tight)[2]]

@@ -109,6 +109,12 @@ def test_a_gateway_on_server_only_still_reports_its_head_speed(
                                                        idle_s=1.5))
         rows = gw.get("/v1/results")[1]["results"]
         assert len(rows) == 6, "probes make no results"
+        # The decision's fallback reaches the gateway, which shows what it keeps back.
+        status = gw.get("/v1/status")[1]
+        running, sent = status["decision"], status["control"]["decision"]
+        assert running["fallback_margin"] == sent["fallback_margin"] is not None
+        assert running["fallback_variant"] == sent["fallback_variant"]
+        assert running["fallback_reserve_ms"] > 10.0  # FALLBACK_SLACK_S and a run
         assert {r["where"] for r in rows} == {"server"}, "no head ran for a window"
         busy = [r["head_ms"] for r in reports if r["head_ms"] and r["t"] <= last + 0.3]
         assert busy, f"no head time in {len(reports)} reports: {gw.logtext()[-1500:]}"

@@ -222,6 +222,34 @@ async def test_the_fallback_reserve_is_sized_from_what_ran_here_before_the_profi
 
 
 @pytest.mark.asyncio
+async def test_a_lean_reserve_waits_longer_for_the_server_than_a_sure_one(
+        split_setup: tuple[Inferencer, Server, str]) -> None:
+    """A decision planned with the lean reserve (1.0x the fallback's run) keeps a reply
+    that a sure one (1.5x) gives up on: with a 200 ms fallback and a 600 ms deadline the
+    cutoffs are 290 and 390 ms, and the reply comes at about 330."""
+    inf, server, split = split_setup
+    fb = inf.fallback_of(inf.decision)
+    for _ in range(3):
+        inf.run_ms.add((fb.id, "head"), 200.0)
+    lean = Decision(split, "fp32", fallback_margin=1.0)
+    sure = Decision(split, "fp32", fallback_margin=FALLBACK_MARGIN)
+    inf.decision = lean
+    assert inf.fallback_reserve_s(fb) == pytest.approx(0.2 + FALLBACK_SLACK_S)
+    inf.decision = Decision(split, "fp32")  # no margin named: the sure one
+    assert inf.fallback_reserve_s(fb) == pytest.approx(0.2 * FALLBACK_MARGIN + FALLBACK_SLACK_S)
+    await inf.infer(random_window(inf.manifest, 0), deadline_s=1.0)  # sessions' first runs
+    server.delay_s = 0.33
+    inf.decision = lean
+    r = await inf.infer(random_window(inf.manifest, 1), deadline_s=0.6)
+    assert r.where == "split" and r.latency_ms.total < 600
+    inf.uplink = UplinkState()  # forget that reply's round trip: the frame must go out
+    inf.decision = sure
+    r = await inf.infer(random_window(inf.manifest, 2), deadline_s=0.6)
+    assert r.where == "device-fallback" and server.frames == 3
+    assert inf.uplink.guarded == 0  # sent, and given up at the sure cutoff
+
+
+@pytest.mark.asyncio
 async def test_no_frame_overhead_without_a_sensed_rate(
         split_setup: tuple[Inferencer, Server, str]) -> None:
     """Without a rate to take the bits off, the round trip cannot be split: none is kept."""

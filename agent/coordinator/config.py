@@ -62,6 +62,13 @@ class ControllerConfig(Strict):
     latency_margin: float = Field(
         0.1, ge=0, lt=1, description="Fraction of the deadline held back when planning, for "
         "estimation error: fewer missed deadlines, a little more energy.")
+    lean_fallback: bool = Field(
+        True, description="Let a transmitting option that the sure fallback reserve (1.5x "
+        "the on-device run + 10 ms) leaves no time for the server's reply be planned with "
+        "the lean one (1.0x + 10 ms), the decision telling the gateway so: a faster path, "
+        "at the risk that a window the server fails to answer misses its deadline about half "
+        "the time. false: only the sure reserve, so a silent server never costs a deadline "
+        "the device alone could meet.")
     gain_prior_sigma_db: float = Field(
         6.0, ge=0, description="Uncertainty of the gain (dB) before a gateway has reported "
         "any throughput: a newcomer is planned this conservatively at first.")

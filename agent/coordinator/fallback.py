@@ -26,9 +26,10 @@ def fallback_option(table: OptionTable, env: Environment) -> int:
     return int(ok[order[0]])
 
 
-def fallback_reserve(table: OptionTable, env: Environment, fallback: int | None = None
-                     ) -> np.ndarray:
-    """Per option, the time the gateway keeps back for its fallback (s).
+def fallback_reserve(table: OptionTable, env: Environment, fallback: int | None = None,
+                     margin: float = FALLBACK_MARGIN) -> np.ndarray:
+    """Per option, the time the gateway keeps back for its fallback (s): `margin` x its run
+    plus FALLBACK_SLACK_S.
 
     A reply after deadline - reserve is abandoned, so planning with it folded into the
     server-side latency never chooses a transmission the gateway would give up on. The
@@ -37,7 +38,7 @@ def fallback_reserve(table: OptionTable, env: Environment, fallback: int | None 
     """
     fb = fallback_option(table, env) if fallback is None else fallback
     run_s = float(table.c_head[fb]) * env.compute_scale / env.f_max_hz
-    reserve = FALLBACK_MARGIN * run_s + FALLBACK_SLACK_S
+    reserve = margin * run_s + FALLBACK_SLACK_S
     # As on the gateway: when a fallback could not make the deadline, nothing is kept back.
     useful = table.transmits & (reserve < env.deadline_s)
     return np.asarray(np.where(useful, reserve, 0.0))

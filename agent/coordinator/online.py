@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import replace
+from dataclasses import fields, replace
 from typing import Any
 
 import numpy as np
@@ -30,7 +30,7 @@ from edgetok.agent.coordinator.policies import make_policy
 from edgetok.agent.coordinator.residual import TRANSMIT, PathResiduals
 from edgetok.agent.coordinator.solver import FEAS_RTOL, Solution, rank, solve_options
 from edgetok.agent.coordinator.state import GatewayState
-from edgetok.control import Decision, Telemetry
+from edgetok.control import FALLBACK_MARGIN, LEAN_FALLBACK_MARGIN, Decision, Telemetry
 from edgetok.models.bundle import Manifest
 
 log = logging.getLogger(__name__)
@@ -324,11 +324,31 @@ class OnlineController:
         return replace(env, gain=self._gain(st, now, backed_off=False))
 
     def _costs(self, st: GatewayState, env: Environment, server: np.ndarray,
-               now: float) -> np.ndarray:
+               now: float, margin: float = FALLBACK_MARGIN) -> np.ndarray:
         """Per option, the fixed time beside compute and airtime: the server's queueing
-        (`server`), the frame's overhead and the fallback reserve. Applied to transmitting
-        options only, as the server queue is (fixed_latency)."""
-        return server + self._overhead(st, env, now) + self.fallback_reserve(env)
+        (`server`), the frame's overhead and the fallback reserve at `margin`. Applied to
+        transmitting options only, as the server queue is (fixed_latency)."""
+        return server + self._overhead(st, env, now) + self.fallback_reserve(env, margin=margin)
+
+    def _lean_where_needed(self, st: GatewayState, env: Environment, server: np.ndarray,
+                           sol: Solution, now: float) -> tuple[Solution, np.ndarray]:
+        """`sol` with every transmitting option that the sure reserve makes infeasible and
+        the lean one feasible solved with the lean reserve instead; and which those are.
+
+        The sure reserve costs nothing where the server's reply fits before its cutoff; only
+        where it does not is the lean one worth its risk (edgetok.control)."""
+        lean = np.zeros(sol.feasible.shape, dtype=bool)
+        todo = self.table.transmits & ~sol.feasible
+        if not self.config.lean_fallback or not todo.any():
+            return sol, lean
+        queue = self._costs(st, env, server, now, margin=LEAN_FALLBACK_MARGIN)
+        alt = solve_options(self.table, env, queue, self.config.prefer)
+        lean = todo & alt.feasible
+        if not lean.any():
+            return sol, lean
+        merged = {f.name: np.where(lean, getattr(alt, f.name), getattr(sol, f.name))
+                  for f in fields(Solution)}
+        return Solution(**merged), lean
 
     def _overhead(self, st: GatewayState, env: Environment, now: float) -> np.ndarray:
         """Per option, what a frame costs beside its bits at r(p) and the server
@@ -340,9 +360,10 @@ class OnlineController:
         """The on-device option a gateway runs when the server cannot answer in time."""
         return fallback_option(self.table, env)
 
-    def fallback_reserve(self, env: Environment, fallback: int | None = None) -> np.ndarray:
+    def fallback_reserve(self, env: Environment, fallback: int | None = None,
+                         margin: float = FALLBACK_MARGIN) -> np.ndarray:
         """Per option, the time the gateway keeps back for its fallback (s)."""
-        return fallback_reserve(self.table, env, fallback)
+        return fallback_reserve(self.table, env, fallback, margin)
 
     def _deadline(self, st: GatewayState) -> float:
         return st.deadline_s or self.config.budget.deadline_ms / 1000.0
@@ -394,7 +415,8 @@ class OnlineController:
         if not reason:
             return None
         prefer = self.config.prefer
-        sol = solve_options(self.table, env, queue, prefer)
+        sol, lean = self._lean_where_needed(st, env, server,
+                                            solve_options(self.table, env, queue, prefer), now)
         fb = self.fallback(env)
         penalty, margin = self._penalty(st, sol)
         seen = replace(sol, latency=self._expected_latency(st, env, server, sol, residual,
@@ -434,7 +456,9 @@ class OnlineController:
                         and sol.energy[best] <= env.energy_budget_j * (1 + FEAS_RTOL))
         fb_variant = self.table.options[fb].variant
         expected_ms = max(float(seen.latency[best]) * 1e3, 0.0)  # (a residual can be < 0)
-        change = self._change(st, best, sol, feasible, fb_variant, expected_ms)
+        reserve_margin = (LEAN_FALLBACK_MARGIN if lean[best] else FALLBACK_MARGIN) \
+            if self.table.transmits[best] else None
+        change = self._change(st, best, sol, feasible, fb_variant, reserve_margin, expected_ms)
         if not change:
             return None
         o = self.table.options[best]
@@ -454,10 +478,12 @@ class OnlineController:
             energy_mj=float(sol.energy[best]) * 1e3,
             distortion=o.distortion, accuracy=o.accuracy, feasible=feasible,
             policy=self.policy.name, reason=reason if feasible else "infeasible",
-            fallback_variant=fb_variant, fallback_cpu_hz=env.f_max_hz)
-        log.info("gateway %s: %s %s f=%.3g Hz p=%.3g W T=%.1f ms E=%.2f mJ (%s)", gateway,
+            fallback_variant=fb_variant, fallback_cpu_hz=env.f_max_hz,
+            fallback_margin=reserve_margin)
+        log.info("gateway %s: %s %s f=%.3g Hz p=%.3g W T=%.1f ms E=%.2f mJ (%s%s)", gateway,
                  o.variant, o.precision, st.decision.cpu_hz, st.decision.tx_power_w,
-                 st.decision.latency_ms, st.decision.energy_mj, st.decision.reason)
+                 st.decision.latency_ms, st.decision.energy_mj, st.decision.reason,
+                 ", lean fallback reserve" if lean[best] else "")
         return st.decision
 
     def _expected_latency(self, st: GatewayState, env: Environment, server: np.ndarray,
@@ -486,12 +512,12 @@ class OnlineController:
         return np.asarray(latency - self.fallback_reserve(mid))
 
     def _change(self, st: GatewayState, best: int, sol: Solution, feasible: bool,
-                fallback: str, expected_ms: float) -> str:
+                fallback: str, margin: float | None, expected_ms: float) -> str:
         """What a new decision would change: "option" (the option, its clock or power, its
         feasibility or fallback), "latency" (only the latency it expects), or "" (nothing)."""
         d = st.decision
         if (d is None or best != st.option or d.feasible != feasible
-                or d.fallback_variant != fallback):
+                or d.fallback_variant != fallback or d.fallback_margin != margin):
             return "option"
         tol = self.config.actuation_tolerance
         f, p = float(sol.f[best]), float(sol.p[best])
