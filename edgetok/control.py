@@ -100,6 +100,12 @@ class Telemetry(_Wire):
     head_ms: dict[str, float] = Field(
         default_factory=dict, description="Head latency per variant id (ms), measured at "
         "cpu_hz: the median of the runs since the previous report only.")
+    fallback_variant: str | None = Field(
+        None, description="The on-device fallback of the transmitting decision in force.")
+    fallback_ms: float | None = Field(
+        None, gt=0, description="How long that fallback runs here at its clock (ms), as "
+        "measured here: what the gateway sizes its reserve from, so the coordinator plans "
+        "the same one. Absent until it has run (or been probed) here.")
     queue_depth: int = Field(0, ge=0, description="Windows waiting for the head right now.")
     windows_per_s: float | None = Field(
         None, ge=0, description="Rate at which the gateway produces windows (1/s).")

@@ -123,12 +123,15 @@ class ControlPlane:
         ov, fl = up.overhead_s, up.floor_s
         overhead = round(ov * 1e3, 3) if fresh and ov is not None else None
         floor = round(fl * 1e3, 3) if fresh and fl is not None else None
+        fallback = gw.inferencer.measured_fallback()
         return Telemetry(
             gateway=gw.cfg.id, ts=time.time(), uplink_bps=bps,
             tx_power_w=self.actuators.effective_tx_power_w(), link_bps=link,
             frame_overhead_ms=overhead, frame_floor_ms=floor,
             cpu_hz=self.actuators.effective_cpu_hz(),
             head_ms={k: round(v, 3) for k, v in gw.inferencer.take_fresh_head_ms().items()},
+            fallback_variant=fallback[0] if fallback else None,
+            fallback_ms=round(fallback[1], 3) if fallback else None,
             queue_depth=len(gw.inflight), windows_per_s=round(rate, 4), windows_done=done,
             latency_ms=self.measured()["latency_ms"],
             window_ms={k: round(v, 3) for k, v in gw.inferencer.take_fresh_window_ms().items()},

@@ -292,10 +292,16 @@ class Inferencer:
 
     def fallback_reserve_s(self, fallback: Variant) -> float:
         """Time to keep back from the server for an on-device run of `fallback`: the
-        decision's margin (sure or lean, edgetok.control) times the run's time, plus
-        FALLBACK_SLACK_S. The run's time is its own runs at the fallback clock; else its runs
-        (or probes) at the decision's clock, scaled to the fallback clock; else the bundle's
-        profile.
+        decision's margin (sure or lean, edgetok.control) times the run's time
+        (`fallback_run_ms`), plus FALLBACK_SLACK_S."""
+        margin = self.decision.fallback_margin or FALLBACK_MARGIN
+        return self.fallback_run_ms(fallback)[0] / 1000 * margin + FALLBACK_SLACK_S
+
+    def fallback_run_ms(self, fallback: Variant) -> tuple[float, bool]:
+        """How long an on-device run of `fallback` takes at the fallback clock (ms), and
+        whether that was measured here: its own runs at that clock; else its runs (or
+        probes) at the decision's clock, scaled to the fallback clock; else (not measured)
+        the bundle's profile.
 
         Runs at the decision's clock come before the profile: a 10% gateway whose fallback
         had never run at a raised clock sized its reserve from the profile, 24 ms, while
@@ -312,14 +318,30 @@ class Inferencer:
             est = self._run_ms(self.run_ms, fallback.id, parts)
             if est is not None and clocks is not None and clocks[0] > 0:
                 est *= clocks[1] / clocks[0]  # measured at the decision's clock
-        if est is None:  # not run yet here: the bundle's profile is the best guess,
-            est = fallback.profile.head_ms_1t + fallback.profile.tail_ms_1t
-            clock = self.decision.fallback_hz or self.decision.extra.get("cpu_hz")
-            if isinstance(clock, int | float) and clock > 0:
-                # ... slowed to the clock in force when that is below the profiling clock.
-                est *= max(1.0, self.manifest.reference_hz / clock)
-        margin = self.decision.fallback_margin or FALLBACK_MARGIN
-        return est / 1000 * margin + FALLBACK_SLACK_S
+        if est is not None:
+            return est, True
+        # Not run yet here: the bundle's profile is the best guess, ...
+        est = fallback.profile.head_ms_1t + fallback.profile.tail_ms_1t
+        clock = self.decision.fallback_hz or self.decision.extra.get("cpu_hz")
+        if isinstance(clock, int | float) and clock > 0:
+            # ... slowed to the clock in force when that is below the profiling clock.
+            est *= max(1.0, self.manifest.reference_hz / clock)
+        return est, False
+
+    def measured_fallback(self) -> tuple[str, float] | None:
+        """For telemetry: the fallback of a decision that transmits and its run time (ms),
+        as its reserve is sized here, once measured here; None otherwise.
+
+        The coordinator plans each transmission with this reserve: from its own speed
+        estimate, which follows the probes slowly, it went on planning the sure reserve
+        for 10 s of a 10% gateway's start while the gateway, sizing it from its 45-50 ms
+        fallback runs, kept every window off the server (e2e run 34, pi-link-50).
+        """
+        if self.manifest.variant(self.decision.variant).split == self.manifest.num_layers:
+            return None
+        fallback = self.fallback_of(self.decision)
+        ms, measured = self.fallback_run_ms(fallback)
+        return (fallback.id, ms) if measured and ms > 0 else None
 
     @staticmethod
     def _run_ms(times: RunTimes, variant: str, parts: list[Part]) -> float | None:

@@ -401,6 +401,46 @@ def test_a_decision_that_moves_to_the_lean_reserve_is_republished() -> None:
     assert d.fallback_margin == LEAN_FALLBACK_MARGIN
 
 
+def test_the_reserve_is_planned_from_the_fallback_run_the_gateway_measured() -> None:
+    """The gateway sizes its reserve from its own runs of the fallback; reported, they size
+    the plan's too, at once: a run slower than the coordinator's speed estimate says moves a
+    server path the sure reserve no longer leaves room for to the lean one. A figure for
+    another variant than the planned fallback is not that run."""
+    from edgetok.control import FALLBACK_MARGIN, FALLBACK_SLACK_S, LEAN_FALLBACK_MARGIN
+
+    ctl = _slow_device_controller(400.0)
+    first = ctl.decide("gw1", 0.0)
+    assert first is not None and first.fallback_margin == FALLBACK_MARGIN
+    env, queue = ctl.environment("gw1", 0.0)
+    i = ctl.table.index(first.variant, first.precision)
+    fb = ctl.fallback(env)
+    modelled = float(ctl.table.c_head[fb]) * env.compute_scale / env.f_max_hz
+    bare = float(solve_options(ctl.table, env, queue, "latency").latency[i]) \
+        - float(ctl.fallback_reserve(env)[i])
+    # A run whose sure reserve (still under the planning deadline, or none would be kept)
+    # leaves the reply no room, while its lean one does.
+    room = env.deadline_s - FALLBACK_SLACK_S
+    low = (room - bare) / FALLBACK_MARGIN
+    high = min(room / FALLBACK_MARGIN, (room - bare) / LEAN_FALLBACK_MARGIN)
+    assert modelled < low < high
+    run_s = (low + high) / 2
+
+    other = _slow_device_controller(400.0)
+    other.decide("gw1", 0.0)
+    Sim(other).report("gw1", 1.0, gain(20e6), fallback_variant="not-the-fallback",
+                      fallback_ms=run_s * 1e3)
+    assert other.decide("gw1", 1.0) is None, "another variant's run moved the plan"
+
+    Sim(ctl).report("gw1", 1.0, gain(20e6), fallback_variant=ctl.table.options[fb].variant,
+                    fallback_ms=run_s * 1e3)
+    _, measured = ctl.environment("gw1", 1.0)
+    assert measured[i] - queue[i] == pytest.approx(FALLBACK_MARGIN * (run_s - modelled),
+                                                   rel=1e-3)
+    d = ctl.decide("gw1", 1.0)
+    assert d is not None and d.variant == first.variant and d.seq > first.seq
+    assert d.fallback_margin == LEAN_FALLBACK_MARGIN
+
+
 def test_frame_overhead_is_charged_per_frame_not_to_the_rate() -> None:
     # A 10 Mbit/s link whose replies also spend 8 ms per frame off the wire. Read as goodput,
     # the overhead would look like a slow link, costing big frames far more than small ones.

@@ -115,6 +115,13 @@ def test_a_gateway_on_server_only_still_reports_its_head_speed(
         assert running["fallback_margin"] == sent["fallback_margin"] is not None
         assert running["fallback_variant"] == sent["fallback_variant"]
         assert running["fallback_reserve_ms"] > 10.0  # FALLBACK_SLACK_S and a run
+        # Its probes measured that fallback: the coordinator is told the run the gateway
+        # sizes its reserve from, so both keep back the same time.
+        measured = [r for r in reports if r.get("fallback_ms")]
+        assert measured, f"no fallback run in {len(reports)} reports"
+        assert {r["fallback_variant"] for r in measured} == {running["fallback_variant"]}
+        assert running["fallback_reserve_ms"] == pytest.approx(
+            measured[-1]["fallback_ms"] * running["fallback_margin"] + 10.0, abs=0.01)
         assert {r["where"] for r in rows} == {"server"}, "no head ran for a window"
         busy = [r["head_ms"] for r in reports if r["head_ms"] and r["t"] <= last + 0.3]
         assert busy, f"no head time in {len(reports)} reports: {gw.logtext()[-1500:]}"

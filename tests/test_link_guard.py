@@ -210,15 +210,20 @@ async def test_the_fallback_reserve_is_sized_from_what_ran_here_before_the_profi
 
     profiled = inf.fallback_reserve_s(fb)
     assert profiled < reserve_of(45.0)
+    assert inf.measured_fallback() is None, "the profile is not news to the coordinator"
     for ms in (44.0, 45.0, 46.0):
         inf.run_ms.add((fb.id, "head"), ms)
     assert inf.fallback_reserve_s(fb) == pytest.approx(reserve_of(45.0))
+    assert inf.measured_fallback() == (fb.id, pytest.approx(45.0))  # for the telemetry
     # Raised to twice the decision's clock for a fallback: half the time.
     inf.decision = Decision(split, "fp32", fallback_hz=2.0e9, extra={"cpu_hz": 1.0e9})
     assert inf.fallback_reserve_s(fb) == pytest.approx(reserve_of(22.5))
     # Once the fallback has run at its own clock, those runs say it.
     inf.boosted_ms.add((fb.id, "head"), 30.0)
     assert inf.fallback_reserve_s(fb) == pytest.approx(reserve_of(30.0))
+    assert inf.measured_fallback() == (fb.id, pytest.approx(30.0))
+    inf.decision = Decision(fb.id, "fp32")  # on the device: nothing is kept back
+    assert inf.measured_fallback() is None
 
 
 @pytest.mark.asyncio

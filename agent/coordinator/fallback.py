@@ -27,17 +27,20 @@ def fallback_option(table: OptionTable, env: Environment) -> int:
 
 
 def fallback_reserve(table: OptionTable, env: Environment, fallback: int | None = None,
-                     margin: float = FALLBACK_MARGIN) -> np.ndarray:
+                     margin: float = FALLBACK_MARGIN, run_s: float | None = None
+                     ) -> np.ndarray:
     """Per option, the time the gateway keeps back for its fallback (s): `margin` x its run
     plus FALLBACK_SLACK_S.
 
     A reply after deadline - reserve is abandoned, so planning with it folded into the
     server-side latency never chooses a transmission the gateway would give up on. The
-    device run is sized at f_max; when even that cannot make the deadline, the gateway
-    keeps nothing back and neither does the plan.
+    run is `run_s`, the gateway's own measure, when given, else the model's at f_max; when
+    even that cannot make the deadline, the gateway keeps nothing back and neither does
+    the plan.
     """
     fb = fallback_option(table, env) if fallback is None else fallback
-    run_s = float(table.c_head[fb]) * env.compute_scale / env.f_max_hz
+    if run_s is None:
+        run_s = float(table.c_head[fb]) * env.compute_scale / env.f_max_hz
     reserve = margin * run_s + FALLBACK_SLACK_S
     # As on the gateway: when a fallback could not make the deadline, nothing is kept back.
     useful = table.transmits & (reserve < env.deadline_s)

@@ -158,6 +158,8 @@ class OnlineController:
                 if cycles and ms > 0:
                     st.log_speed.update(math.log(ms / 1000.0 * t.cpu_hz / cycles))
                     st.last_speed_ts = now
+        if t.fallback_variant is not None and t.fallback_ms is not None:
+            st.fallback_run = (t.fallback_variant, t.fallback_ms / 1000.0)
         if st.decision is not None and st.decision.variant in t.head_ms:
             st.head_s = t.head_ms[st.decision.variant] / 1000.0
         st.queue_depth = t.queue_depth
@@ -328,7 +330,8 @@ class OnlineController:
         """Per option, the fixed time beside compute and airtime: the server's queueing
         (`server`), the frame's overhead and the fallback reserve at `margin`. Applied to
         transmitting options only, as the server queue is (fixed_latency)."""
-        return server + self._overhead(st, env, now) + self.fallback_reserve(env, margin=margin)
+        return server + self._overhead(st, env, now) + self.fallback_reserve(
+            env, margin=margin, run_s=self._fallback_run_s(st, env))
 
     def _lean_where_needed(self, st: GatewayState, env: Environment, server: np.ndarray,
                            sol: Solution, now: float) -> tuple[Solution, np.ndarray]:
@@ -361,9 +364,20 @@ class OnlineController:
         return fallback_option(self.table, env)
 
     def fallback_reserve(self, env: Environment, fallback: int | None = None,
-                         margin: float = FALLBACK_MARGIN) -> np.ndarray:
+                         margin: float = FALLBACK_MARGIN, run_s: float | None = None
+                         ) -> np.ndarray:
         """Per option, the time the gateway keeps back for its fallback (s)."""
-        return fallback_reserve(self.table, env, fallback, margin)
+        return fallback_reserve(self.table, env, fallback, margin, run_s)
+
+    def _fallback_run_s(self, st: GatewayState, env: Environment) -> float | None:
+        """The fallback's run as the gateway measured it, when it is the fallback planned
+        now; else None (the model's). The gateway sizes its reserve from its own runs, and
+        the coordinator's speed estimate, fed by a probe per report and clipped against
+        outliers, took 10 s to agree with them at 10% of a core (e2e run 34)."""
+        if st.fallback_run is None:
+            return None
+        variant, run_s = st.fallback_run
+        return run_s if variant == self.table.options[self.fallback(env)].variant else None
 
     def _deadline(self, st: GatewayState) -> float:
         return st.deadline_s or self.config.budget.deadline_ms / 1000.0
@@ -480,9 +494,12 @@ class OnlineController:
             policy=self.policy.name, reason=reason if feasible else "infeasible",
             fallback_variant=fb_variant, fallback_cpu_hz=env.f_max_hz,
             fallback_margin=reserve_margin)
-        log.info("gateway %s: %s %s f=%.3g Hz p=%.3g W T=%.1f ms E=%.2f mJ (%s%s)", gateway,
-                 o.variant, o.precision, st.decision.cpu_hz, st.decision.tx_power_w,
-                 st.decision.latency_ms, st.decision.energy_mj, st.decision.reason,
+        # The compute scale in the line: what a plan believed of the gateway's speed is the
+        # first thing to ask of a decision that went wrong.
+        log.info("gateway %s: %s %s f=%.3g Hz p=%.3g W T=%.1f ms E=%.2f mJ, compute x%.2f "
+                 "(%s%s)", gateway, o.variant, o.precision, st.decision.cpu_hz,
+                 st.decision.tx_power_w, st.decision.latency_ms, st.decision.energy_mj,
+                 env.compute_scale, st.decision.reason,
                  ", lean fallback reserve" if lean[best] else "")
         return st.decision
 
@@ -509,7 +526,8 @@ class OnlineController:
         """
         mid = self._at_mean(st, env, now)
         latency, _ = evaluate(self.table, mid, f, p, self._costs(st, mid, server, now))
-        return np.asarray(latency - self.fallback_reserve(mid))
+        reserve = self.fallback_reserve(mid, run_s=self._fallback_run_s(st, mid))
+        return np.asarray(latency - reserve)
 
     def _change(self, st: GatewayState, best: int, sol: Solution, feasible: bool,
                 fallback: str, margin: float | None, expected_ms: float) -> str:

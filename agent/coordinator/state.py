@@ -24,6 +24,8 @@ class GatewayState:
     cell: str | None = None
     queue_depth: int = 0
     head_s: float = 0.0
+    # (variant, s): its fallback's run as the gateway measures it, which sizes its reserve.
+    fallback_run: tuple[str, float] | None = None
     deadline_s: float | None = None
     energy_queue_mj: float = 0.0
     windows_done: int | None = None
