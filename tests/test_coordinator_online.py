@@ -441,6 +441,32 @@ def test_the_reserve_is_planned_from_the_fallback_run_the_gateway_measured() -> 
     assert d.fallback_margin == LEAN_FALLBACK_MARGIN
 
 
+def test_a_reserve_past_the_plans_share_of_the_deadline_is_still_planned() -> None:
+    """The gateway keeps its reserve unless it reaches past the real deadline. One between
+    the plan's share of the deadline (0.9) and the deadline is kept there, so the plan keeps
+    it too: planned as none, the server path looked free while the gateway cut every reply
+    off and ran its fallback."""
+    from edgetok.control import FALLBACK_MARGIN, FALLBACK_SLACK_S, LEAN_FALLBACK_MARGIN
+
+    ctl = _slow_device_controller(400.0)
+    first = ctl.decide("gw1", 0.0)
+    assert first is not None and first.fallback_margin == FALLBACK_MARGIN
+    env, queue = ctl.environment("gw1", 0.0)
+    i = ctl.table.index(first.variant, first.precision)
+    fb = ctl.fallback(env)
+    without = queue[i] - float(ctl.fallback_reserve(env)[i])
+    sure_s = 0.95 * 0.4  # past the planning deadline (0.36 s), short of the real one
+    run_s = (sure_s - FALLBACK_SLACK_S) / FALLBACK_MARGIN
+    Sim(ctl).report("gw1", 1.0, gain(20e6), fallback_variant=ctl.table.options[fb].variant,
+                    fallback_ms=run_s * 1e3)
+    env, queue = ctl.environment("gw1", 1.0)
+    assert sure_s > env.deadline_s
+    assert queue[i] - without == pytest.approx(sure_s, rel=1e-3)
+    d = ctl.decide("gw1", 1.0)
+    assert d is not None and d.variant == first.variant
+    assert d.fallback_margin == LEAN_FALLBACK_MARGIN
+
+
 def test_frame_overhead_is_charged_per_frame_not_to_the_rate() -> None:
     # A 10 Mbit/s link whose replies also spend 8 ms per frame off the wire. Read as goodput,
     # the overhead would look like a slow link, costing big frames far more than small ones.

@@ -27,21 +27,24 @@ def fallback_option(table: OptionTable, env: Environment) -> int:
 
 
 def fallback_reserve(table: OptionTable, env: Environment, fallback: int | None = None,
-                     margin: float = FALLBACK_MARGIN, run_s: float | None = None
-                     ) -> np.ndarray:
+                     margin: float = FALLBACK_MARGIN, run_s: float | None = None,
+                     deadline_s: float | None = None) -> np.ndarray:
     """Per option, the time the gateway keeps back for its fallback (s): `margin` x its run
     plus FALLBACK_SLACK_S.
 
     A reply after deadline - reserve is abandoned, so planning with it folded into the
     server-side latency never chooses a transmission the gateway would give up on. The
-    run is `run_s`, the gateway's own measure, when given, else the model's at f_max; when
-    even that cannot make the deadline, the gateway keeps nothing back and neither does
-    the plan.
+    run is `run_s`, the gateway's own measure, when given, else the model's at f_max. A
+    reserve as long as the deadline is no reserve: the gateway keeps nothing back then,
+    and neither does the plan. The gateway holds it against the real deadline, which
+    `deadline_s` gives (default: the plan's, env.deadline_s): held against the plan's
+    share, a reserve between the two was planned as none while the gateway kept it, cut
+    the server's reply off, and ran the fallback every window.
     """
     fb = fallback_option(table, env) if fallback is None else fallback
     if run_s is None:
         run_s = float(table.c_head[fb]) * env.compute_scale / env.f_max_hz
     reserve = margin * run_s + FALLBACK_SLACK_S
-    # As on the gateway: when a fallback could not make the deadline, nothing is kept back.
-    useful = table.transmits & (reserve < env.deadline_s)
+    limit = env.deadline_s if deadline_s is None else deadline_s
+    useful = table.transmits & (reserve < limit)
     return np.asarray(np.where(useful, reserve, 0.0))

@@ -330,8 +330,7 @@ class OnlineController:
         """Per option, the fixed time beside compute and airtime: the server's queueing
         (`server`), the frame's overhead and the fallback reserve at `margin`. Applied to
         transmitting options only, as the server queue is (fixed_latency)."""
-        return server + self._overhead(st, env, now) + self.fallback_reserve(
-            env, margin=margin, run_s=self._fallback_run_s(st, env))
+        return server + self._overhead(st, env, now) + self._reserve(st, env, margin)
 
     def _lean_where_needed(self, st: GatewayState, env: Environment, server: np.ndarray,
                            sol: Solution, now: float) -> tuple[Solution, np.ndarray]:
@@ -364,10 +363,17 @@ class OnlineController:
         return fallback_option(self.table, env)
 
     def fallback_reserve(self, env: Environment, fallback: int | None = None,
-                         margin: float = FALLBACK_MARGIN, run_s: float | None = None
-                         ) -> np.ndarray:
+                         margin: float = FALLBACK_MARGIN, run_s: float | None = None,
+                         deadline_s: float | None = None) -> np.ndarray:
         """Per option, the time the gateway keeps back for its fallback (s)."""
-        return fallback_reserve(self.table, env, fallback, margin, run_s)
+        return fallback_reserve(self.table, env, fallback, margin, run_s, deadline_s)
+
+    def _reserve(self, st: GatewayState, env: Environment,
+                 margin: float = FALLBACK_MARGIN) -> np.ndarray:
+        """Per option, the reserve this gateway will keep (s): from its measured fallback
+        run once reported, held against its real deadline, as the gateway does."""
+        return self.fallback_reserve(env, margin=margin, run_s=self._fallback_run_s(st, env),
+                                     deadline_s=self._deadline(st))
 
     def _fallback_run_s(self, st: GatewayState, env: Environment) -> float | None:
         """The fallback's run as the gateway measured it, when it is the fallback planned
@@ -526,8 +532,7 @@ class OnlineController:
         """
         mid = self._at_mean(st, env, now)
         latency, _ = evaluate(self.table, mid, f, p, self._costs(st, mid, server, now))
-        reserve = self.fallback_reserve(mid, run_s=self._fallback_run_s(st, mid))
-        return np.asarray(latency - reserve)
+        return np.asarray(latency - self._reserve(st, mid))
 
     def _change(self, st: GatewayState, best: int, sol: Solution, feasible: bool,
                 fallback: str, margin: float | None, expected_ms: float) -> str:
