@@ -441,6 +441,35 @@ def test_the_reserve_is_planned_from_the_fallback_run_the_gateway_measured() -> 
     assert d.fallback_margin == LEAN_FALLBACK_MARGIN
 
 
+def test_a_reply_its_windows_say_the_sure_reserve_cuts_off_gets_the_lean_one() -> None:
+    """The gateway cuts a reply off by what its windows take, not by the model: a server
+    path that fits the sure reserve on the model by 2% but whose windows run a tenth of the
+    deadline over their plan is moved to the lean reserve."""
+    from edgetok.control import FALLBACK_MARGIN, LEAN_FALLBACK_MARGIN
+
+    probe = _slow_device_controller(400.0)
+    roomy = probe.decide("gw1", 0.0)
+    assert roomy is not None and roomy.split < probe.table.num_layers
+    env, queue = probe.environment("gw1", 0.0)
+    i = probe.table.index(roomy.variant, roomy.precision)
+    planned = float(solve_options(probe.table, env, queue, "latency").latency[i])
+    deadline_ms = planned / 0.9 * 1.02 * 1e3
+    ctl = _slow_device_controller(deadline_ms)
+    first = ctl.decide("gw1", 0.0)
+    assert first is not None and first.variant == roomy.variant
+    assert first.fallback_margin == FALLBACK_MARGIN
+    sim = Sim(ctl)
+    for t in map(float, range(1, 10)):
+        d = ctl.current("gw1")
+        assert d is not None
+        sim.report("gw1", t, gain(20e6), applied_seq=d.seq,
+                   window_ms={d.variant: first.latency_ms + 0.1 * deadline_ms})
+        ctl.decide("gw1", t)
+    last = ctl.current("gw1")
+    assert last is not None and last.variant == first.variant and last.feasible
+    assert last.fallback_margin == LEAN_FALLBACK_MARGIN
+
+
 def test_a_reserve_past_the_plans_share_of_the_deadline_is_still_planned() -> None:
     """The gateway keeps its reserve unless it reaches past the real deadline. One between
     the plan's share of the deadline (0.9) and the deadline is kept there, so the plan keeps
