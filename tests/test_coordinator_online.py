@@ -470,6 +470,54 @@ def test_a_reply_its_windows_say_the_sure_reserve_cuts_off_gets_the_lean_one() -
     assert last.fallback_margin == LEAN_FALLBACK_MARGIN
 
 
+def test_a_lean_reserve_goes_back_to_the_sure_one_only_with_room_to_spare() -> None:
+    """Windows that fit the sure cutoff again, but only just, keep the lean reserve in force
+    (within LEAN_RELEASE_FRAC of the planning deadline); with room to spare, the sure one
+    comes back. Without that band the reserve flipped every few seconds at 10% of a core."""
+    from edgetok.agent.coordinator.online import LEAN_RELEASE_FRAC
+    from edgetok.control import FALLBACK_MARGIN, LEAN_FALLBACK_MARGIN
+
+    probe = _slow_device_controller(400.0)
+    roomy = probe.decide("gw1", 0.0)
+    assert roomy is not None
+    env, queue = probe.environment("gw1", 0.0)
+    i = probe.table.index(roomy.variant, roomy.precision)
+    planned = float(solve_options(probe.table, env, queue, "latency").latency[i])
+    ctl = _slow_device_controller(planned / 0.9 / 0.7 * 1e3)  # the model fits in 70%
+    first = ctl.decide("gw1", 0.0)
+    assert first is not None and first.variant == roomy.variant
+    assert first.fallback_margin == FALLBACK_MARGIN
+    env, _ = ctl.environment("gw1", 0.0)
+    deadline_ms, sure_ms = env.deadline_s * 1e3, float(ctl.fallback_reserve(env)[i]) * 1e3
+    sim = Sim(ctl)
+
+    def windows_over_plan(share: float, reports: int = 20) -> float:
+        """Windows whose expected latency plus the sure reserve is `share` of the planning
+        deadline; the share the coordinator then sees."""
+        t0 = max(ctl.gateways["gw1"].solved_ts, 0.0) + 1.0
+        over = share * deadline_ms - sure_ms - first.latency_ms
+        for t in map(float, range(int(t0), int(t0) + reports)):
+            d = ctl.current("gw1")
+            assert d is not None
+            sim.report("gw1", t, gain(20e6), applied_seq=d.seq,
+                       window_ms={d.variant: first.latency_ms + over})
+            ctl.decide("gw1", t)
+        seen = ctl.snapshot(t)["gateways"]["gw1"]["residual_ms"]["transmit"]
+        return (first.latency_ms + seen + sure_ms) / deadline_ms
+
+    assert windows_over_plan(1.05) > 1.0
+    d = ctl.current("gw1")
+    assert d is not None and d.variant == first.variant
+    assert d.fallback_margin == LEAN_FALLBACK_MARGIN
+    assert 1 - LEAN_RELEASE_FRAC < windows_over_plan(0.95) < 1.0
+    d = ctl.current("gw1")
+    assert d is not None and d.fallback_margin == LEAN_FALLBACK_MARGIN, "released at once"
+    assert windows_over_plan(0.8) < 1 - LEAN_RELEASE_FRAC
+    d = ctl.current("gw1")
+    assert d is not None and d.variant == first.variant
+    assert d.fallback_margin == FALLBACK_MARGIN
+
+
 def test_a_reserve_past_the_plans_share_of_the_deadline_is_still_planned() -> None:
     """The gateway keeps its reserve unless it reaches past the real deadline. One between
     the plan's share of the deadline (0.9) and the deadline is kept there, so the plan keeps

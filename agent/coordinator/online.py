@@ -40,6 +40,11 @@ log = logging.getLogger(__name__)
 SPEED_SIGMA_FLOOR = 0.1
 # Above this utilisation the M/M/1 wait explodes; we cap it there and call the server full.
 MAX_UTILISATION = 0.95
+# An option in force with the lean reserve goes back to the sure one only once its windows
+# fit the sure cutoff with this share of the planning deadline to spare: at 10% of a core,
+# with none, the reserve flipped between the two every few seconds on the 10 ms grid of
+# the measured runs (e2e run 36, cpu-10%).
+LEAN_RELEASE_FRAC = 0.1
 # Passes of step() that re-solve gateways whose cell-mates started or stopped transmitting;
 # more passes settle a crowded cell within one round at the cost of more solves.
 MAX_SHARE_PASSES = 3
@@ -344,9 +349,14 @@ class OnlineController:
         (`expected`, without the reserve): the gateway cuts replies off by their measured
         times, and a plan 0.5 ms inside its deadline on the model alone, 5-10 ms outside on
         the windows, kept a 10% gateway's sure cutoff and sent a third of its windows to the
-        fallback (e2e run 35, cpu-10%)."""
+        fallback (e2e run 35, cpu-10%). The option in force on the lean reserve keeps it
+        until its windows fit the sure cutoff with LEAN_RELEASE_FRAC to spare."""
         lean = np.zeros(sol.feasible.shape, dtype=bool)
-        cut_off = expected + self._reserve(st, env) > env.deadline_s * (1 + FEAS_RTOL)
+        limit = np.full(lean.shape, env.deadline_s * (1 + FEAS_RTOL))
+        if st.option is not None and st.decision is not None \
+                and st.decision.fallback_margin == LEAN_FALLBACK_MARGIN:
+            limit[st.option] = env.deadline_s * (1 - LEAN_RELEASE_FRAC)
+        cut_off = expected + self._reserve(st, env) > limit
         todo = self.table.transmits & (~sol.feasible | cut_off)
         if not self.config.lean_fallback or not todo.any():
             return sol, lean
