@@ -12,7 +12,7 @@ import pytest
 from pydantic import ValidationError
 
 from edgetok.agent.coordinator.config import ControllerConfig
-from edgetok.agent.coordinator.model import evaluate, gain_from_rate, rate_bps
+from edgetok.agent.coordinator.model import Environment, evaluate, gain_from_rate, rate_bps
 from edgetok.agent.coordinator.online import OnlineController
 from edgetok.agent.coordinator.solver import solve_options
 from edgetok.agent.coordinator.synthetic import synthetic_manifest
@@ -342,6 +342,20 @@ def _slow_device_controller(deadline_ms: float, **kw: Any) -> OnlineController:
     return ctl
 
 
+def _on_the_server_with_the_sure_reserve(
+) -> tuple[OnlineController, Decision, Environment, np.ndarray, int]:
+    """The slow device's controller at a roomy deadline: its first decision (a server path
+    with the sure reserve), environment, per-option queueing and that option's index."""
+    from edgetok.control import FALLBACK_MARGIN
+
+    ctl = _slow_device_controller(400.0)
+    first = ctl.decide("gw1", 0.0)
+    assert first is not None and first.split < ctl.table.num_layers
+    assert first.fallback_margin == FALLBACK_MARGIN
+    env, queue = ctl.environment("gw1", 0.0)
+    return ctl, first, env, queue, ctl.table.index(first.variant, first.precision)
+
+
 def _lean_deadline_ms() -> tuple[float, str]:
     """A deadline whose planning share (0.9) the server path the slow device's controller
     chooses meets with the lean fallback reserve, not with the sure one, while the sure
@@ -408,11 +422,7 @@ def test_the_reserve_is_planned_from_the_fallback_run_the_gateway_measured() -> 
     another variant than the planned fallback is not that run."""
     from edgetok.control import FALLBACK_MARGIN, FALLBACK_SLACK_S, LEAN_FALLBACK_MARGIN
 
-    ctl = _slow_device_controller(400.0)
-    first = ctl.decide("gw1", 0.0)
-    assert first is not None and first.fallback_margin == FALLBACK_MARGIN
-    env, queue = ctl.environment("gw1", 0.0)
-    i = ctl.table.index(first.variant, first.precision)
+    ctl, first, env, queue, i = _on_the_server_with_the_sure_reserve()
     fb = ctl.fallback(env)
     modelled = float(ctl.table.c_head[fb]) * env.compute_scale / env.f_max_hz
     bare = float(solve_options(ctl.table, env, queue, "latency").latency[i]) \
@@ -525,11 +535,7 @@ def test_a_reserve_past_the_plans_share_of_the_deadline_is_still_planned() -> No
     off and ran its fallback."""
     from edgetok.control import FALLBACK_MARGIN, FALLBACK_SLACK_S, LEAN_FALLBACK_MARGIN
 
-    ctl = _slow_device_controller(400.0)
-    first = ctl.decide("gw1", 0.0)
-    assert first is not None and first.fallback_margin == FALLBACK_MARGIN
-    env, queue = ctl.environment("gw1", 0.0)
-    i = ctl.table.index(first.variant, first.precision)
+    ctl, first, env, queue, i = _on_the_server_with_the_sure_reserve()
     fb = ctl.fallback(env)
     without = queue[i] - float(ctl.fallback_reserve(env)[i])
     sure_s = 0.95 * 0.4  # past the planning deadline (0.36 s), short of the real one
