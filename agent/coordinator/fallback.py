@@ -41,8 +41,8 @@ def fallback_reserve(table: OptionTable, env: Environment, fallback: int | None 
     share, a reserve between the two was planned as none while the gateway kept it, cut
     the server's reply off, and ran the fallback every window.
     """
-    fb = fallback_option(table, env) if fallback is None else fallback
     if run_s is None:
+        fb = fallback_option(table, env) if fallback is None else fallback
         run_s = float(table.c_head[fb]) * env.compute_scale / env.f_max_hz
     reserve = margin * run_s + FALLBACK_SLACK_S
     limit = env.deadline_s if deadline_s is None else deadline_s

@@ -453,13 +453,13 @@ class OnlineController:
             return None
         prefer = self.config.prefer
         sol = solve_options(self.table, env, queue, prefer)
-        sol, lean = self._lean_where_needed(
-            st, env, server, sol,
-            self._expected_latency(st, env, server, sol, residual, now), now)
+        expected = self._expected_latency(st, env, server, sol, residual, now)
+        sol, lean = self._lean_where_needed(st, env, server, sol, expected, now)
+        if lean.any():  # those options' clocks and powers are the lean solve's
+            expected = self._expected_latency(st, env, server, sol, residual, now)
         fb = self.fallback(env)
         penalty, margin = self._penalty(st, sol)
-        seen = replace(sol, latency=self._expected_latency(st, env, server, sol, residual,
-                                                           now))
+        seen = replace(sol, latency=expected)
         best = int(rank(self.table, seen, self.policy.allowed, penalty, prefer)[0])
         cost = sol.energy if prefer == "energy" else seen.latency  # what a swap would save
         after = self.config.explore_after_s
