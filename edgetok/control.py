@@ -101,7 +101,8 @@ class Telemetry(_Wire):
         default_factory=dict, description="Head latency per variant id (ms), measured at "
         "cpu_hz: the median of the runs since the previous report only.")
     fallback_variant: str | None = Field(
-        None, description="The on-device fallback of the transmitting decision in force.")
+        None, description="The on-device fallback of the decision in force (on the "
+        "device too, where its windows run it).")
     fallback_ms: float | None = Field(
         None, gt=0, description="How long that fallback runs here at its clock (ms), as "
         "measured here: what the gateway sizes its reserve from, so the coordinator plans "

@@ -329,16 +329,18 @@ class Inferencer:
         return est, False
 
     def measured_fallback(self) -> tuple[str, float] | None:
-        """For telemetry: the fallback of a decision that transmits and its run time (ms),
-        as its reserve is sized here, once measured here; None otherwise.
+        """For telemetry: the decision's fallback and its run time (ms), as a reserve for it
+        would be sized here, once measured here; None otherwise.
 
         The coordinator plans each transmission with this reserve: from its own speed
         estimate, which follows the probes slowly, it went on planning the sure reserve
         for 10 s of a 10% gateway's start while the gateway, sizing it from its 45-50 ms
         fallback runs, kept every window off the server (e2e run 34, pi-link-50).
+        It is reported on the device too, where that run is the windows' own: reported only
+        while transmitting, the figure froze at the slow probe that had sent a 10% gateway
+        to its device (58 ms), and the server path stayed shut for the rest of the round
+        while its windows took 39 (e2e run 37, pi-link-50).
         """
-        if self.manifest.variant(self.decision.variant).split == self.manifest.num_layers:
-            return None
         fallback = self.fallback_of(self.decision)
         ms, measured = self.fallback_run_ms(fallback)
         return (fallback.id, ms) if measured and ms > 0 else None

@@ -451,6 +451,53 @@ def test_the_reserve_is_planned_from_the_fallback_run_the_gateway_measured() -> 
     assert d.fallback_margin == LEAN_FALLBACK_MARGIN
 
 
+def test_a_device_sent_there_by_a_slow_fallback_run_returns_when_its_runs_are_faster(
+        ) -> None:
+    """A fallback run so slow that even the lean reserve leaves the reply no room sends the
+    gateway to its device; there its windows run that fallback, and once it reports them
+    faster, the server path comes back. (The gateway reported its fallback only while
+    transmitting: a 10% gateway whose first probe read 58 ms ran its device for the rest
+    of an e2e round at 39, run 37.)"""
+    from edgetok.control import FALLBACK_MARGIN, FALLBACK_SLACK_S
+
+    # As at 10% of a core in e2e: the fallback takes about 1.5x the server path.
+    manifest = synthetic_manifest(num_layers=4, ratios=(0.0,), layer_ms=5.0, server_speedup=2.0)
+    ctl = OnlineController(config(prefer="latency", server={"slowdown": 1.0, "queue_ms": 0.5},
+                                  budget={"deadline_ms": 1000.0, "privacy_min_split": 0}),
+                         manifest)
+    sim = Sim(ctl)
+    sim.run("gw1", range(0, 20), gain(5e6))  # the link's estimate settles
+    path = ctl.current("gw1")
+    assert path is not None and path.split < ctl.table.num_layers
+    env, queue = ctl.environment("gw1", 19.0)
+    i, fb = ctl.table.index(path.variant, path.precision), ctl.fallback(env)
+    bare = float(solve_options(ctl.table, env, queue, "latency").latency[i]) \
+        - float(ctl.fallback_reserve(env)[i])
+    modelled = float(ctl.table.c_head[fb]) * env.compute_scale / env.f_max_hz
+    # A deadline under which, with the lean reserve, the modelled run leaves the reply room
+    # (`low` > modelled) and a slower run does not, while its sure reserve, short of the
+    # deadline, is still kept (`high` > `low`: one past the deadline is no reserve at all).
+    s = FALLBACK_SLACK_S
+    least, most = (modelled + bare + s) / 0.9, (bare + s - s / FALLBACK_MARGIN) / (
+        0.9 - 1 / FALLBACK_MARGIN)
+    assert least < most
+    deadline_s = (least + most) / 2
+    low, high = 0.9 * deadline_s - bare - s, (deadline_s - s) / FALLBACK_MARGIN
+    name = ctl.table.options[fb].variant
+    sim.report("gw1", 20.0, gain(5e6), deadline_ms=deadline_s * 1e3, fallback_variant=name,
+               fallback_ms=modelled * 1e3)
+    first = ctl.decide("gw1", 20.0, force=True) or ctl.current("gw1")
+    assert first is not None and first.variant == path.variant and first.feasible
+    sim.report("gw1", 21.0, gain(5e6), fallback_variant=name, fallback_ms=(low + high) / 2e-3)
+    d = ctl.decide("gw1", 21.0, force=True)  # (a 4% move: due at the periodic re-solve)
+    assert d is not None and d.split == ctl.table.num_layers and d.variant == name
+    for t in map(float, range(22, 28)):
+        sim.report("gw1", t, gain(5e6), fallback_variant=name, fallback_ms=modelled * 1e3)
+        ctl.decide("gw1", t)
+    back = ctl.current("gw1")
+    assert back is not None and back.variant == path.variant and back.feasible
+
+
 def test_a_reply_its_windows_say_the_sure_reserve_cuts_off_gets_the_lean_one() -> None:
     """The gateway cuts a reply off by what its windows take, not by the model: a server
     path that fits the sure reserve on the model by 2% but whose windows run a tenth of the

@@ -160,6 +160,11 @@ def test_a_gateway_on_its_device_calibrates_its_probes_and_reports_its_windows(
         variant = status["control"]["decision"]["variant"]
         measured = [r["window_ms"] for r in reports if r["window_ms"]]
         assert measured and all(set(m) == {variant} for m in measured), measured
+        # Its fallback is the variant its windows run: their runs are the fallback's, and
+        # are reported so a server path is planned with them and not with an old figure.
+        assert status["control"]["decision"]["fallback_variant"] == variant
+        runs = [r["fallback_ms"] for r in reports if r.get("fallback_variant") == variant]
+        assert runs and all(ms > 0 for ms in runs), reports[-1]
         view = server.get("/v1/status")[1]["coordinator"]["gateways"]["gw-test"]
         residual = view["residual_ms"]
         assert residual["device"] != 0.0 and residual["transmit"] == residual["device"], \

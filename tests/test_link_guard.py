@@ -18,6 +18,7 @@ from edgetok.frames import TailReply, decode_frame
 from edgetok.gateway import inference, qdisc
 from edgetok.gateway.inference import Decision, Inferencer
 from edgetok.gateway.linksense import LinkSensor, parse_iw_link
+from edgetok.gateway.timing import RUN_SAMPLES
 from edgetok.gateway.uplink import MIN_OVERHEAD_SAMPLES, OVERHEAD_GAP_S, UplinkState
 from edgetok.models.runtime import Runtime
 
@@ -222,8 +223,13 @@ async def test_the_fallback_reserve_is_sized_from_what_ran_here_before_the_profi
     inf.boosted_ms.add((fb.id, "head"), 30.0)
     assert inf.fallback_reserve_s(fb) == pytest.approx(reserve_of(30.0))
     assert inf.measured_fallback() == (fb.id, pytest.approx(30.0))
-    inf.decision = Decision(fb.id, "fp32")  # on the device: nothing is kept back
-    assert inf.measured_fallback() is None
+    # On the device its windows run that variant: the coordinator learns the run a server
+    # path would keep back for from them, and a slow figure from before does not stand.
+    inf.decision = Decision(fb.id, "fp32", extra={"cpu_hz": 1.0e9})
+    assert inf.fallback_of(inf.decision).id == fb.id
+    for _ in range(RUN_SAMPLES):
+        inf.run_ms.add((fb.id, "head"), 20.0)
+    assert inf.measured_fallback() == (fb.id, pytest.approx(20.0))
 
 
 @pytest.mark.asyncio
