@@ -107,6 +107,10 @@ class Telemetry(_Wire):
         None, gt=0, description="How long that fallback runs here at its clock (ms), as "
         "measured here: what the gateway sizes its reserve from, so the coordinator plans "
         "the same one. Absent until it has run (or been probed) here.")
+    cut_off: int | None = Field(
+        None, ge=0, description="Windows since the previous report whose server reply came "
+        "after its cutoff, or that the link guard kept off the server because it would "
+        "have: the server answers, but later than the fallback reserve lets it.")
     queue_depth: int = Field(0, ge=0, description="Windows waiting for the head right now.")
     windows_per_s: float | None = Field(
         None, ge=0, description="Rate at which the gateway produces windows (1/s).")
@@ -165,6 +169,7 @@ class Decision(_Wire):
     policy: PolicyName = Field(description="Policy that made the decision.")
     reason: str = Field("", description="Why it was (re)made: initial, estimates-moved, "
                         "periodic, forced, explore (a trial of the server path near a tie), "
+                        "cut-off (the gateway cut replies off under the sure reserve), "
                         "infeasible.")
     fallback_variant: str | None = Field(
         None, description="On-device variant (split = L) to run when the server cannot answer "

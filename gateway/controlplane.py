@@ -43,6 +43,7 @@ class ControlPlane:
         self._bytes_mark = 0
         self._uplink_s = 0.0
         self._done_mark = 0
+        self._cut_mark = 0
         self._t_mark = time.monotonic()
         self._window_done = asyncio.Event()  # wakes the head probe
 
@@ -124,6 +125,8 @@ class ControlPlane:
         overhead = round(ov * 1e3, 3) if fresh and ov is not None else None
         floor = round(fl * 1e3, 3) if fresh and fl is not None else None
         fallback = gw.inferencer.measured_fallback()
+        cut = up.guarded + up.replies_late
+        cut_off, self._cut_mark = cut - self._cut_mark, cut
         return Telemetry(
             gateway=gw.cfg.id, ts=time.time(), uplink_bps=bps,
             tx_power_w=self.actuators.effective_tx_power_w(), link_bps=link,
@@ -131,7 +134,7 @@ class ControlPlane:
             cpu_hz=self.actuators.effective_cpu_hz(),
             head_ms={k: round(v, 3) for k, v in gw.inferencer.take_fresh_head_ms().items()},
             fallback_variant=fallback[0] if fallback else None,
-            fallback_ms=round(fallback[1], 3) if fallback else None,
+            fallback_ms=round(fallback[1], 3) if fallback else None, cut_off=cut_off,
             queue_depth=len(gw.inflight), windows_per_s=round(rate, 4), windows_done=done,
             latency_ms=self.measured()["latency_ms"],
             window_ms={k: round(v, 3) for k, v in gw.inferencer.take_fresh_window_ms().items()},

@@ -498,6 +498,31 @@ def test_a_device_sent_there_by_a_slow_fallback_run_returns_when_its_runs_are_fa
     assert back is not None and back.variant == path.variant and back.feasible
 
 
+def test_replies_the_gateway_cut_off_under_the_sure_reserve_get_the_lean_one_at_once(
+        ) -> None:
+    """A gateway that reports replies cut off under the sure reserve of the option in force
+    has that option re-solved with the lean one at the next step, not after its windows'
+    residual has crept up over several reports. A report from an older option's windows,
+    or none cut off, changes nothing."""
+    from edgetok.control import FALLBACK_MARGIN, LEAN_FALLBACK_MARGIN
+
+    ctl, first, _, _, _ = _on_the_server_with_the_sure_reserve()
+    sim = Sim(ctl)
+    sim.report("gw1", 1.0, gain(20e6), applied_seq=first.seq, cut_off=0)
+    assert ctl.decide("gw1", 1.0) is None
+    sim.report("gw1", 2.0, gain(20e6), applied_seq=first.seq - 1, cut_off=3)
+    assert ctl.decide("gw1", 2.0) is None, "cut off under an older option"
+    sim.report("gw1", 3.0, gain(20e6), applied_seq=first.seq, cut_off=2)
+    d = ctl.decide("gw1", 3.0)
+    assert d is not None and d.variant == first.variant and d.reason == "cut-off"
+    assert d.fallback_margin == LEAN_FALLBACK_MARGIN
+    # The report counts once: at the next periodic re-solve the model and the windows both
+    # fit the sure reserve with room to spare here, so it comes back.
+    ctl.decide("gw1", 10.0)
+    back = ctl.current("gw1")
+    assert back is not None and back.fallback_margin == FALLBACK_MARGIN
+
+
 def test_a_reply_its_windows_say_the_sure_reserve_cuts_off_gets_the_lean_one() -> None:
     """The gateway cuts a reply off by what its windows take, not by the model: a server
     path that fits the sure reserve on the model by 2% but whose windows run a tenth of the

@@ -310,6 +310,24 @@ async def test_telemetry_reports_frame_overhead_only_for_fresh_frames_on_a_sense
     gw.store.close()
 
 
+@pytest.mark.asyncio
+async def test_telemetry_counts_the_replies_cut_off_since_the_last_report(
+        tmp_path: Path, tiny_bundle: Path) -> None:
+    """Windows the link guard kept off the server and replies that came after their cutoff
+    both say the server answers later than the reserve lets it; each report carries the
+    ones since the previous report."""
+    gw = Gateway(config(tmp_path, tiny_bundle))
+    up = gw.inferencer.uplink
+    assert gw.control.telemetry().cut_off == 0
+    up.guarded += 2
+    up.replies_late += 1
+    assert gw.control.telemetry().cut_off == 3
+    assert gw.control.telemetry().cut_off == 0, "counted once"
+    up.replies_late += 1
+    assert gw.control.telemetry().cut_off == 1
+    gw.store.close()
+
+
 def test_share_weights_setting_reaches_the_runtime(tmp_path: Path, tiny_bundle: Path) -> None:
     """[bundle] share_weights = false: every session loads its own copy (Python API)."""
     shared = Gateway(config(tmp_path / "a", tiny_bundle))

@@ -171,7 +171,17 @@ class OnlineController:
         if t.windows_per_s is not None:
             st.rate.update(t.windows_per_s)
         self._energy_queue(st, t)
+        if t.cut_off and self._of_option_in_force(st, t):
+            st.cut_off_ts = now
         self._fold_residual(t, st, now)
+
+    @staticmethod
+    def _of_option_in_force(st: GatewayState, t: Telemetry) -> bool:
+        """Whether the report's windows ran the option in force (a gateway still on an older
+        decision of the same option runs the same windows)."""
+        d = st.decision
+        return (d is not None and st.option is not None and t.applied_seq is not None
+                and st.option_seq <= t.applied_seq <= d.seq)
 
     def _fold_residual(self, t: Telemetry, st: GatewayState, now: float) -> None:
         """Fold the measured latency of the decision in force into its path's residual
@@ -179,9 +189,8 @@ class OnlineController:
         decision's clock and power, without the residual itself; not the first report of an
         option, nor before the path's own estimates exist (`_plannable`)."""
         d, i, res = st.decision, st.option, st.residual
-        # (A gateway still on an older decision of the same option runs the same windows.)
-        if (d is None or i is None or t.applied_seq is None
-                or not st.option_seq <= t.applied_seq <= d.seq or d.variant not in t.window_ms):
+        if (d is None or i is None or not self._of_option_in_force(st, t)
+                or d.variant not in t.window_ms):
             return
         if res.first_report(st.option_seq):
             return
@@ -350,13 +359,20 @@ class OnlineController:
         times, and a plan 0.5 ms inside its deadline on the model alone, 5-10 ms outside on
         the windows, kept a 10% gateway's sure cutoff and sent a third of its windows to the
         fallback (e2e run 35, cpu-10%). The option in force on the lean reserve keeps it
-        until its windows fit the sure cutoff with LEAN_RELEASE_FRAC to spare."""
+        until its windows fit the sure cutoff with LEAN_RELEASE_FRAC to spare. And the
+        gateway says so itself (`Telemetry.cut_off`): replies it cut off under the option
+        in force since the last solve count, at once, for that option. The windows' residual
+        follows a lasting change over several reports (clipped against outliers), and a 10%
+        gateway kept its replies off the server for 10 s of an e2e round before it moved
+        (run 37, pi-link-50)."""
         lean = np.zeros(sol.feasible.shape, dtype=bool)
         limit = np.full(lean.shape, env.deadline_s * (1 + FEAS_RTOL))
         if st.option is not None and st.decision is not None \
                 and st.decision.fallback_margin == LEAN_FALLBACK_MARGIN:
             limit[st.option] = env.deadline_s * (1 - LEAN_RELEASE_FRAC)
         cut_off = expected + self._reserve(st, env) > limit
+        if st.option is not None and st.cut_off_ts > st.solved_ts:
+            cut_off[st.option] = True
         todo = self.table.transmits & (~sol.feasible | cut_off)
         if not self.config.lean_fallback or not todo.any():
             return sol, lean
@@ -426,6 +442,8 @@ class OnlineController:
             return "initial"
         if st.trials.left is not None and self._measured_ts(st) > st.trials.last_ts:
             return "estimates-moved"  # a trial's frames have measured what it was for
+        if st.cut_off_ts > st.solved_ts and st.decision.fallback_margin == FALLBACK_MARGIN:
+            return "cut-off"  # the sure reserve cut replies off: the lean one may keep them
         if now - st.solved_ts >= self.config.resolve_interval_s:
             return "periodic"
         now_est = (env.gain, env.compute_scale, float(queue.max()) + 1e-6,

@@ -27,6 +27,8 @@ class GatewayState:
     # (variant, s): its fallback's run as the gateway measures it, which sizes its reserve.
     fallback_run: tuple[str, float] | None = None
     deadline_s: float | None = None
+    # When it last reported replies cut off under the option in force (Telemetry.cut_off).
+    cut_off_ts: float = -math.inf
     energy_queue_mj: float = 0.0
     windows_done: int | None = None
     option: int | None = None
