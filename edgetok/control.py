@@ -109,8 +109,10 @@ class Telemetry(_Wire):
         "the same one. Absent until it has run (or been probed) here.")
     cut_off: int | None = Field(
         None, ge=0, description="Windows since the previous report whose server reply came "
-        "after its cutoff, or that the link guard kept off the server because it would "
-        "have: the server answers, but later than the fallback reserve lets it.")
+        "after its cutoff but before its deadline, or that the link guard kept off the "
+        "server because it would have: the server answers in time, but later than the "
+        "fallback reserve lets it. (A reply after the deadline, such as a stalled server's "
+        "backlog, is not counted.)")
     queue_depth: int = Field(0, ge=0, description="Windows waiting for the head right now.")
     windows_per_s: float | None = Field(
         None, ge=0, description="Rate at which the gateway produces windows (1/s).")

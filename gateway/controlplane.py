@@ -125,7 +125,7 @@ class ControlPlane:
         overhead = round(ov * 1e3, 3) if fresh and ov is not None else None
         floor = round(fl * 1e3, 3) if fresh and fl is not None else None
         fallback = gw.inferencer.measured_fallback()
-        cut = up.guarded + up.replies_late
+        cut = up.guarded + up.replies_cut
         cut_off, self._cut_mark = cut - self._cut_mark, cut
         return Telemetry(
             gateway=gw.cfg.id, ts=time.time(), uplink_bps=bps,

@@ -132,9 +132,10 @@ class Inferencer:
 
     def on_reply(self, reply: TailReply) -> None:
         """Resolve the window awaiting this downlink reply (late replies are counted)."""
-        fut = self.uplink.pending.pop((reply.stream, reply.window), None)
+        key = (reply.stream, reply.window)
+        fut = self.uplink.pending.pop(key, None)
         if fut is None or fut.done():
-            self.uplink.replies_late += 1
+            self.uplink.late_reply(key)
             return
         fut.set_result(reply)
 
@@ -382,7 +383,7 @@ class Inferencer:
                 if variant.head:
                     feats, head_ms = await self._run(variant.id, "head", tokens)
                 reply, uplink_ms = await self._remote(win, variant, dec.precision, feats, cutoff,
-                                                      probe=skip == "probe")
+                                                      probe=skip == "probe", until=deadline_mono)
             if reply is not None and reply.error is None:
                 logits = np.asarray(reply.logits, dtype=np.float32)[None, :]
                 tail_ms = reply.tail_ms
@@ -423,12 +424,15 @@ class Inferencer:
             created_ts=time.time())
 
     async def _remote(self, win: ClosedWindow, variant: Variant, precision: Precision,
-                      feats: np.ndarray, deadline_mono: float, probe: bool = False
-                      ) -> tuple[TailReply | None, float]:
-        """Send a frame and await its reply until the deadline; (None, waited) on failure.
+                      feats: np.ndarray, deadline_mono: float, probe: bool = False,
+                      until: float | None = None) -> tuple[TailReply | None, float]:
+        """Send a frame and await its reply until `deadline_mono` (the cutoff); (None,
+        waited) on failure.
 
         `probe`: the guard's reply history advised against this frame. Its reply, like the
-        first after an outage, replaces that history rather than being averaged into it."""
+        first after an outage, replaces that history rather than being averaged into it.
+        `until`: the window's own deadline, when later than the cutoff: a reply cut off
+        before it is counted as the reserve's doing if it comes by then."""
         up = self.uplink
         now = time.monotonic()
         if not up.server_ok and now < up.next_probe:
@@ -465,6 +469,8 @@ class Inferencer:
             reply = await within(fut, max(deadline_mono - time.monotonic(), 0.0))
         except TimeoutError:
             up.pending.pop(key, None)
+            if until is not None and until > deadline_mono:
+                up.cut(key, until)
             if up.server_ok:
                 log.warning("no reply for %s/%d within its deadline; falling back on-device",
                             win.stream, win.seq)

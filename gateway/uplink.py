@@ -27,6 +27,9 @@ MIN_OVERHEAD_SAMPLES = 3
 # A frame that left this much later than its radio hold waited for more than the radio: on
 # a CPU quota, for the period that refills it (e2e run 19: ~9 ms on a 10% gateway).
 LATE_SLACK_S = 0.001
+# Windows cut off before their deadline that are remembered until it passes, to tell a reply
+# the reserve cut off from one that would have been late anyway; a bound, not a tuning knob.
+CUT_REMEMBERED = 64
 
 
 @dataclass
@@ -39,6 +42,10 @@ class UplinkState:
     frames_sent: int = 0
     bytes_sent: int = 0
     replies_late: int = 0
+    # Of those, replies that came after their cutoff but before their window's deadline: the
+    # server answered in time, and the fallback reserve cut it off (never one after a stall).
+    replies_cut: int = 0
+    cut_until: dict[tuple[str, int], float] = field(default_factory=dict)  # key -> deadline
     fallbacks: int = 0
     guarded: int = 0  # windows kept off a link that was sensed too slow for their deadline
     frame_bits: dict[str, float] = field(default_factory=dict)  # last frame size by key
@@ -51,6 +58,21 @@ class UplinkState:
     # (else 0). A hold that long costs nothing more: the wait runs inside it.
     floors_s: deque[float] = field(default_factory=lambda: deque(maxlen=OVERHEAD_SAMPLES))
     last_overhead_mono: float = -float("inf")
+
+    def cut(self, key: tuple[str, int], deadline_mono: float) -> None:
+        """Remember a window whose reply was cut off before its deadline."""
+        now = time.monotonic()
+        if len(self.cut_until) >= CUT_REMEMBERED:
+            self.cut_until = {k: t for k, t in self.cut_until.items() if t > now}
+        if len(self.cut_until) < CUT_REMEMBERED:
+            self.cut_until[key] = deadline_mono
+
+    def late_reply(self, key: tuple[str, int]) -> None:
+        """Count a reply that came after its window stopped waiting for it."""
+        self.replies_late += 1
+        until = self.cut_until.pop(key, None)
+        if until is not None and time.monotonic() <= until:
+            self.replies_cut += 1
 
     def learn(self, key: str, rtt_s: float, rate_bps: float | None, fresh: bool = False
               ) -> None:

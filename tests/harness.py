@@ -377,3 +377,10 @@ def first_result_after(rows: list[dict[str, Any]], wall_ts: float) -> float | No
     """Seconds from `wall_ts` to the first result stored after it."""
     later = [r["created_ts"] for r in rows if r["created_ts"] >= wall_ts]
     return round(min(later) - wall_ts, 3) if later else None
+
+
+async def until(cond: Any, limit_s: float = 20.0) -> None:
+    """Yield to the loop until cond() holds (polling: the conditions span several objects)."""
+    async with asyncio.timeout(limit_s):
+        while not cond():  # noqa: ASYNC110
+            await asyncio.sleep(0.01)

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from harness import until
 
 from edgetok.gateway import ingest
 from edgetok.gateway.config import GatewayConfig
@@ -86,13 +87,6 @@ async def running(gw: Gateway, connected: bool = True) -> AsyncIterator[Gateway]
                 t.cancel()
             await asyncio.wait_for(gw.no_inflight.wait(), 10)
     gw.store.close()
-
-
-async def until(cond: Any, limit_s: float = 20.0) -> None:
-    """Yield to the loop until cond() holds (polling: the conditions span several objects)."""
-    async with asyncio.timeout(limit_s):
-        while not cond():  # noqa: ASYNC110
-            await asyncio.sleep(0.01)
 
 
 def result_windows(gw: Gateway) -> list[int]:
@@ -314,16 +308,16 @@ async def test_telemetry_reports_frame_overhead_only_for_fresh_frames_on_a_sense
 async def test_telemetry_counts_the_replies_cut_off_since_the_last_report(
         tmp_path: Path, tiny_bundle: Path) -> None:
     """Windows the link guard kept off the server and replies that came after their cutoff
-    both say the server answers later than the reserve lets it; each report carries the
-    ones since the previous report."""
+    but before their deadline both say the server answers later than the reserve lets it;
+    each report carries the ones since the previous report."""
     gw = Gateway(config(tmp_path, tiny_bundle))
     up = gw.inferencer.uplink
     assert gw.control.telemetry().cut_off == 0
     up.guarded += 2
-    up.replies_late += 1
+    up.replies_cut += 1
     assert gw.control.telemetry().cut_off == 3
     assert gw.control.telemetry().cut_off == 0, "counted once"
-    up.replies_late += 1
+    up.replies_cut += 1
     assert gw.control.telemetry().cut_off == 1
     gw.store.close()
 

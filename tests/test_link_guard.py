@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from harness import bundle_tokenizer, random_window
+from harness import bundle_tokenizer, random_window, until
 
 from edgetok.control import FALLBACK_MARGIN, FALLBACK_SLACK_S
 from edgetok.frames import TailReply, decode_frame
@@ -258,6 +258,16 @@ async def test_a_lean_reserve_waits_longer_for_the_server_than_a_sure_one(
     r = await inf.infer(random_window(inf.manifest, 2), deadline_s=0.6)
     assert r.where == "device-fallback" and server.frames == 3
     assert inf.uplink.guarded == 0  # sent, and given up at the sure cutoff
+    # Its reply still came before the deadline: the reserve cut it off, and telemetry says
+    # so. One that comes after the deadline (a stalled server's backlog) is only late.
+    await until(lambda: inf.uplink.replies_late == 1)
+    assert inf.uplink.replies_cut == 1
+    inf.uplink = UplinkState()
+    server.delay_s = 0.8
+    r = await inf.infer(random_window(inf.manifest, 3), deadline_s=0.6)
+    assert r.where == "device-fallback"
+    await until(lambda: inf.uplink.replies_late == 1)
+    assert inf.uplink.replies_cut == 0
 
 
 @pytest.mark.asyncio
