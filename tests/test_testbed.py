@@ -175,6 +175,35 @@ def test_policies_run_side_by_side_each_in_its_own_lane(tmp_path: Path,
     assert len({round(g, 3) for g in gaps}) > 1, "each publish moves at random"
 
 
+@needs_testbed
+def test_a_hung_server_sends_windows_to_the_fallback_until_it_answers_again(
+        tmp_path: Path, tiny_bundle: Path) -> None:
+    """A hang stops the edge server (SIGSTOP) while its broker still takes frames: windows
+    in it fall back on the device, in time, and once it resumes the server path comes
+    back; the hung server still stops cleanly at the end."""
+    spec = RunSpec(name="hang", policy="server-only", gateways=1, link_mbit=10.0,
+                   cpu_share=1.0, deadline_ms=500.0, window_rate=2.0, windows=14, warmup=1,
+                   bundle=tiny_bundle, nominal_hz=nominal_hz(tiny_bundle),
+                   coordinator="server", prefer="latency", hangs=((1.5, 1.5),))
+    with Testbed(1, tag=_tag()) as tb:
+        tb.start_broker(tmp_path / "broker0", BROKER_PORT)
+        run = Run(tb, spec, tmp_path / "run", 8)
+        (data,) = run.execute()
+    assert len(run.hang_log) == 1
+    stopped, resumed = run.hang_log[0]
+    assert resumed - stopped == pytest.approx(1.5, abs=0.2)
+    sent = {r["window"]: r["t_pub"] for r in data.driver["sent"]}
+    results = data.driver["results"]
+    assert len(results) == 15
+    hung = [r for r in results if stopped <= sent[r["window"]] <= resumed - 0.6]
+    # (The gateway tries the server again with a probe 2 s after its last one timed out.)
+    after = [r for r in results if sent[r["window"]] > resumed + 2.2]
+    assert hung and {r["where"] for r in hung} == {"device-fallback"}
+    assert all(r["latency_ms"]["total"] < 500 for r in hung)
+    assert after and {r["where"] for r in after} == {"server"}
+    assert data.exit_codes["server"] == 0
+
+
 def test_cpus_split_into_a_server_half_and_a_gateway_half() -> None:
     """Two CPUs give one to each side; an odd count gives the gateways the larger half."""
     assert split_cpus([1, 0]) == ([0], [1])

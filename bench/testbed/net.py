@@ -277,8 +277,9 @@ class Testbed:
                                f"({'running' if alive else 'process exited'})")
 
     def stop(self, proc: subprocess.Popen[bytes], timeout: float = 20) -> int | None:
-        """SIGTERM, wait, SIGKILL; forget the process."""
+        """SIGCONT (a hung one must see the SIGTERM), SIGTERM, wait, SIGKILL; forget it."""
         if proc.poll() is None:
+            proc.send_signal(signal.SIGCONT)
             proc.terminate()
             try:
                 proc.wait(timeout=timeout)

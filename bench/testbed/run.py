@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -70,6 +71,8 @@ class RunSpec:
     coordinator: str  # "server" (edgetok server runs it), "shim" (testbed.coord) or "static"
     actuators: bool = True
     trace: tuple[tuple[float, float], ...] = ()  # (seconds after replay start, Mbit/s)
+    # (seconds after replay start, seconds): the edge servers hang (SIGSTOP) that long.
+    hangs: tuple[tuple[float, float], ...] = ()
     prefer: str = "energy"  # the coordinator's preference after accuracy: energy or latency
 
     @property
@@ -246,8 +249,9 @@ class Run:
         self.tb, self.spec, self.dir = tb, specs[0], workdir
         self.profile_rate = profile_rate
         n = self.spec.gateways
-        if any((x.gateways, x.link_mbit, x.cpu_share, x.trace) != (n, self.spec.link_mbit,
-               self.spec.cpu_share, self.spec.trace) for x in specs):
+        if any((x.gateways, x.link_mbit, x.cpu_share, x.trace, x.hangs) != (
+                n, self.spec.link_mbit, self.spec.cpu_share, self.spec.trace, self.spec.hangs)
+               for x in specs):
             raise ValueError("side-by-side lanes must share one scenario")
         if len(specs) * n > len(tb.hosts):
             raise TestbedError(f"{len(specs)} lane(s) of {n} gateway(s) need "
@@ -260,6 +264,7 @@ class Run:
             for k, x in enumerate(specs)]
         self.hosts = [i for lane in self.lanes for i in lane.hosts]
         self.rate_log: list[tuple[float, float]] = []
+        self.hang_log: list[tuple[float, float]] = []  # (stopped, resumed), wall time
 
     def _configure_links(self) -> None:
         """Set every gateway's link rate and CPU share for the start of the run."""
@@ -279,6 +284,23 @@ class Run:
                 self.tb.set_rate(i, mbit)
             self.rate_log.append((time.time(), mbit))
             log.info("trace: uplink now %.1f Mbit/s", mbit)
+
+    def _hang(self, started: float, stop: threading.Event,
+              servers: list[subprocess.Popen[bytes]]) -> None:
+        """Hang every lane's edge server (SIGSTOP, then SIGCONT) along `hangs`, from the
+        replay start: the server stops answering (a swap storm, a stuck driver) while its
+        broker still takes the frames, and answers the backlog when it comes back."""
+        for at, secs in self.spec.hangs:
+            if stop.wait(max(started + at - time.time(), 0)):
+                return
+            _signal(servers, signal.SIGSTOP)
+            t0 = time.time()
+            log.info("hang: edge servers stopped for %.1f s", secs)
+            try:
+                stop.wait(secs)
+            finally:
+                _signal(servers, signal.SIGCONT)
+            self.hang_log.append((t0, time.time()))
 
     def _start_lane(self, lane: Lane, started: list[tuple[str, subprocess.Popen[bytes]]]
                     ) -> None:
@@ -342,18 +364,25 @@ class Run:
                 *([] if static else ["--await-decision"]),
                 "--results-timeout", str(max(30.0, 3 * s.deadline_ms / 1000)),
                 "--out", str(driver_out)), env=_env(), stdout=subprocess.PIPE)
-            trace_thread = None
+            threads: list[threading.Thread] = []
+            servers = [p for name, p in started if name.startswith("server")]
             assert drv.stdout is not None
             with drv.stdout:
                 for raw in drv.stdout:
                     line = raw.decode(errors="replace").strip()
-                    if line.startswith("REPLAY START") and self.profile_rate:
+                    if not line.startswith("REPLAY START"):
+                        continue
+                    if self.profile_rate:
                         self._start_profiles(started, profilers)
-                    if line.startswith("REPLAY START") and s.trace:
-                        trace_thread = threading.Thread(
-                            target=self._trace, args=(float(line.split()[2]), stop_trace),
-                            daemon=True)
-                        trace_thread.start()
+                    at = float(line.split()[2])
+                    if s.trace:
+                        threads.append(threading.Thread(
+                            target=self._trace, args=(at, stop_trace), daemon=True))
+                    if s.hangs:
+                        threads.append(threading.Thread(
+                            target=self._hang, args=(at, stop_trace, servers), daemon=True))
+                    for t in threads:
+                        t.start()
             code = drv.wait()
             tb.procs.remove(drv)
             profile.stop(profilers)  # now: the gateways' shutdown is not part of a window
@@ -362,8 +391,8 @@ class Run:
                     log.warning("no py-spy samples of %s: see %s", gw_id,
                                 self._profile_path(gw_id).with_suffix(".log"))
             stop_trace.set()
-            if trace_thread is not None:
-                trace_thread.join()
+            for t in threads:
+                t.join()
             if code != 0:
                 raise TestbedError(f"driver exited with {code}; logs in {self.dir}")
             wire = {i: tb.tx_bytes(i) - b for i, b in before.items()}
@@ -391,8 +420,16 @@ class Run:
                       for k, v in ((f, getattr(d.spec, f)) for f in d.spec.__slots__)},
              "gateways": lane.ids, "wire_bytes": d.wire_bytes, "exit_codes": d.exit_codes,
              "throttled_s": d.throttled_s}
-            for lane, d in zip(self.lanes, out, strict=True)], "rate_log": self.rate_log}))
+            for lane, d in zip(self.lanes, out, strict=True)], "rate_log": self.rate_log,
+            "hang_log": self.hang_log}))
         return out
+
+
+def _signal(procs: list[subprocess.Popen[bytes]], sig: signal.Signals) -> None:
+    """Send `sig` to every process still running."""
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(sig)
 
 
 def _delta(now: float | None, then: float | None) -> float | None:
