@@ -27,6 +27,7 @@ from e2e import (  # noqa: E402
 from testbed.driver import parse_gateways  # noqa: E402
 from testbed.goals import (  # noqa: E402
     check,
+    misses_by_side,
     ratio_interval,
     same_variant_share,
     summary,
@@ -155,7 +156,7 @@ def test_goals_apply_the_strict_ratio_only_where_the_best_static_choice_changes(
              "fixed-split": _run({50.0: 20.0, 0.5: 60.0})}
     flat = {"device-only": _run({10.0: 5.0}), "server-only": _run({10.0: 9.0}),
             "fixed-split": _run({10.0: 7.0})}
-    doc = {"scenarios": {
+    doc = {"deadline_ms": 100.0, "scenarios": {
         "trace": {"runs": trace, "headline": {"ratio": 0.7, "best_static": "device-only",
                                               "joint_hit_ge_best": True}},
         "flat": {"runs": flat, "headline": {"ratio": 1.04, "best_static": "device-only",
@@ -326,6 +327,19 @@ def test_a_gap_is_told_apart_before_and_after_the_window_closes() -> None:
     assert where_the_gap_arises(sc) == {"ratio_after_close": 2.0, "before_close_gap_ms": 0.0}
     sc["runs"]["joint"] = {"per_window": []}
     assert where_the_gap_arises(sc) is None
+
+
+def test_a_miss_is_the_lanes_when_its_part_after_the_close_would_have_made_it() -> None:
+    """A window that stalled before its close (its close-to-result part as usual) is the
+    lane's miss; one that was slow after the close is the decision's."""
+    def row(before: float, after: float) -> dict[str, Any]:
+        return {"latency_ms": before + after, "stages_ms": {"total": after}}
+
+    usual = [row(10.0, 30.0)] * 5
+    sc = {"runs": {"joint": {"per_window": [*usual, row(80.0, 30.0), row(10.0, 95.0)]}}}
+    assert misses_by_side(sc, "joint", 100.0) == (1, 1)
+    assert misses_by_side(sc, "joint", 200.0) == (0, 0)
+    assert misses_by_side(sc, "server-only", 100.0) is None
 
 
 def test_each_window_is_split_at_its_close_and_quota_stalls_are_counted() -> None:

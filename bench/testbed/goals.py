@@ -110,6 +110,22 @@ def where_the_gap_arises(sc: dict[str, Any]) -> dict[str, float] | None:
             "before_close_gap_ms": round(float(before["joint"] - before["best"]), 3)}
 
 
+def misses_by_side(sc: dict[str, Any], policy: str, deadline_ms: float
+                   ) -> tuple[int, int] | None:
+    """A policy's windows past the deadline, split at the window's close: (the lane's, the
+    decision's). A miss is the lane's when its close-to-result part, after the policy's
+    median time before the close, would have made the deadline: it stalled in publish,
+    broker or ingest, the same work under every policy, as when the whole machine stalls.
+    Windows without a result (counted as misses in the hit rate) are in neither."""
+    rows = [w for w in _windows(sc, policy) if w.get("stages_ms")]
+    if not rows:
+        return None
+    before = float(np.median([w["latency_ms"] - w["stages_ms"]["total"] for w in rows]))
+    late = [w for w in rows if w["latency_ms"] > deadline_ms]
+    lane = sum(1 for w in late if before + w["stages_ms"]["total"] <= deadline_ms)
+    return lane, len(late) - lane
+
+
 def check(doc: dict[str, Any]) -> dict[str, Any]:
     """Per scenario: the p50 ratio and its goal, hit rate against the best baseline."""
     out: dict[str, Any] = {}
@@ -127,7 +143,10 @@ def check(doc: dict[str, Any]) -> dict[str, Any]:
                      "switching_bound": switching_bound(sc),
                      "joint_same_variant_share": same_variant_share(sc),
                      **(where_the_gap_arises(sc) or {}),
-                     "hit_met": bool(h.get("joint_hit_ge_best"))}
+                     "hit_met": bool(h.get("joint_hit_ge_best")),
+                     "misses_lane_decision": {
+                         pol: misses_by_side(sc, pol, doc["deadline_ms"])
+                         for pol in POLICY_NAMES if _windows(sc, pol)}}
     return out
 
 
@@ -144,9 +163,18 @@ def summary(goals: dict[str, Any]) -> str:
                      f"after the close: {g.get('ratio_after_close')}, before it: "
                      f"{_signed(g.get('before_close_gap_ms'))} ms); "
                      "hit >= best: "
-                     f"{'met' if g['hit_met'] else 'MISSED'}; best static by rate: "
+                     f"{'met' if g['hit_met'] else 'MISSED'}{_misses(g)}; best static by rate: "
                      f"{g['best_static_by_link_mbit']}")
     return "\n".join(lines)
+
+
+def _misses(g: dict[str, Any]) -> str:
+    """Each policy's misses as (the lane's/the decision's), where the hit goal was missed."""
+    split = g.get("misses_lane_decision") or {}
+    if g["hit_met"] or not split:
+        return ""
+    return " (misses, lane/decision: " + ", ".join(
+        f"{pol} {m[0]}/{m[1]}" for pol, m in split.items() if m is not None) + ")"
 
 
 def _signed(x: float | None) -> str:
