@@ -205,6 +205,17 @@ def test_the_matrix_has_a_trace_whose_best_static_choice_changes_off_the_pi_clas
     assert [t for t, _ in tie.trace] == [0.0, 20.0, 40.0]
 
 
+def test_the_hang_scenario_hangs_the_servers_inside_each_round_of_a_pi_class_gateway() -> None:
+    """Its hang starts a third into a round's replay and ends well before the round does,
+    so each round measures the hang and the recovery after it."""
+    replay_s, rounds = 60.0, 4
+    (hang,) = [sc for sc in scenarios(False, replay_s, 16, rounds) if sc.hangs]
+    assert hang.cpu_share == 0.1 and not hang.trace and hang.gateways == 1
+    ((at, secs),) = hang.hangs
+    assert at == pytest.approx(replay_s / rounds / 3)
+    assert at + secs < replay_s / rounds - 5.0
+
+
 def test_the_ratio_interval_tells_noise_from_a_real_difference() -> None:
     """Joint running the best static's own variant from the same spread of latencies: the
     interval straddles 1. Joint twice as slow: the interval is far from it."""

@@ -347,7 +347,7 @@ class Run:
         self._configure_links()
         started: list[tuple[str, subprocess.Popen[bytes]]] = []
         codes: dict[str, int | None] = {}
-        stop_trace = threading.Event()
+        stop_threads = threading.Event()
         profilers: list[subprocess.Popen[bytes]] = []
         try:
             for lane in self.lanes:
@@ -377,10 +377,10 @@ class Run:
                     at = float(line.split()[2])
                     if s.trace:
                         threads.append(threading.Thread(
-                            target=self._trace, args=(at, stop_trace), daemon=True))
+                            target=self._trace, args=(at, stop_threads), daemon=True))
                     if s.hangs:
                         threads.append(threading.Thread(
-                            target=self._hang, args=(at, stop_trace, servers), daemon=True))
+                            target=self._hang, args=(at, stop_threads, servers), daemon=True))
                     for t in threads:
                         t.start()
             code = drv.wait()
@@ -390,7 +390,7 @@ class Run:
                 if profilers and not self._profile_path(gw_id).is_file():
                     log.warning("no py-spy samples of %s: see %s", gw_id,
                                 self._profile_path(gw_id).with_suffix(".log"))
-            stop_trace.set()
+            stop_threads.set()
             for t in threads:
                 t.join()
             if code != 0:
@@ -400,7 +400,7 @@ class Run:
                        for i, t0 in stalled_at_start.items()}
             data = json.loads(driver_out.read_text())
         finally:
-            stop_trace.set()
+            stop_threads.set()
             profile.stop(profilers)
             # Gateways first: they drain in-flight windows while the servers still answer.
             for name, proc in reversed(started):
