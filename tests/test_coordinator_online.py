@@ -451,6 +451,29 @@ def test_the_reserve_is_planned_from_the_fallback_run_the_gateway_measured() -> 
     assert d.fallback_margin == LEAN_FALLBACK_MARGIN
 
 
+def test_a_slow_spell_that_ended_is_left_behind_after_a_few_fast_reports() -> None:
+    """A gateway whose first head reports came in a boot storm (50x its profile) and whose
+    later ones are back at 4x: three fast reports in a row restart the estimate at their
+    level, where clipped steps alone would take dozens. One fast report is not enough."""
+    cpu = 1.5e9
+
+    def report(ctl: OnlineController, t: float, scale: float) -> float:
+        o = next(o for o in ctl.table.options if 0 < o.split < ctl.table.num_layers)
+        ms = o.c_head * scale / cpu * 1000.0
+        ctl.observe(Telemetry(gateway="a", ts=t, cpu_hz=cpu, head_ms={o.variant: ms}), t)
+        return ctl.environment("a", t)[0].compute_scale
+
+    ctl, clipped = (OnlineController(config(**kw), MANIFEST)
+                    for kw in ({}, {"speed_fall_reports": 0}))
+    for c in (ctl, clipped):
+        for t in range(3):
+            report(c, float(t), 50.0)
+    assert report(ctl, 3.0, 4.0) > 20.0, "one fast report moved the estimate"
+    assert report(ctl, 4.0, 4.0) > 20.0
+    assert report(ctl, 5.0, 4.0) == pytest.approx(4.0, rel=0.05)
+    assert min(report(clipped, float(t), 4.0) for t in range(3, 6)) > 20.0, "it lingers"
+
+
 def test_a_device_sent_there_by_a_slow_fallback_run_returns_when_its_runs_are_faster(
         ) -> None:
     """A fallback run so slow that even the lean reserve leaves the reply no room sends the

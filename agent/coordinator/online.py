@@ -100,6 +100,7 @@ class OnlineController:
             residual = PathResiduals(a, self.config.speed_clip_sigma)
             st = self.gateways[gateway] = GatewayState(Ewma(a, var=prior), speed, Ewma(a),
                                                        residual)
+            st.speed_step = StepDetector(fall_reports=self.config.speed_fall_reports)
             st.gain_step = StepDetector(self.config.gain_rise_reports,
                                         self.config.gain_fall_reports, self.config.gain_rise_sigma)
         return st
@@ -161,7 +162,9 @@ class OnlineController:
             for variant, ms in t.head_ms.items():
                 cycles = self._head_cycles.get(variant)
                 if cycles and ms > 0:
-                    st.log_speed.update(math.log(ms / 1000.0 * t.cpu_hz / cycles))
+                    # Slow reports are clipped (one busy moment must not send the gateway
+                    # to the server); a run of fast ones is a slow spell that ended.
+                    st.speed_step.update(st.log_speed, math.log(ms / 1000.0 * t.cpu_hz / cycles))
                     st.last_speed_ts = now
         if t.fallback_variant is not None and t.fallback_ms is not None:
             st.fallback_run = (t.fallback_variant, t.fallback_ms / 1000.0)

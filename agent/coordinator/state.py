@@ -44,6 +44,7 @@ class GatewayState:
     trials: Trials = field(default_factory=Trials)  # of the server path (trials.py)
     overhead_in_rate: bool = False  # no sensed rate: goodput carries the overhead
     gain_step: StepDetector = field(default_factory=StepDetector)
+    speed_step: StepDetector = field(default_factory=StepDetector)  # lasting speed-ups
     # The first decision of the option and knobs in force: a decision republished only for
     # its expected latency runs the same windows, so what is learned per decision goes on.
     option_seq: int = -1
