@@ -454,7 +454,8 @@ def test_the_reserve_is_planned_from_the_fallback_run_the_gateway_measured() -> 
 def test_a_slow_spell_that_ended_is_left_behind_after_a_few_fast_reports() -> None:
     """A gateway whose first head reports came in a boot storm (50x its profile) and whose
     later ones are back at 4x: three fast reports in a row restart the estimate at their
-    level, where clipped steps alone would take dozens. One fast report is not enough."""
+    level, where clipped steps alone would take dozens. One fast report is not enough, nor
+    are reports only a quota grid's step faster."""
     cpu = 1.5e9
 
     def report(ctl: OnlineController, t: float, scale: float) -> float:
@@ -472,6 +473,11 @@ def test_a_slow_spell_that_ended_is_left_behind_after_a_few_fast_reports() -> No
     assert report(ctl, 4.0, 4.0) > 20.0
     assert report(ctl, 5.0, 4.0) == pytest.approx(4.0, rel=0.05)
     assert min(report(clipped, float(t), 4.0) for t in range(3, 6)) > 20.0, "it lingers"
+    # Settled, and then fast reports off a CPU quota's grid (38 ms where 48 is usual): not
+    # a step, however small the spread has become (a restart would put it at 3.17).
+    for t in range(6, 30):
+        report(ctl, float(t), 4.0)
+    assert min(report(ctl, float(t), 3.17) for t in range(30, 33)) > 3.25
 
 
 def test_a_device_sent_there_by_a_slow_fallback_run_returns_when_its_runs_are_faster(

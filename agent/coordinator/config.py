@@ -85,8 +85,8 @@ class ControllerConfig(Strict):
         "report (a busy moment on the gateway) does not send it to the server; a lasting "
         "change is still followed within a few reports. 0: no limit.")
     speed_fall_reports: int = Field(
-        3, ge=0, description="Head-time reports in a row more than 3σ faster than the "
-        "gateway's compute-speed estimate that make a lasting speed-up: the estimate "
+        3, ge=0, description="Head-time reports in a row at least twice as fast as the "
+        "gateway's compute-speed estimate (and 3σ) that make a lasting speed-up: the estimate "
         "restarts at their level. A gateway the server runs for only reports a probe every "
         "few seconds, and clipped, it would take a minute to come back from a slow spell "
         "(16 gateways starting at once read 17-60x their profile). 0: never.")

@@ -71,13 +71,14 @@ class StepDetector:
     rise_reports: int = 0  # 0: never
     fall_reports: int = 0  # 0: never
     z: float = 3.0
+    floor: float = 0.0  # the least reach beyond the mean, whatever the spread
     run: list[float] = field(default_factory=list)
     band: tuple[float, float] = (math.nan, 0.0)  # (mean, var) when the run began
     side: int = 0  # +1: the run is a rise, -1: a fall
 
     def _side(self, mean: float, var: float, x: float) -> int:
         """+1 above the band, -1 below it, 0 inside; only for the steps being watched."""
-        reach = self.z * math.sqrt(var)
+        reach = max(self.z * math.sqrt(var), self.floor)
         if self.rise_reports and x > mean + reach:
             return 1
         if self.fall_reports and x < mean - reach:

@@ -38,6 +38,11 @@ log = logging.getLogger(__name__)
 # The least spread of a gateway's log compute speed that clipping assumes: head times that
 # agree within 10% do not make a 15% report an outlier.
 SPEED_SIGMA_FLOOR = 0.1
+# A speed-up counts as lasting only from reports at least twice as fast as the estimate (in
+# log): a 10% gateway's heads fall on a 10 ms quota grid (29, 38 or 48 ms), and three
+# reports in a row 3σ faster, σ being small once settled, restarted it at 1.6x its profile
+# where its windows took 3.5x, and it ran its device (e2e run 42, pi-link-0.5).
+SPEED_STEP_FLOOR = math.log(2.0)
 # Above this utilisation the M/M/1 wait explodes; we cap it there and call the server full.
 MAX_UTILISATION = 0.95
 # An option in force with the lean reserve goes back to the sure one only once its windows
@@ -100,7 +105,8 @@ class OnlineController:
             residual = PathResiduals(a, self.config.speed_clip_sigma)
             st = self.gateways[gateway] = GatewayState(Ewma(a, var=prior), speed, Ewma(a),
                                                        residual)
-            st.speed_step = StepDetector(fall_reports=self.config.speed_fall_reports)
+            st.speed_step = StepDetector(fall_reports=self.config.speed_fall_reports,
+                                         floor=SPEED_STEP_FLOOR)
             st.gain_step = StepDetector(self.config.gain_rise_reports,
                                         self.config.gain_fall_reports, self.config.gain_rise_sigma)
         return st
