@@ -300,25 +300,27 @@ class Inferencer:
 
     def fallback_run_ms(self, fallback: Variant) -> tuple[float, bool]:
         """How long an on-device run of `fallback` takes at the fallback clock (ms), and
-        whether that was measured here: its own runs at that clock; else its runs (or
-        probes) at the decision's clock, scaled to the fallback clock; else (not measured)
-        the bundle's profile.
+        whether that was measured here: its own runs at that clock, unless its runs (or
+        probes) at the decision's clock are newer; those scaled to the fallback clock; else
+        (not measured) the bundle's profile.
 
         Runs at the decision's clock come before the profile: a 10% gateway whose fallback
         had never run at a raised clock sized its reserve from the profile, 24 ms, while
         its probes of the same variant at the same clock took 45 (e2e run 31): a server
-        that failed to answer would have left the fallback too little time.
+        that failed to answer would have left the fallback too little time. And the newer
+        come first: two fallbacks at the start of a round (47 and 58 ms) stood for the rest
+        of it while the windows ran the same variant on the device in 30-50 ms, and shut
+        the server path, whose lean reserve they overran (e2e run 42, pi-link-50).
         """
         both: tuple[Part, Part] = ("head", "tail")
         parts = [p for p in both if getattr(fallback, p)]
-        est = None
         clocks = self._boost_clocks()
-        if clocks is not None:
-            est = self._run_ms(self.boosted_ms, fallback.id, parts)
-        if est is None:
-            est = self._run_ms(self.run_ms, fallback.id, parts)
-            if est is not None and clocks is not None and clocks[0] > 0:
-                est *= clocks[1] / clocks[0]  # measured at the decision's clock
+        boosted = self._run_ms(self.boosted_ms, fallback.id, parts) if clocks else None
+        scaled = self._run_ms(self.run_ms, fallback.id, parts)
+        if scaled is not None and clocks is not None and clocks[0] > 0:
+            scaled *= clocks[1] / clocks[0]  # measured at the decision's clock
+        newer_scaled = self._newest(fallback.id, parts) is self.run_ms
+        est = scaled if boosted is None or (newer_scaled and scaled is not None) else boosted
         if est is not None:
             return est, True
         # Not run yet here: the bundle's profile is the best guess, ...
@@ -345,6 +347,13 @@ class Inferencer:
         fallback = self.fallback_of(self.decision)
         ms, measured = self.fallback_run_ms(fallback)
         return (fallback.id, ms) if measured and ms > 0 else None
+
+    def _newest(self, variant: str, parts: list[Part]) -> RunTimes:
+        """Of the boosted runs and those at the decision's clock, the one `variant` ran in
+        last (the boosted on a tie)."""
+        def last(times: RunTimes) -> float:
+            return max(times.last((variant, p)) for p in parts)
+        return self.run_ms if last(self.run_ms) > last(self.boosted_ms) else self.boosted_ms
 
     @staticmethod
     def _run_ms(times: RunTimes, variant: str, parts: list[Part]) -> float | None:

@@ -8,6 +8,7 @@ import logging
 import math
 import os
 import statistics
+import time
 from collections import deque
 from pathlib import Path
 
@@ -49,12 +50,14 @@ class RunTimes:
 
     def __init__(self, reported: bool = True) -> None:
         self._recent: dict[Key, deque[float]] = {}
+        self._last: dict[Key, float] = {}  # monotonic time of each key's latest run
         self._fresh = FreshMedians()
         self.reported = reported
 
     def add(self, key: Key, ms: float) -> None:
         """Record one run; a reported head run is also kept for the next telemetry report."""
         self._recent.setdefault(key, deque(maxlen=RUN_SAMPLES)).append(ms)
+        self._last[key] = time.monotonic()
         if self.reported and key[1] == "head":
             self._fresh.add(key[0], ms)
 
@@ -65,6 +68,10 @@ class RunTimes:
 
     def __contains__(self, key: object) -> bool:
         return key in self._recent
+
+    def last(self, key: Key) -> float:
+        """When `key` last ran (monotonic); -inf if never."""
+        return self._last.get(key, -math.inf)
 
     def count(self, key: Key) -> int:
         """Runs of `key` the estimate holds now (at most RUN_SAMPLES)."""

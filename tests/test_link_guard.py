@@ -224,12 +224,15 @@ async def test_the_fallback_reserve_is_sized_from_what_ran_here_before_the_profi
     assert inf.fallback_reserve_s(fb) == pytest.approx(reserve_of(30.0))
     assert inf.measured_fallback() == (fb.id, pytest.approx(30.0))
     # On the device its windows run that variant: the coordinator learns the run a server
-    # path would keep back for from them, and a slow figure from before does not stand.
-    inf.decision = Decision(fb.id, "fp32", extra={"cpu_hz": 1.0e9})
+    # path would keep back for from them, and the slower fallbacks from before (30 ms at
+    # the raised clock) do not stand: the newer runs, scaled to that clock, say it.
+    inf.decision = Decision(fb.id, "fp32", fallback_hz=2.0e9, extra={"cpu_hz": 1.0e9})
     assert inf.fallback_of(inf.decision).id == fb.id
     for _ in range(RUN_SAMPLES):
         inf.run_ms.add((fb.id, "head"), 20.0)
-    assert inf.measured_fallback() == (fb.id, pytest.approx(20.0))
+    assert inf.measured_fallback() == (fb.id, pytest.approx(10.0))
+    inf.boosted_ms.add((fb.id, "head"), 30.0)  # a fallback again: now the newer
+    assert inf.measured_fallback() == (fb.id, pytest.approx(30.0))
 
 
 @pytest.mark.asyncio
