@@ -531,8 +531,8 @@ def test_replies_the_gateway_cut_off_under_the_sure_reserve_get_the_lean_one_at_
         ) -> None:
     """A gateway that reports replies cut off under the sure reserve of the option in force
     has that option re-solved with the lean one at the next step, not after its windows'
-    residual has crept up over several reports. A report from an older option's windows,
-    or none cut off, changes nothing."""
+    residual has crept up over several reports, and kept on it for a while. A report from
+    an older option's windows, or none cut off, changes nothing."""
     from edgetok.control import FALLBACK_MARGIN, LEAN_FALLBACK_MARGIN
 
     ctl, first, _, _, _ = _on_the_server_with_the_sure_reserve()
@@ -545,9 +545,13 @@ def test_replies_the_gateway_cut_off_under_the_sure_reserve_get_the_lean_one_at_
     d = ctl.decide("gw1", 3.0)
     assert d is not None and d.variant == first.variant and d.reason == "cut-off"
     assert d.fallback_margin == LEAN_FALLBACK_MARGIN
-    # The report counts once: at the next periodic re-solve the model and the windows both
-    # fit the sure reserve with room to spare here, so it comes back.
-    ctl.decide("gw1", 10.0)
+    # It holds for stale_after_s, though the model fits the sure reserve with room to spare
+    # here (released at the next solve, the reserve flipped every few seconds); then the
+    # sure one comes back.
+    ctl.decide("gw1", 10.0, force=True)
+    held = ctl.current("gw1")
+    assert held is not None and held.fallback_margin == LEAN_FALLBACK_MARGIN
+    ctl.decide("gw1", 3.0 + ctl.config.stale_after_s + 1.0)
     back = ctl.current("gw1")
     assert back is not None and back.fallback_margin == FALLBACK_MARGIN
 

@@ -370,17 +370,19 @@ class OnlineController:
         fallback (e2e run 35, cpu-10%). The option in force on the lean reserve keeps it
         until its windows fit the sure cutoff with LEAN_RELEASE_FRAC to spare. And the
         gateway says so itself (`Telemetry.cut_off`): replies it cut off under the option
-        in force since the last solve count, at once, for that option. The windows' residual
-        follows a lasting change over several reports (clipped against outliers), and a 10%
-        gateway kept its replies off the server for 10 s of an e2e round before it moved
-        (run 37, pi-link-50)."""
+        in force count, at once, for that option, and go on counting for `stale_after_s`.
+        The windows' residual follows a lasting change over several reports (clipped against
+        outliers), and a 10% gateway kept its replies off the server for 10 s of an e2e
+        round before it moved (run 37, pi-link-50); counted for one solve only, the model,
+        which had not yet learnt what the gateway's windows take, released the lean reserve
+        a second later, and the reserve flipped every few seconds (run 43, cpu-10%)."""
         lean = np.zeros(sol.feasible.shape, dtype=bool)
         limit = np.full(lean.shape, env.deadline_s * (1 + FEAS_RTOL))
         if st.option is not None and st.decision is not None \
                 and st.decision.fallback_margin == LEAN_FALLBACK_MARGIN:
             limit[st.option] = env.deadline_s * (1 - LEAN_RELEASE_FRAC)
         cut_off = expected + self._reserve(st, env) > limit
-        if st.option is not None and st.cut_off_ts > st.solved_ts:
+        if st.option is not None and now - st.cut_off_ts < self.config.stale_after_s:
             cut_off[st.option] = True
         todo = self.table.transmits & (~sol.feasible | cut_off)
         if not self.config.lean_fallback or not todo.any():
