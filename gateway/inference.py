@@ -319,8 +319,8 @@ class Inferencer:
         scaled = self._run_ms(self.run_ms, fallback.id, parts)
         if scaled is not None and clocks is not None and clocks[0] > 0:
             scaled *= clocks[1] / clocks[0]  # measured at the decision's clock
-        newer_scaled = self._newest(fallback.id, parts) is self.run_ms
-        est = scaled if boosted is None or (newer_scaled and scaled is not None) else boosted
+        est = scaled if scaled is not None and (
+            boosted is None or self._newest(fallback.id, parts) is self.run_ms) else boosted
         if est is not None:
             return est, True
         # Not run yet here: the bundle's profile is the best guess, ...

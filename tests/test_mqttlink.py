@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 from conftest import Broker
+from harness import until
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -135,13 +136,6 @@ async def session(broker: Broker, client_id: str, *, manual_ack: bool = True,
     finally:
         await s.close(final)
         await task
-
-
-async def until(cond: Callable[[], bool]) -> None:
-    """Yield until cond() holds (it spans the broker and our callbacks: poll it)."""
-    async with asyncio.timeout(LIMIT_S):
-        while not cond():  # noqa: ASYNC110
-            await asyncio.sleep(0.01)
 
 
 @pytest.mark.asyncio
