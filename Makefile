@@ -42,7 +42,6 @@ test: install
 
 lint: install
 	$(BIN)/ruff check .
-	$(BIN)/ruff format --check .
 	$(BIN)/mypy edgetok gateway tokenizers models agent
 
 bench: install

@@ -27,6 +27,8 @@ from e2e import (  # noqa: E402
 from testbed.driver import parse_gateways  # noqa: E402
 from testbed.goals import (  # noqa: E402
     check,
+    hit_gap_interval,
+    hit_goal_odds,
     misses_by_side,
     ratio_interval,
     same_variant_share,
@@ -351,6 +353,39 @@ def test_a_miss_is_the_lanes_when_its_part_after_the_close_would_have_made_it() 
     assert misses_by_side(sc, "joint", 100.0) == (1, 1)
     assert misses_by_side(sc, "joint", 200.0) == (0, 0)
     assert misses_by_side(sc, "server-only", 100.0) is None
+
+
+def _hit_scenario(late: dict[str, int], missing: dict[str, int] | None = None
+                  ) -> dict[str, Any]:
+    """120 windows per policy, `late[policy]` of them past a 100 ms deadline."""
+    def run(pol: str) -> dict[str, Any]:
+        rows = [{"latency_ms": 150.0 if i < late.get(pol, 0) else 40.0} for i in range(120)]
+        return {"per_window": rows, "missing": (missing or {}).get(pol, 0)}
+    return {"runs": {pol: run(pol) for pol in ("joint", "device-only", "server-only",
+                                                "fixed-split")}}
+
+
+def test_the_hit_gap_tells_one_window_from_a_real_difference() -> None:
+    """One window of 120 behind the best baseline: an interval that takes in 0. Thirty
+    behind, or windows without a result: far below it."""
+    point, lo, hi = hit_gap_interval(_hit_scenario({"joint": 1}), 100.0) or (0, 0, 0)
+    assert point == pytest.approx(-1 / 120, abs=1e-4) and lo < point < hi and hi >= 0.0
+    point, lo, hi = hit_gap_interval(_hit_scenario({"joint": 30}), 100.0) or (0, 0, 0)
+    assert point == pytest.approx(-0.25, abs=1e-4) and hi < -0.15
+    point, _, hi = hit_gap_interval(_hit_scenario({}, {"joint": 30}), 100.0) or (0, 0, 0)
+    assert point == pytest.approx(-30 / 150, abs=1e-4) and hi < -0.1
+    assert hit_gap_interval({"runs": {"joint": {"per_window": []}}}, 100.0) is None
+
+
+def test_the_odds_of_an_equal_policy_meeting_the_hit_goal_fall_with_the_miss_rate() -> None:
+    """No misses anywhere: an equal policy always meets the goal. At about 1% in every
+    lane it meets it less than half the time, as a Poisson count of 1.2 gives (0.43)."""
+    assert hit_goal_odds(_hit_scenario({}), 100.0) == 1.0
+    one_pct = _hit_scenario({pol: 1 for pol in ("device-only", "server-only", "fixed-split")}
+                            | {"joint": 2})
+    assert 0.33 < (hit_goal_odds(one_pct, 100.0) or 1.0) < 0.53
+    worse = _hit_scenario({"joint": 6, "device-only": 6, "server-only": 6, "fixed-split": 6})
+    assert (hit_goal_odds(worse, 100.0) or 1.0) < (hit_goal_odds(one_pct, 100.0) or 0.0)
 
 
 def test_each_window_is_split_at_its_close_and_quota_stalls_are_counted() -> None:
