@@ -8,6 +8,7 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
 from edgetok import __version__
+from edgetok.mqttlink import check_tls
 from edgetok.openapi import METRICS_AND_SPEC, Operation, Reply, document
 from edgetok.web import (
     Alive,
@@ -123,8 +124,10 @@ def build_app(srv: TailServer, token: str | None = None) -> web.Application:
 
 
 def preflight(cfg: ServerConfig) -> None:
-    """Refuse to expose the API beyond loopback without a token, before anything starts."""
+    """Refuse to expose the API beyond loopback without a token, and unreadable broker TLS
+    files, before anything starts."""
     check_bind(cfg.http.host, cfg.api_token(), "server")
+    check_tls(cfg.mqtt, "server config")
 
 
 async def serve_http(srv: TailServer) -> web.AppRunner:

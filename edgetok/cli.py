@@ -26,23 +26,29 @@ examples:
 
 
 def _check(kind: str, path: Path) -> int:
-    """Validate a config (and its bundles) and print every problem; 0 if all is well."""
+    """Validate a config, its bundles and what the daemon checks before it starts (a token
+    for an exposed API, readable TLS files); print every problem; 0 if all is well."""
     from edgetok.models.bundle import load_manifest
 
     try:
         if kind == "gateway":
             from edgetok.gateway.config import load as load_gw
+            from edgetok.gateway.http import preflight as gateway_preflight
 
             gcfg = load_gw(path)
             manifest = load_manifest(gcfg.bundle.path)
             manifest.variant(gcfg.decision.variant)
+            gateway_preflight(gcfg)
             bundles = [gcfg.bundle.path]
         else:
             from edgetok.agent.config import load as load_srv
+            from edgetok.agent.http import preflight as server_preflight
 
-            bundles = list(load_srv(path).bundles)
-            for b in bundles:
+            scfg = load_srv(path)
+            for b in scfg.bundles:
                 load_manifest(b)
+            server_preflight(scfg)
+            bundles = list(scfg.bundles)
     except ConfigError as exc:
         print(f"{exc.source}: invalid config", file=sys.stderr)
         for p in exc.problems:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from edgetok.aio import wait_event, within
 from edgetok.mqttconn import Connection
 from edgetok.mqttwire import PING, InMessage, MqttError, connect_packet, reason
-from edgetok.settings import MqttSettings
+from edgetok.settings import ConfigError, MqttSettings, unreadable
 
 __all__ = ["NODELAY", "InMessage", "MqttError", "MqttSession", "Outgoing", "covers",
            "minimal_filters", "tls_context"]
@@ -96,6 +96,22 @@ def tls_context(settings: MqttSettings) -> ssl.SSLContext | None:
     if settings.tls.insecure:
         ctx.check_hostname = False
     return ctx
+
+
+def check_tls(settings: MqttSettings, source: str) -> None:
+    """Raise ConfigError if the broker's TLS files cannot be read: at start-up, not as a
+    connection that fails and is retried for ever."""
+    if settings.tls is None:
+        return
+    t = settings.tls
+    problems = unreadable({"mqtt.tls.ca_file": t.ca_file, "mqtt.tls.cert_file": t.cert_file,
+                           "mqtt.tls.key_file": t.key_file})
+    if problems:
+        raise ConfigError(source, problems)
+    try:
+        tls_context(settings)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(source, [f"mqtt.tls: {exc}"]) from exc
 
 
 class MqttSession:

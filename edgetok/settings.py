@@ -7,7 +7,15 @@ import tomllib
 from pathlib import Path
 from typing import Any, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 
 from edgetok.topics import DEFAULT_PREFIX
 
@@ -26,6 +34,27 @@ class ConfigError(Exception):
         super().__init__(f"{source}: {len(problems)} problem(s)\n  " + "\n  ".join(problems))
 
 
+def resolve_path(v: Path | None, info: ValidationInfo) -> Path | None:
+    """A relative path read from a config file, made absolute against the file's directory:
+    under systemd the working directory is /, so a path beside the config would be lost."""
+    base = (info.context or {}).get("base_dir")
+    return v if v is None or v.is_absolute() or base is None else (Path(base) / v).resolve()
+
+
+def unreadable(files: dict[str, Path | None]) -> list[str]:
+    """A problem line for each named file that is set and cannot be read."""
+    problems = []
+    for key, path in files.items():
+        if path is None:
+            continue
+        try:
+            with path.open("rb"):
+                pass
+        except OSError as exc:
+            problems.append(f"{key}: cannot read {path}: {exc.strerror or exc}")
+    return problems
+
+
 class Strict(BaseModel):
     """Base for every config model: unknown keys are errors, values are immutable."""
 
@@ -39,6 +68,8 @@ class TlsSettings(Strict):
     cert_file: Path | None = Field(None, description="Client certificate, for mutual TLS.")
     key_file: Path | None = Field(None, description="Private key of the client certificate.")
     insecure: bool = Field(False, description="Skip hostname verification (testing only).")
+
+    _abs = field_validator("ca_file", "cert_file", "key_file")(resolve_path)
 
 
 class MqttSettings(Strict):

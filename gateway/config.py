@@ -6,19 +6,14 @@ import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 
 from edgetok.frames import Precision
 from edgetok.gateway.actuators import ActuatorSettings
-from edgetok.settings import MqttSettings, Strict, load_toml, read_secret
+from edgetok.settings import MqttSettings, Strict, load_toml, read_secret, resolve_path
 from edgetok.tokenizers import TokenizerConfig
 
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
-
-
-def _resolve(v: Path, info: ValidationInfo) -> Path:
-    base = (info.context or {}).get("base_dir")
-    return v if v.is_absolute() or base is None else (Path(base) / v).resolve()
 
 
 class StreamConfig(Strict):
@@ -97,7 +92,7 @@ class BundleSettings(Strict):
         "its weights (ONNX Runtime's C API); false: each session loads its own copy through "
         "the Python API, as a fallback should the C API misbehave.")
 
-    _abs = field_validator("path")(_resolve)
+    _abs = field_validator("path")(resolve_path)
 
 
 class DecisionSettings(Strict):
@@ -118,6 +113,8 @@ class HttpSettings(Strict):
                                     "or the systemd credential 'api_token'.")
     tls_cert: Path | None = Field(None, description="TLS certificate (PEM) to serve HTTPS.")
     tls_key: Path | None = Field(None, description="TLS private key (PEM).")
+
+    _abs = field_validator("tls_cert", "tls_key")(resolve_path)
 
     @model_validator(mode="after")
     def _tls_pair(self) -> HttpSettings:
@@ -173,7 +170,7 @@ class GatewayConfig(Strict):
                                         "dead-lettered as unknown_topic instead of going "
                                         "unnoticed (a misspelt sensor topic).")
 
-    _abs = field_validator("state_dir")(_resolve)
+    _abs = field_validator("state_dir")(resolve_path)
 
     @field_validator("id")
     @classmethod

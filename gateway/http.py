@@ -27,7 +27,8 @@ from edgetok.gateway.models import (
     StreamsPage,
     UplinkInfo,
 )
-from edgetok.settings import ConfigError
+from edgetok.mqttlink import check_tls
+from edgetok.settings import ConfigError, unreadable
 from edgetok.web import (
     BindRefused,
     bearer_auth,
@@ -294,6 +295,10 @@ def build_app(gw: Gateway, token: str | None) -> web.Application:
 def preflight(cfg: GatewayConfig) -> None:
     """Refuse an exposed API without a token, and unreadable TLS files, before anything runs."""
     check_bind(cfg.http.host, cfg.api_token(), "gateway")
+    check_tls(cfg.mqtt, "gateway config")
+    problems = unreadable({"http.tls_cert": cfg.http.tls_cert, "http.tls_key": cfg.http.tls_key})
+    if problems:
+        raise ConfigError("gateway config", problems)
     try:
         tls_context(cfg.http.tls_cert, cfg.http.tls_key)
     except (OSError, ssl.SSLError) as exc:

@@ -146,3 +146,58 @@ def test_a_taken_http_port_is_a_clear_start_up_error(tmp_path: Path, tiny_bundle
     assert out.returncode == 1
     assert "address already in use" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_relative_tls_files_are_found_beside_the_config_from_any_directory(
+        tmp_path: Path, tiny_bundle: Path) -> None:
+    """Under systemd the working directory is /: a certificate named relative to the config
+    is found beside it, and --check-config reads it, run from elsewhere."""
+    from harness import gateway_config, server_config
+    from test_http_auth import make_pki
+
+    from edgetok.procs import to_toml
+
+    conf = tmp_path / "etc"
+    make_pki(conf / "pki")
+    mqtt_tls = {"ca_file": "pki/ca.crt", "cert_file": "pki/client.crt",
+                "key_file": "pki/client.key"}
+    gw = gateway_config(tmp_path, tiny_bundle, 1883, 8080)
+    gw["mqtt"]["tls"] = mqtt_tls
+    gw["http"].update(tls_cert="pki/server.crt", tls_key="pki/server.key")
+    (conf / "gw.toml").write_text(to_toml(gw))
+    loaded = load_toml(conf / "gw.toml", GatewayConfig)
+    assert loaded.mqtt.tls is not None and loaded.mqtt.tls.ca_file == conf / "pki" / "ca.crt"
+    assert loaded.http.tls_key == conf / "pki" / "server.key"
+    out = subprocess.run([sys.executable, "-m", "edgetok", "gateway", "--config",
+                          str(conf / "gw.toml"), "--check-config"], capture_output=True,
+                         text=True, timeout=120, cwd="/")
+    assert out.returncode == 0, out.stderr
+    srv = server_config(tiny_bundle, 1883)
+    srv["mqtt"]["tls"] = {"ca_file": "pki/missing-ca.crt"}
+    (conf / "srv.toml").write_text(to_toml(srv))
+    out = run_cli("server", "--config", str(conf / "srv.toml"), "--check-config")
+    assert out.returncode == 2 and "mqtt.tls.ca_file: cannot read" in out.stderr
+    assert str(conf / "pki" / "missing-ca.crt") in out.stderr
+
+
+def test_check_config_refuses_what_the_daemon_would_refuse_at_start(
+        tmp_path: Path, tiny_bundle: Path) -> None:
+    """An API exposed beyond loopback without a token passes validation, but the daemon
+    refuses to start with it: so does --check-config, and with a token it is fine."""
+    import os
+
+    from harness import gateway_config
+
+    from edgetok.procs import to_toml
+
+    gw = gateway_config(tmp_path, tiny_bundle, 1883, 8080)
+    gw["http"]["host"] = "0.0.0.0"
+    cfg = tmp_path / "gw.toml"
+    cfg.write_text(to_toml(gw))
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("EDGETOK_API_TOKEN", "CREDENTIALS_DIRECTORY")}
+    out = run_cli("gateway", "--config", str(cfg), "--check-config", env=env)
+    assert out.returncode == 2 and "without a bearer token" in out.stderr
+    out = run_cli("gateway", "--config", str(cfg), "--check-config",
+                  env={**env, "EDGETOK_API_TOKEN": "s3cret-token-for-the-test"})
+    assert out.returncode == 0, out.stderr
