@@ -25,6 +25,19 @@ examples:
 """
 
 
+class _Help(argparse.RawDescriptionHelpFormatter):
+    """Descriptions as written, and each option's default where it has one worth showing."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        shown = action.option_strings and action.nargs != 0 and action.default is not None \
+            and action.default is not argparse.SUPPRESS  # flags say what they do instead
+        return text + " (default: %(default)s)" if shown and "%(default)" not in text else text
+
+
+LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR"]
+
+
 def _check(kind: str, path: Path) -> int:
     """Validate a config, its bundles and what the daemon checks before it starts (a token
     for an exposed API, readable TLS files); print every problem; 0 if all is well."""
@@ -117,41 +130,56 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser, with one subparser per command."""
     p = argparse.ArgumentParser(
-        prog="edgetok", formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="edgetok", formatter_class=_Help,
         description="IoT sensor-to-token gateway agent: sensor streams arrive over MQTT, "
         "become tokens, run through the head of a pruned transformer on the gateway and the "
         "tail on an edge server, and come back as results over local HTTP and MQTT.",
         epilog=EXAMPLES)
     p.add_argument("--version", action="version", version=f"edgetok {__version__}")
-    p.add_argument("--log-level", default="INFO",
-                   choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log verbosity")
+    p.add_argument("--log-level", default="INFO", choices=LOG_LEVELS,
+                   help="log verbosity, before or after the command")
+    # The same flag after the command: it only overrides when given there.
+    level = argparse.ArgumentParser(add_help=False)
+    level.add_argument("--log-level", default=argparse.SUPPRESS, choices=LOG_LEVELS,
+                       help="log verbosity (default: INFO)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, fn: Callable[[argparse.Namespace], int], help_: str,
             desc: str) -> argparse.ArgumentParser:
-        sp = sub.add_parser(name, help=help_, description=desc,
-                            formatter_class=argparse.RawDescriptionHelpFormatter)
+        sp = sub.add_parser(name, help=help_, description=desc, formatter_class=_Help,
+                            parents=[level])
         sp.set_defaults(func=fn)
         return sp
 
     g = add("gateway", cmd_gateway, "run the device daemon",
             "Run the gateway daemon: MQTT ingest, journal, windows, head inference, uplink, "
-            "results store and the local HTTP API. SIGTERM/SIGINT drain and exit 0.")
+            "results store and the local HTTP API. SIGTERM/SIGINT drain and exit 0.\n\n"
+            "exit status: 0 after a clean stop; 1 when the system refuses (a taken port, an "
+            "unwritable state_dir); 2 for a bad config or bundle.\n"
+            "kill -USR1 <pid> prints every thread's stack (for a stuck daemon).\n"
+            "example config: configs/gateway.toml")
     g.add_argument("--config", type=Path, required=True, help="gateway TOML config")
     g.add_argument("--check-config", action="store_true",
-                   help="validate the config and bundle, print every problem, and exit")
+                   help="validate the config and bundle, and what the daemon checks before it "
+                   "starts (a token for an exposed API, readable TLS files); print every "
+                   "problem and exit: 0 if none, else 2")
     s = add("server", cmd_server, "run the edge-server side",
             "Run the edge server: take frames from the shared uplink subscription, run the "
-            "tail variant each frame names, and answer on the gateway's downlink.")
+            "tail variant each frame names, and answer on the gateway's downlink; with a "
+            "[coordinator] table, also decide every gateway's variant, clock and power.\n\n"
+            "exit status: as the gateway's. example config: configs/server.toml")
     s.add_argument("--config", type=Path, required=True, help="server TOML config")
     s.add_argument("--check-config", action="store_true",
-                   help="validate the config and bundles, print every problem, and exit")
+                   help="validate the config and bundles, and what the daemon checks before "
+                   "it starts; print every problem and exit: 0 if none, else 2")
     b = add("build", cmd_build, "build a model bundle from a recipe",
             "Train, prune, split and profile a model from a recipe; write a bundle directory "
             "(manifest.json + ONNX files + report). Needs the build extra (torch).")
     b.add_argument("--recipe", type=Path, required=True, help="recipe TOML, see configs/models")
     b.add_argument("--out", type=Path, required=True, help="bundle directory to write")
-    b.add_argument("--force", action="store_true", help="rebuild even if a bundle exists")
+    b.add_argument("--force", action="store_true",
+                   help="rebuild even if a bundle of this recipe exists, and write into --out "
+                   "even if it holds something else (cached checkpoints are reused)")
     b.add_argument("--no-progress", action="store_true", help="no progress bars")
     r = add("replay", cmd_replay, "publish a real dataset to MQTT as sensors would",
             "Replay a UCR/UEA dataset (default: BasicMotions test set, 6-axis IMU) as JSON "
@@ -162,7 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     d = add("demo", cmd_demo, "run everything on this machine",
             "Start a private mosquitto, an edge server and a gateway, replay BasicMotions, and "
             "print a line per result. Ctrl-C (or --duration) stops it cleanly.")
-    d.add_argument("--duration", type=float, default=None, help="stop after SECONDS")
+    d.add_argument("--duration", type=float, default=None, metavar="SECONDS",
+                   help="stop after this long (default: run until Ctrl-C)")
     d.add_argument("--http-port", type=int, default=8080, help="gateway HTTP port")
     d.add_argument("--mqtt-port", type=int, default=0, help="broker port (0: a free one)")
     d.add_argument("--bundle", type=Path, default=None,
@@ -184,10 +213,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["plan"]:  # the planner owns its flags, --help included
+    first = 2 if argv[:1] == ["--log-level"] else 1 if argv[:1] and \
+        argv[0].startswith("--log-level=") else 0
+    if argv[first:first + 1] == ["plan"]:  # the planner owns its flags, --help included
         from edgetok.agent.coordinator.plan import main as plan_main
 
-        return plan_main(argv[1:])
+        return plan_main(argv[first + 1:])
     args = build_parser().parse_args(argv)
     # `kill -USR1 <pid>` prints every thread's stack: the first tool for a stuck daemon.
     faulthandler.register(signal.SIGUSR1)

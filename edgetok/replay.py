@@ -61,12 +61,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """Replay's flags (shared with the demo)."""
     p.add_argument("--host", default="127.0.0.1", help="broker host")
     p.add_argument("--port", type=int, default=1883, help="broker port")
-    p.add_argument("--username", default=None, help="broker user name")
+    p.add_argument("--username", default=None,
+                   help="broker user name; the password is read from EDGETOK_MQTT_PASSWORD")
     p.add_argument("--topic", default="sensors/imu", help="topic to publish readings on")
     p.add_argument("--dataset", default="BasicMotions",
                    help="aeon dataset name, or an .npz with X (N, C, T) and y")
     p.add_argument("--split", default="test", choices=["train", "test"], help="dataset split")
-    p.add_argument("--rate", type=float, default=10.0, help="sample rate in Hz (BasicMotions: 10)")
+    p.add_argument("--rate", type=float, default=10.0, help="the dataset's sample rate in Hz")
     p.add_argument("--speed", type=float, default=1.0,
                    help="publish this many times faster than real time (timestamps keep the "
                    "true rate)")

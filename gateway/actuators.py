@@ -19,10 +19,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from edgetok.gateway.linksense import SenseMode
-from edgetok.settings import Strict
+from edgetok.settings import Strict, resolve_path
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +85,8 @@ class ActuatorSettings(Strict):
         0.5, gt=0, description="Seconds between link-rate readings: shorter notices a drop "
         "sooner. A tc reading is one rtnetlink dump (tens of µs of CPU); an iw reading "
         "spawns `iw` (a few ms).")
+
+    _abs = field_validator("cgroup")(resolve_path)
 
 
 def rate_bps(p_w: float, s: ActuatorSettings) -> float:

@@ -24,8 +24,8 @@ MAX_ID = 2**53 - 1
 DESCRIPTION = (
     "Local HTTP API of an edgetok gateway: results of the split-inference pipeline, a live "
     "Server-Sent Events stream, status, health and Prometheus metrics. Bound to loopback "
-    "without auth by default; on any other address every path but /healthz needs "
-    "`Authorization: Bearer <token>`.")
+    "without auth by default. Any other address needs a token, and with a token set every "
+    "path but /healthz needs `Authorization: Bearer <token>`, on loopback too.")
 
 BAD = Reply("Invalid query parameter.", ErrorBody)
 

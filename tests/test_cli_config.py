@@ -31,6 +31,20 @@ def test_version_and_help() -> None:
     assert "--check-config" in run_cli("gateway", "--help").stdout
 
 
+def test_help_shows_defaults_and_the_log_level_goes_either_side_of_the_command() -> None:
+    from edgetok.cli import build_parser
+
+    parse = build_parser().parse_args
+    assert parse(["gateway", "--config", "g.toml"]).log_level == "INFO"
+    assert parse(["gateway", "--config", "g.toml", "--log-level", "DEBUG"]).log_level == "DEBUG"
+    assert parse(["--log-level", "ERROR", "server", "--config", "s.toml"]).log_level == "ERROR"
+    replay = run_cli("replay", "--help").stdout
+    assert "(default: 1883)" in replay and "EDGETOK_MQTT_PASSWORD" in replay
+    assert "(default: False)" not in run_cli("demo", "--help").stdout
+    plan = run_cli("--log-level", "WARNING", "plan", "--help")
+    assert plan.returncode == 0 and "--scenario" in plan.stdout
+
+
 BAD = textwrap.dedent("""
     id = "gw 1"
     colour = "blue"
@@ -164,10 +178,12 @@ def test_relative_tls_files_are_found_beside_the_config_from_any_directory(
     gw = gateway_config(tmp_path, tiny_bundle, 1883, 8080)
     gw["mqtt"]["tls"] = mqtt_tls
     gw["http"].update(tls_cert="pki/server.crt", tls_key="pki/server.key")
+    gw["actuators"] = {"cgroup": "quota"}
     (conf / "gw.toml").write_text(to_toml(gw))
     loaded = load_toml(conf / "gw.toml", GatewayConfig)
     assert loaded.mqtt.tls is not None and loaded.mqtt.tls.ca_file == conf / "pki" / "ca.crt"
     assert loaded.http.tls_key == conf / "pki" / "server.key"
+    assert loaded.actuators.cgroup == conf / "quota"
     out = subprocess.run([sys.executable, "-m", "edgetok", "gateway", "--config",
                           str(conf / "gw.toml"), "--check-config"], capture_output=True,
                          text=True, timeout=120, cwd="/")
