@@ -32,6 +32,7 @@ from testbed.goals import (  # noqa: E402
     misses_by_side,
     ratio_interval,
     same_variant_share,
+    settled_ratio,
     summary,
     where_the_gap_arises,
 )
@@ -353,6 +354,25 @@ def test_a_miss_is_the_lanes_when_its_part_after_the_close_would_have_made_it() 
     assert misses_by_side(sc, "joint", 100.0) == (1, 1)
     assert misses_by_side(sc, "joint", 200.0) == (0, 0)
     assert misses_by_side(sc, "server-only", 100.0) is None
+
+
+def test_the_settled_ratio_leaves_out_each_rounds_learning() -> None:
+    """Joint twice as slow in the first seconds of each round, level after: the headline
+    pays for the learning, the settled ratio does not."""
+    def rows(first_ms: float) -> list[dict[str, Any]]:
+        return [{"t": t, "latency_ms": first_ms if t < 5.0 else 10.0 + 0.2 * t}
+                for _ in range(4) for t in np.arange(0.0, 15.0, 0.5)]
+
+    sc = {"runs": {"joint": {"per_window": rows(20.0)},
+                   "device-only": {"per_window": rows(10.0)}},
+          "headline": {"best_static": "device-only"}}
+    assert settled_ratio(sc) == 1.0
+    joint = np.median([w["latency_ms"] for w in sc["runs"]["joint"]["per_window"]])
+    assert joint > 1.05 * np.median([w["latency_ms"] for w in rows(10.0)])
+    late = {"runs": {"joint": {"per_window": [{"t": 1.0, "latency_ms": 9.0}]},
+                     "device-only": {"per_window": rows(10.0)}},
+            "headline": {"best_static": "device-only"}}
+    assert settled_ratio(late) is None
 
 
 def _hit_scenario(late: dict[str, int], missing: dict[str, int] | None = None
