@@ -175,8 +175,8 @@ def hit_goal_odds(sc: dict[str, Any], deadline_ms: float, seed: int = 0) -> floa
     four policies missing windows at the scenario's pooled miss rate, joint's count no
     larger than the fewest of the other three's. Misses one at a time, independent; a
     stall of the machine that catches several windows at once makes the odds worse still.
-    At a 1% miss rate over 120 windows they are about 0.43, so a goal met in every one of
-    14 scenarios asks joint to miss fewer windows than the baselines, not as few."""
+    At a 1% miss rate over 120 windows they are about 0.43, so a goal met in every scenario
+    of the matrix asks joint to miss fewer windows than the baselines, not as few."""
     hits = {pol: _hits(sc, pol, deadline_ms) for pol in POLICY_NAMES}
     if any(h.size == 0 for h in hits.values()):
         return None
