@@ -32,9 +32,10 @@ FALLBACK_MARGIN = 1.5
 # for an option that the sure reserve above leaves no time for the server's reply, and says
 # so in the decision (`fallback_margin`). A fallback after a lean cutoff is late when its run
 # takes longer than usual or the window stalled before it closed: the first window of 3 of
-# 16 two-second server hangs on a 10% gateway (e2e run 48); after its first timeout a gateway stops waiting for a silent server
-# (only a probe every PROBE_INTERVAL_S tries it), so what is exposed is the windows in flight
-# when the server went silent and one probe per interval after. At 10% of a core the sure
+# 16 two-second server hangs on a 10% gateway (e2e run 48). After its first timeout a gateway
+# stops waiting for a silent server (only a probe every PROBE_INTERVAL_S tries it), so what
+# is exposed is the windows in flight when the server went silent and one probe per
+# interval after. At 10% of a core the sure
 # reserve (1.5 x 47 ms + 10) kept a 28 ms server path off a 100 ms deadline, and every window
 # ran its 47 ms head on the device (e2e run 32).
 LEAN_FALLBACK_MARGIN = 1.0

@@ -67,8 +67,9 @@ class ControllerConfig(Strict):
         "the on-device run + 10 ms) leaves no time for the server's reply be planned with "
         "the lean one (1.0x + 10 ms), the decision telling the gateway so: a faster path, "
         "at the risk that a window the server fails to answer misses its deadline (the first "
-        "window of 3 of 16 server hangs on a Pi-class gateway, e2e run 48). false: only the sure reserve, so a silent server never costs a deadline "
-        "the device alone could meet.")
+        "window of 3 of 16 server hangs on a Pi-class gateway, e2e run 48). false: only "
+        "the sure reserve, so a silent server never costs a deadline the device alone could "
+        "meet.")
     gain_prior_sigma_db: float = Field(
         6.0, ge=0, description="Uncertainty of the gain (dB) before a gateway has reported "
         "any throughput: a newcomer is planned this conservatively at first.")
