@@ -35,9 +35,8 @@ FALLBACK_MARGIN = 1.5
 # 16 two-second server hangs on a 10% gateway (e2e run 48). After its first timeout a gateway
 # stops waiting for a silent server (only a probe every PROBE_INTERVAL_S tries it), so what
 # is exposed is the windows in flight when the server went silent and one probe per
-# interval after. At 10% of a core the sure
-# reserve (1.5 x 47 ms + 10) kept a 28 ms server path off a 100 ms deadline, and every window
-# ran its 47 ms head on the device (e2e run 32).
+# interval after. At 10% of a core the sure reserve (1.5 x 47 ms + 10) kept a 28 ms server
+# path off a 100 ms deadline, and every window ran its 47 ms head on the device (e2e run 32).
 LEAN_FALLBACK_MARGIN = 1.0
 # Event-loop and thread hand-over costs that the measured run time does not show.
 FALLBACK_SLACK_S = 0.01
