@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from edgetok.aio import wait_event, within
 from edgetok.mqttconn import Connection
 from edgetok.mqttwire import PING, InMessage, MqttError, connect_packet, reason
-from edgetok.settings import ConfigError, MqttSettings, unreadable
+from edgetok.settings import ConfigError, MqttSettings, require_readable
 
 __all__ = ["NODELAY", "InMessage", "MqttError", "MqttSession", "Outgoing", "covers",
            "minimal_filters", "tls_context"]
@@ -104,10 +104,8 @@ def check_tls(settings: MqttSettings, source: str) -> None:
     if settings.tls is None:
         return
     t = settings.tls
-    problems = unreadable({"mqtt.tls.ca_file": t.ca_file, "mqtt.tls.cert_file": t.cert_file,
-                           "mqtt.tls.key_file": t.key_file})
-    if problems:
-        raise ConfigError(source, problems)
+    require_readable(source, {"mqtt.tls.ca_file": t.ca_file, "mqtt.tls.cert_file": t.cert_file,
+                              "mqtt.tls.key_file": t.key_file})
     try:
         tls_context(settings)
     except (OSError, ssl.SSLError) as exc:

@@ -41,8 +41,9 @@ def resolve_path(v: Path | None, info: ValidationInfo) -> Path | None:
     return v if v is None or v.is_absolute() or base is None else (Path(base) / v).resolve()
 
 
-def unreadable(files: dict[str, Path | None]) -> list[str]:
-    """A problem line for each named file that is set and cannot be read."""
+def require_readable(source: str, files: dict[str, Path | None]) -> None:
+    """Raise ConfigError naming each of `files` (config key: path) that is set and cannot
+    be read."""
     problems = []
     for key, path in files.items():
         if path is None:
@@ -52,7 +53,8 @@ def unreadable(files: dict[str, Path | None]) -> list[str]:
                 pass
         except OSError as exc:
             problems.append(f"{key}: cannot read {path}: {exc.strerror or exc}")
-    return problems
+    if problems:
+        raise ConfigError(source, problems)
 
 
 class Strict(BaseModel):

@@ -28,7 +28,7 @@ from edgetok.gateway.models import (
     UplinkInfo,
 )
 from edgetok.mqttlink import check_tls
-from edgetok.settings import ConfigError, unreadable
+from edgetok.settings import ConfigError, require_readable
 from edgetok.web import (
     BindRefused,
     bearer_auth,
@@ -296,9 +296,8 @@ def preflight(cfg: GatewayConfig) -> None:
     """Refuse an exposed API without a token, and unreadable TLS files, before anything runs."""
     check_bind(cfg.http.host, cfg.api_token(), "gateway")
     check_tls(cfg.mqtt, "gateway config")
-    problems = unreadable({"http.tls_cert": cfg.http.tls_cert, "http.tls_key": cfg.http.tls_key})
-    if problems:
-        raise ConfigError("gateway config", problems)
+    require_readable("gateway config",
+                     {"http.tls_cert": cfg.http.tls_cert, "http.tls_key": cfg.http.tls_key})
     try:
         tls_context(cfg.http.tls_cert, cfg.http.tls_key)
     except (OSError, ssl.SSLError) as exc:
