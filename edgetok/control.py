@@ -183,6 +183,10 @@ class Decision(_Wire):
         None, gt=0, description="The reserve kept back for a fallback run, in multiples of "
         "its measured run time (plus a fixed 10 ms): 1.5 (sure) normally, 1.0 (lean) for a "
         "transmitting option the sure reserve leaves no time; None: 1.5.")
+    server_probes: bool = Field(
+        True, description="Whether the gateway's server probes (gateway "
+        "server_probe_interval_s) are of use: false when the policy allows no transmitting "
+        "option, as device-only's.")
 
     def supersedes(self, other: Decision | None) -> bool:
         """True if this decision is newer than `other` (by epoch, then seq)."""

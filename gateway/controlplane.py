@@ -41,6 +41,7 @@ class ControlPlane:
         self.rejected = 0
         self.recent: deque[Result] = deque(maxlen=RECENT)
         self._bytes_mark = 0
+        self._probes_mark = 0
         self._uplink_s = 0.0
         self._done_mark = 0
         self._cut_mark = 0
@@ -88,7 +89,7 @@ class ControlPlane:
             extra={"predicted_latency_ms": d.latency_ms, "predicted_energy_mj": d.energy_mj,
                    "feasible": d.feasible, "cpu_hz": d.cpu_hz, "tx_power_w": d.tx_power_w},
             fallback=d.fallback_variant, fallback_hz=d.fallback_cpu_hz,
-            fallback_margin=d.fallback_margin)
+            fallback_margin=d.fallback_margin, server_probes=d.server_probes)
         # The fallback must be warm too: the window that needs it is already late.
         await loop.run_in_executor(gw.inferencer.executor, gw.inferencer.warm,
                                    gw.inferencer.fallback_of(running))
@@ -117,10 +118,11 @@ class ControlPlane:
         self._bytes_mark, self._uplink_s = up.bytes_sent, 0.0
         self._done_mark, self._t_mark = done, now
         link = self.sensor.rate_bps()
-        # Only when frames went out since the last report (the coordinator tells a fresh
-        # figure from a stale one by its arrival), and measured against the sensed rate, so
-        # meaningless without it.
-        fresh = bool(sent) and link is not None
+        # Only when frames (windows' or server probes') went out since the last report (the
+        # coordinator tells a fresh figure from a stale one by its arrival), and measured
+        # against the sensed rate, so meaningless without it.
+        probed, self._probes_mark = up.probes_sent - self._probes_mark, up.probes_sent
+        fresh = bool(sent or probed) and link is not None
         ov, fl = up.overhead_s, up.floor_s
         overhead = round(ov * 1e3, 3) if fresh and ov is not None else None
         floor = round(fl * 1e3, 3) if fresh and fl is not None else None

@@ -89,6 +89,8 @@ class Gateway:
         self.inferencer = Inferencer(cfg.id, self.runtime, self.tokenizers,
                                      self._publish_frame, decision,
                                      cfg.state_dir / "probe-calibration.json")
+        if cfg.decision.follow_coordinator:
+            self.inferencer.server_probe_every_s = cfg.server_probe_interval_s
         self.control = ControlPlane(self, Actuators(cfg.actuators))
         self.metrics = GatewayMetrics(self)
         self.health = Health(self)

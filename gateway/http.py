@@ -224,6 +224,8 @@ def status_doc(gw: Gateway) -> Status:
         uplink=UplinkInfo(server_ok=up.server_ok, frames_sent=up.frames_sent,
                           bytes_sent=up.bytes_sent, fallbacks=up.fallbacks,
                           guarded=up.guarded, late_replies=up.replies_late,
+                          server_probes=up.probes_sent, server_probe_bytes=up.probe_bytes,
+                          server_probes_lost=up.probes_lost,
                           link_bps=gw.control.sensor.rate_bps()),
         mqtt=MqttInfo(connected=gw.session.connected.is_set(), connects=gw.session.connects,
                       last_error=gw.session.last_error),

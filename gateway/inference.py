@@ -20,7 +20,7 @@ from edgetok.control import FALLBACK_MARGIN, FALLBACK_SLACK_S, GUARD_MARGIN
 from edgetok.frames import FrameHeader, Precision, TailReply, encode_frame
 from edgetok.gateway.models import Latency, Result, VariantRef, Where
 from edgetok.gateway.timing import RUN_SAMPLES, FreshMedians, ProbeCalibration, RunTimes
-from edgetok.gateway.uplink import UplinkState
+from edgetok.gateway.uplink import MIN_OVERHEAD_SAMPLES, UplinkState
 from edgetok.gateway.windows import ClosedWindow
 from edgetok.models.bundle import Variant
 from edgetok.models.runtime import Part, Runtime
@@ -39,6 +39,12 @@ CALIBRATE_EVERY = 5
 CALIBRATION_MIN_RUNS = 4
 # FALLBACK_MARGIN and FALLBACK_SLACK_S (edgetok.control) size the time kept back from the
 # server for an on-device run; the coordinator plans with the same rule.
+# Server probes sent back to back while the uplink has too few replies for an overhead
+# figure: the first reply is dropped as cold, then MIN_OVERHEAD_SAMPLES make one.
+SERVER_PROBE_BURST = MIN_OVERHEAD_SAMPLES + 1
+# A server probe sends the window's tokens at the smallest precision: its result is thrown
+# away, and its bits are taken off its round trip at the sensed rate whatever their number.
+SERVER_PROBE_PRECISION: Precision = "int8"
 Publish = Callable[[bytes, float], Awaitable[bool]]
 LinkRate = Callable[[], float | None]
 
@@ -55,6 +61,7 @@ class Decision:
     fallback: str | None = None  # on-device variant for a fallback; None: the same ratio's
     fallback_hz: float | None = None  # clock for a fallback run; None: leave it
     fallback_margin: float | None = None  # reserve / fallback run time; None: FALLBACK_MARGIN
+    server_probes: bool = True  # whether server probes are of use (the coordinator's word)
 
 
 class InferenceError(RuntimeError):
@@ -113,6 +120,11 @@ class Inferencer:
         # Emulated radio: seconds to hold a frame of n bytes before sending (0 on a real one).
         self.airtime: Callable[[int], float] = lambda n: 0.0
         self._radio_free = 0.0  # monotonic time the emulated radio finishes its last frame
+        # Server probes while windows run on the device (`probe_server_after`); 0: none.
+        self.server_probe_every_s = 0.0
+        self._server_probe: asyncio.Task[None] | None = None
+        self._next_server_probe = -float("inf")
+        self._probing: dict[tuple[str, int], asyncio.Future[TailReply]] = {}
         # Open the fallback now: the first window that needs it is already late, and must
         # not also pay for creating a session.
         self.warm(self.fallback_of(decision))
@@ -133,6 +145,10 @@ class Inferencer:
     def on_reply(self, reply: TailReply) -> None:
         """Resolve the window awaiting this downlink reply (late replies are counted)."""
         key = (reply.stream, reply.window)
+        probe = self._probing.pop(key, None)
+        if probe is not None and not probe.done():
+            probe.set_result(reply)
+            return
         fut = self.uplink.pending.pop(key, None)
         if fut is None or fut.done():
             self.uplink.late_reply(key)
@@ -378,6 +394,7 @@ class Inferencer:
         if variant.split == L:
             logits, head_ms = await self._device(variant, tokens)
             where = "device"
+            self.probe_server_after(win, tokens, deadline_s)
         else:
             fallback = self.fallback_of(dec)
             reserve = self.fallback_reserve_s(fallback)
@@ -447,20 +464,49 @@ class Inferencer:
         if not up.server_ok and now < up.next_probe:
             return None, 0.0
         up.next_probe = now + PROBE_INTERVAL_S
-        remaining = deadline_mono - now
-        if remaining <= 0:
+        if deadline_mono <= now:
             return None, 0.0
+        key = (win.stream, win.seq)
+        t0 = time.monotonic()
+        try:
+            reply, rtt_s, left_s, hold = await self._exchange(win, variant, precision, feats,
+                                                              deadline_mono)
+        except TimeoutError:
+            if until is not None and until > deadline_mono:
+                up.cut(key, until)
+            if up.server_ok:
+                log.warning("no reply for %s/%d within its deadline; falling back on-device",
+                            win.stream, win.seq)
+            up.server_ok = False
+            return None, (time.monotonic() - t0) * 1000
+        fresh = probe or not up.server_ok  # a probe's reply, or the first after an outage
+        if not up.server_ok:
+            log.info("edge server answers again; resuming split inference")
+        up.server_ok = True
+        self._learn_reply(f"{variant.id}/{precision}", reply, rtt_s, left_s, hold, fresh)
+        return reply, rtt_s * 1000
+
+    async def _exchange(self, win: ClosedWindow, variant: Variant, precision: Precision,
+                        feats: np.ndarray, deadline_mono: float, server_probe: bool = False
+                        ) -> tuple[TailReply, float, float, float]:
+        """Send one frame of `feats` and await its reply until `deadline_mono`: the reply,
+        its round trip from the encoded frame, the time the frame took to leave and its
+        radio hold (s); TimeoutError when it could
+        not leave or no reply came in time. A `server_probe`'s frame says so, and is counted
+        apart from the windows'."""
+        up = self.uplink
+        pending = self._probing if server_probe else up.pending
+        remaining = deadline_mono - time.monotonic()
         header = FrameHeader(
             gateway=self.gateway, bundle=self.manifest.bundle_id, variant=variant.id,
             stream=win.stream, window=win.seq, start_ts=win.start_ts, end_ts=win.end_ts,
             deadline_ts=time.time() + remaining, sent_ts=time.time(), precision=precision,
-            shape=tuple(feats.shape))
+            shape=tuple(feats.shape), extra={"probe": True} if server_probe else {})
         frame = encode_frame(header, feats)
-        link_key = f"{variant.id}/{precision}"
-        up.frame_bits[link_key] = 8.0 * len(frame)
+        up.frame_bits[f"{variant.id}/{precision}"] = 8.0 * len(frame)
         key = (win.stream, win.seq)
         fut: asyncio.Future[TailReply] = asyncio.get_running_loop().create_future()
-        up.pending[key] = fut
+        pending[key] = fut
         t0 = time.monotonic()
         try:
             hold = self.airtime(len(frame))
@@ -473,29 +519,92 @@ class Inferencer:
             left_s = time.monotonic() - t0
             if not await self.publish_frame(frame, remaining):
                 raise TimeoutError
-            up.frames_sent += 1
-            up.bytes_sent += len(frame)
+            if server_probe:
+                up.probes_sent += 1
+                up.probe_bytes += len(frame)
+            else:
+                up.frames_sent += 1
+                up.bytes_sent += len(frame)
             reply = await within(fut, max(deadline_mono - time.monotonic(), 0.0))
         except TimeoutError:
-            up.pending.pop(key, None)
-            if until is not None and until > deadline_mono:
-                up.cut(key, until)
-            if up.server_ok:
-                log.warning("no reply for %s/%d within its deadline; falling back on-device",
-                            win.stream, win.seq)
-            up.server_ok = False
-            return None, (time.monotonic() - t0) * 1000
-        fresh = probe or not up.server_ok  # a probe's reply, or the first after an outage
-        if not up.server_ok:
-            log.info("edge server answers again; resuming split inference")
-        up.server_ok = True
-        rtt_s = time.monotonic() - t0
-        if reply.error is None:
-            rate = self.link_rate()
-            up.learn(link_key, rtt_s, rate, fresh=fresh)
-            up.learn_overhead(rtt_s, reply.tail_ms / 1000, up.frame_bits[link_key], rate,
-                              left_s, hold)
-        return reply, rtt_s * 1000
+            pending.pop(key, None)
+            raise
+        return reply, time.monotonic() - t0, left_s, hold
+
+    def _learn_reply(self, link_key: str, reply: TailReply, rtt_s: float, left_s: float,
+                     hold_s: float, fresh: bool) -> None:
+        """Fold a good reply's round trip into the link guard and the per-frame overhead."""
+        if reply.error is not None:
+            return
+        up, rate = self.uplink, self.link_rate()
+        up.learn(link_key, rtt_s, rate, fresh=fresh)
+        up.learn_overhead(rtt_s, reply.tail_ms / 1000, up.frame_bits[link_key], rate, left_s,
+                          hold_s)
+
+    def probe_server_after(self, win: ClosedWindow, tokens: np.ndarray, deadline_s: float
+                           ) -> None:
+        """After a window done on the device, send its tokens to the server if a probe is
+        due, in the background; the reply is learned from and thrown away.
+
+        On its device a gateway sends no frame, so the coordinator would know the server
+        path only from the model (and the fleet) until it tried it with real windows: at the
+        start of each e2e round, the model planned that path at 2.2 ms, its windows took
+        15-17, and joint ran them there for 1.5-4.7 s (runs 46-47). A probe measures the
+        path's per-frame overhead and round trip without putting a window at risk. Due
+        every `server_probe_every_s` while the link rate is sensed (the overhead is
+        measured against it), back to back (SERVER_PROBE_BURST) while there is no overhead
+        figure yet; one at a time, at the same bounded pace when the server does not answer.
+        """
+        every = self.server_probe_every_s
+        now = time.monotonic()
+        if (every <= 0 or not self.decision.server_probes or self._server_probe is not None
+                or now < self._next_server_probe or self.link_rate() is None):
+            return
+        up = self.uplink
+        if up.overhead_s is not None and now - up.last_overhead_mono < every:
+            return
+        variant = self._probe_variant()
+        if variant is None:
+            return
+        self._next_server_probe = now + every
+        self._server_probe = asyncio.get_running_loop().create_task(
+            self._probe_server(win, variant, tokens, deadline_s))
+        self._server_probe.add_done_callback(self._server_probe_done)
+
+    def _probe_variant(self) -> Variant | None:
+        """What a server probe sends: the whole model on the server (split 0, no head run
+        here) at the pruning ratio nearest the decision's; None if the bundle has none."""
+        ratio = self.manifest.variant(self.decision.variant).pruning_ratio
+        remote = [v for v in self.manifest.variants if v.split == 0 and v.tail]
+        return min(remote, key=lambda v: abs(v.pruning_ratio - ratio)) if remote else None
+
+    async def _probe_server(self, win: ClosedWindow, variant: Variant, tokens: np.ndarray,
+                            deadline_s: float) -> None:
+        """Send server probes of `tokens` until the uplink has an overhead figure (at most
+        SERVER_PROBE_BURST), or one if it has; a lost one ends them."""
+        up = self.uplink
+        L = self.manifest.num_layers
+        for _ in range(SERVER_PROBE_BURST):
+            try:
+                reply, rtt_s, left_s, hold = await self._exchange(
+                    win, variant, SERVER_PROBE_PRECISION, tokens,
+                    time.monotonic() + deadline_s, server_probe=True)
+            except TimeoutError:
+                up.probes_lost += 1
+                return
+            self._learn_reply(f"{variant.id}/{SERVER_PROBE_PRECISION}", reply, rtt_s, left_s,
+                              hold, fresh=False)
+            on_device = self.manifest.variant(self.decision.variant).split == L
+            if reply.error is not None or up.overhead_s is not None or not on_device:
+                return
+
+    def _server_probe_done(self, task: asyncio.Task[None]) -> None:
+        self._server_probe = None
+        if not task.cancelled() and task.exception() is not None:
+            # A measurement must never take a window down; it is only logged.
+            log.warning("server probe failed: %s", task.exception())
 
     def close(self) -> None:
+        if self._server_probe is not None:
+            self._server_probe.cancel()
         self.executor.shutdown(wait=False, cancel_futures=True)

@@ -64,7 +64,13 @@ class _StateCollector(Collector):
                  "sensed uplink could not carry them by their deadline (included in "
                  "device_fallbacks)."),
                 ("edgetok_late_replies", up.replies_late, "Server replies that came after "
-                 "their window's deadline.")):
+                 "their window's deadline."),
+                ("edgetok_server_probes", up.probes_sent, "Server probes published (tokens of "
+                 "windows done on the device, sent for the round trip only)."),
+                ("edgetok_server_probe_bytes", up.probe_bytes, "Server probe frame bytes "
+                 "published (not in uplink_sent_bytes)."),
+                ("edgetok_server_probes_lost", up.probes_lost, "Server probes with no reply "
+                 "in time.")):
             yield CounterMetricFamily(name, doc, value=value)
 
     def _gauges(self) -> Iterator[Metric]:

@@ -124,6 +124,10 @@ class UplinkInfo(_Out):
     guarded: int = Field(description="Of those, windows kept off a link sensed too slow for "
                          "their deadline (no frame sent, no head run).")
     late_replies: int = Field(description="Replies that came after their window's deadline.")
+    server_probes: int = Field(description="Server probes sent: tokens of windows done on "
+                               "the device, sent for the reply's round trip only.")
+    server_probe_bytes: int = Field(description="Their frame bytes (not in bytes_sent).")
+    server_probes_lost: int = Field(description="Server probes with no reply in time.")
     link_bps: float | None = Field(description="Uplink rate sensed now (bit/s), if sensing.")
 
 

@@ -47,6 +47,11 @@ class UplinkState:
     replies_cut: int = 0
     cut_until: dict[tuple[str, int], float] = field(default_factory=dict)  # key -> deadline
     fallbacks: int = 0
+    # Server probes (frames of windows done on the device, for their replies' round trip):
+    # sent, their bytes, and those without a reply in time. Not in frames_sent/bytes_sent.
+    probes_sent: int = 0
+    probe_bytes: int = 0
+    probes_lost: int = 0
     guarded: int = 0  # windows kept off a link that was sensed too slow for their deadline
     frame_bits: dict[str, float] = field(default_factory=dict)  # last frame size by key
     rtt_s: dict[str, float] = field(default_factory=dict)  # smoothed reply round trip by frame

@@ -225,6 +225,7 @@ def test_device_only_never_transmits() -> None:
                                   budget={"deadline_ms": 100.0}), MANIFEST)
     for d in Sim(ctl).run("gw1", range(10), gain(20e6)):
         assert d.split == 4 and d.tx_power_w == 0.0
+        assert not d.server_probes, "what a server probe measures is of no use to it"
 
 
 def test_config_rejects_unknown_keys_and_bad_values() -> None:
@@ -915,13 +916,14 @@ def _near_tie(worse: float) -> float:
 
 
 def _run_near_tie(first_ms: float, true_ms: float, seconds: int = 60,
-                  windows: Callable[[Decision], float] | None = None, **kw: Any
-                  ) -> list[Decision]:
+                  windows: Callable[[Decision], float] | None = None, probes: bool = False,
+                  **kw: Any) -> list[Decision]:
     """The decisions step() publishes over `seconds` for a gateway whose first frames
     measured `first_ms` of per-frame overhead and whose later frames measure `true_ms`;
     reports every second, with the overhead only while it transmits (as a real gateway: no
-    frame, no figure) and from the report after the one that moved it. `windows`: the
-    latency (ms) the gateway's windows measure under a decision, reported if given."""
+    frame, no figure) and from the report after the one that moved it, or in every report
+    with server `probes`. `windows`: the latency (ms) the gateway's windows measure under a
+    decision, reported if given."""
     ctl = OnlineController(config(prefer="latency", **kw), TIED)
     out: list[Decision] = []
     overhead: float | None = first_ms
@@ -938,7 +940,8 @@ def _run_near_tie(first_ms: float, true_ms: float, seconds: int = 60,
                               applied_seq=d.seq if d else None), t)
         out += ctl.step(t)  # as the server calls it: a second pass re-solves its cell
         d = ctl.current("a")
-        overhead = true_ms if d is not None and d.split < TIED.num_layers else None
+        overhead = true_ms if probes or (d is not None and d.split < TIED.num_layers) \
+            else None
     assert out[0].split == TIED.num_layers, "the first plan is the device"
     return out
 
@@ -962,6 +965,18 @@ def test_a_near_tie_held_by_one_slow_overhead_is_tried_and_kept_when_it_was_slow
     assert AFTER <= trials[0].ts < STALE
     kept = decisions[decisions.index(trials[0]):]
     assert {_ref(d) for d in kept} == {_ref(trials[0])}, "kept, never undone"
+
+
+def test_a_gateway_that_probes_the_server_moves_on_its_measurements_without_a_trial(
+        ) -> None:
+    """With server probes, a gateway on its device reports the server path's overhead as it
+    is: the early slow figure is replaced at the next report, and the server is chosen on
+    it at once, where without probes it waited explore_after_s for a trial."""
+    decisions = _run_near_tie(_near_tie(0.05), _near_tie(-0.2), probes=True)
+    assert not _explore(decisions)
+    moved = [d for d in decisions if d.split < TIED.num_layers]
+    assert moved and moved[0].ts <= 2.0 and moved[0].server_probes, decisions
+    assert {_ref(d) for d in decisions[decisions.index(moved[0]):]} == {_ref(moved[0])}
 
 
 @pytest.mark.parametrize("worse", [0.05, 0.12])

@@ -14,9 +14,9 @@ import pytest
 from harness import bundle_tokenizer, random_window, until
 
 from edgetok.control import FALLBACK_MARGIN, FALLBACK_SLACK_S
-from edgetok.frames import TailReply, decode_frame
+from edgetok.frames import FrameHeader, TailReply, decode_frame
 from edgetok.gateway import inference, qdisc
-from edgetok.gateway.inference import Decision, Inferencer
+from edgetok.gateway.inference import SERVER_PROBE_BURST, Decision, Inferencer
 from edgetok.gateway.linksense import LinkSensor, parse_iw_link
 from edgetok.gateway.timing import RUN_SAMPLES
 from edgetok.gateway.uplink import MIN_OVERHEAD_SAMPLES, OVERHEAD_GAP_S, UplinkState
@@ -99,11 +99,16 @@ class Server:
         self.runtime = runtime
         self.frames = 0
         self.delay_s = 0.0  # how long the next replies take (a cold session, a busy server)
+        self.silent = False  # a hung server: frames go out, no reply comes
+        self.headers: list[FrameHeader] = []
         self.inferencer: Inferencer | None = None
 
     async def publish(self, frame: bytes, wait_s: float) -> bool:
         self.frames += 1
         header, feats = decode_frame(frame)
+        self.headers.append(header)
+        if self.silent:
+            return True
         logits = self.runtime.run(header.variant, "tail", feats.astype(np.float32))
         reply = TailReply(gateway=header.gateway, stream=header.stream, window=header.window,
                           variant=header.variant, logits=logits.reshape(-1).tolist(),
@@ -408,3 +413,74 @@ async def test_a_busy_loop_during_the_radio_hold_is_measured_as_the_floor(
     floor, overhead = inf.uplink.floor_s, inf.uplink.overhead_s
     assert floor is not None and overhead is not None
     assert floor >= stall_s and overhead < stall_s / 2
+
+
+@pytest.fixture
+def device_setup(tiny_bundle: Path) -> tuple[Inferencer, Server]:
+    """An inferencer whose decision runs windows on the device, with server probes every
+    10 s and a sensed link."""
+    runtime = Runtime(tiny_bundle, threads=1)
+    m = runtime.manifest
+    server = Server(runtime)
+    inf = Inferencer("gw1", runtime, {"imu": bundle_tokenizer(m)}, server.publish,
+                     Decision(m.device_variant(0.0).id, "fp32"))
+    inf.server_probe_every_s = 10.0
+    inf.link_rate = lambda: 50e6
+    server.inferencer = inf
+    return inf, server
+
+
+@pytest.mark.asyncio
+async def test_server_probes_measure_the_server_path_while_windows_stay_on_the_device(
+        device_setup: tuple[Inferencer, Server]) -> None:
+    """On its device a gateway sends no frame, so the server path's overhead was known only
+    from the model until windows were risked on it. A window done here sends its tokens as
+    probes, back to back until there is an overhead figure, and then none until one is due;
+    the window's own result is the device's, and no probe counts as a window's frame."""
+    inf, server = device_setup
+    r = await inf.infer(random_window(inf.manifest, 1), deadline_s=1.0)
+    assert r.where == "device"
+    await until(lambda: inf._server_probe is None and inf.uplink.probes_sent > 0)
+    up = inf.uplink
+    assert up.probes_sent == server.frames == SERVER_PROBE_BURST, "cold reply, then three"
+    assert up.overhead_s is not None and up.overhead_s >= 0
+    assert up.frames_sent == up.bytes_sent == 0 and up.probe_bytes > 0
+    assert all(h.extra == {"probe": True} and h.window == r.window and h.variant.endswith("-s0")
+               for h in server.headers), "the whole model on the server: no head ran here"
+    assert up.rtt_s, "the link guard learned the server path's round trip too"
+    r = await inf.infer(random_window(inf.manifest, 2), deadline_s=1.0)
+    await asyncio.sleep(0.05)
+    assert r.where == "device" and server.frames == SERVER_PROBE_BURST, "none due yet"
+    assert up.replies_late == 0 and not up.pending
+
+
+@pytest.mark.asyncio
+async def test_no_server_probe_without_a_sensed_rate_or_the_coordinators_word(
+        device_setup: tuple[Inferencer, Server]) -> None:
+    """Without a sensed rate the overhead cannot be taken from a round trip; with a policy
+    that never transmits (device-only), what a probe measures is of no use."""
+    inf, server = device_setup
+    inf.link_rate = lambda: None
+    await inf.infer(random_window(inf.manifest, 1), deadline_s=1.0)
+    inf.link_rate = lambda: 50e6
+    inf.decision = Decision(inf.decision.variant, "fp32", server_probes=False)
+    await inf.infer(random_window(inf.manifest, 2), deadline_s=1.0)
+    await asyncio.sleep(0.05)
+    assert server.frames == 0 and inf.uplink.probes_sent == 0
+
+
+@pytest.mark.asyncio
+async def test_a_lost_server_probe_costs_no_window_and_waits_out_the_interval(
+        device_setup: tuple[Inferencer, Server]) -> None:
+    """A hung server: the probe waits a deadline and ends; the windows go on on the device
+    and the next probe waits for its interval instead of following every window."""
+    inf, server = device_setup
+    server.silent = True
+    r = await inf.infer(random_window(inf.manifest, 1), deadline_s=0.2)
+    assert r.where == "device"
+    await until(lambda: inf._server_probe is None and inf.uplink.probes_lost == 1)
+    assert server.frames == 1 and inf.uplink.probes_sent == 1
+    assert inf.uplink.server_ok and not inf._probing, "a probe is not a window's verdict"
+    r = await inf.infer(random_window(inf.manifest, 2), deadline_s=0.2)
+    await asyncio.sleep(0.05)
+    assert r.where == "device" and server.frames == 1

@@ -547,7 +547,8 @@ class OnlineController:
             distortion=o.distortion, accuracy=o.accuracy, feasible=feasible,
             policy=self.policy.name, reason=reason if feasible else "infeasible",
             fallback_variant=fb_variant, fallback_cpu_hz=env.f_max_hz,
-            fallback_margin=reserve_margin)
+            fallback_margin=reserve_margin,
+            server_probes=bool((self.policy.allowed & self.table.transmits).any()))
         # The compute scale in the line: what a plan believed of the gateway's speed is the
         # first thing to ask of a decision that went wrong.
         log.info("gateway %s: %s %s f=%.3g Hz p=%.3g W T=%.1f ms E=%.2f mJ, compute x%.2f "

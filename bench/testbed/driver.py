@@ -97,7 +97,8 @@ class Driver:
                 e.set()
         self.sent: list[dict[str, Any]] = []
         self.results: dict[tuple[str, int], dict[str, Any]] = {}
-        self.frames: dict[tuple[str, int], int] = {}
+        self.frames: dict[tuple[str, int], int] = {}  # bytes, a window's probes included
+        self.probes: dict[tuple[str, int], int] = {}  # server probes (frames) by window
         self.decisions: list[dict[str, Any]] = []
         self.telemetry: list[dict[str, Any]] = []  # kept so a run's decisions can be explained
         self.expected: set[tuple[str, int]] = set()
@@ -115,7 +116,10 @@ class Driver:
             try:
                 if parts[1] == "uplink":
                     header, _ = decode_frame(bytes(msg.payload))
-                    self.frames[(header.gateway, header.window)] = len(msg.payload)
+                    key = (header.gateway, header.window)
+                    self.frames[key] = self.frames.get(key, 0) + len(msg.payload)
+                    if header.extra.get("probe"):
+                        self.probes[key] = self.probes.get(key, 0) + 1
                 elif parts[2] == "status":
                     if json.loads(msg.payload).get("state") == "online" and \
                             parts[1] in self.online:
@@ -210,7 +214,8 @@ class Driver:
         return {"started": started, "published": published, "finished": time.time(),
                 "base_ts": self.base_ts, "window_rate": a.window_rate, "sent": self.sent,
                 "results": list(self.results.values()),
-                "frames": [{"gateway": g, "window": w, "bytes": b}
+                "frames": [{"gateway": g, "window": w, "bytes": b,
+                            "probes": self.probes.get((g, w), 0)}
                            for (g, w), b in self.frames.items()],
                 "decisions": self.decisions, "telemetry": self.telemetry}
 

@@ -30,9 +30,11 @@ def summarise(data: RunData) -> dict[str, Any]:
     drv = data.driver
     results = {(r["gateway"], r["window"]): r for r in drv["results"]}
     frames = {(f["gateway"], f["window"]): f["bytes"] for f in drv["frames"]}
+    probes = {(f["gateway"], f["window"]): f.get("probes", 0) for f in drv["frames"]}
     cpu_on = s.actuators and s.coordinator != "static"
     tx_on = cpu_on and not s.trace
     lat, hit, correct, energy, fbytes, rows = [], [], [], [], [], []
+    probed = 0  # server probes sent after measured windows
     after: list[float] = []  # window close to result: the part a decision has a say in
     predicted: list[float] = []  # the decision's latency_ms over the window's own
     where: collections.Counter[str] = collections.Counter()
@@ -59,8 +61,10 @@ def summarise(data: RunData) -> dict[str, Any]:
         p = d["tx_power_w"] if tx_on and d and d["tx_power_w"] > 0 else P_MAX_W
         mbit = _rate_at(data.rate_log, sent["t_pub"])
         r_bps = rate_for(p, mbit * 1e6) if tx_on else mbit * 1e6
-        # A frame sent before a fallback cost its transmit energy all the same.
+        # A frame sent before a fallback cost its transmit energy all the same, as do the
+        # server probes sent after a window done on the device (counted in its bytes).
         nbytes = frames.get(key, 0)
+        probed += probes.get(key, 0)
         # E = κ·C·f² + p·S/r(p), with C = measured head seconds × the clock in force.
         cycles = r["latency_ms"]["head"] / 1000 * f
         e_mj = (KAPPA * cycles * f * f + p * nbytes * 8 / r_bps) * 1000
@@ -100,6 +104,7 @@ def summarise(data: RunData) -> dict[str, Any]:
         "accuracy": round(sum(correct) / len(correct), 4) if correct else None,
         "energy_mj_per_window": _r(float(np.mean(energy))) if energy else None,
         "frame_bytes_per_window": _r(float(np.mean(fbytes))) if fbytes else None,
+        "server_probes": probed,
         "uplink_wire_bytes": int(sum(data.wire_bytes)),
         "uplink_wire_bytes_per_window": _r(sum(data.wire_bytes) / max(len(drv["sent"]), 1)),
         "where": dict(where), "variants": dict(variants.most_common()),

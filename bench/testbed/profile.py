@@ -23,9 +23,10 @@ GATEWAY_STAGES: tuple[tuple[str, str], ...] = (
     ("head (ONNX Runtime)", r"models/runtime\.py:|models/ortcapi\.py:|onnxruntime/"),
     ("tokenize", r"tokenizers/"),
     ("journal (SQLite)", r"gateway/store\.py:|sqlite3/"),
-    # Encoding (and quantizing) a frame and the send's bookkeeping in Inferencer._remote;
-    # publishing the frame, below it, is MQTT's.
-    ("uplink", r"gateway/uplink\.py:|edgetok/frames\.py:|^Inferencer\._remote "),
+    # Encoding (and quantizing) a frame and the send's bookkeeping in Inferencer._remote,
+    # _exchange and the server probes; publishing the frame, below it, is MQTT's.
+    ("uplink", r"gateway/uplink\.py:|edgetok/frames\.py:"
+               r"|^Inferencer\.(_remote|_exchange|_probe_server) "),
     ("mqtt", r"edgetok/mqtt\w*\.py:|gateway/mqtt\w*\.py:|aiomqtt/|paho/"),
     ("decode/ingest", r"gateway/(decode|ingest|windows)\.py:"),
     ("control plane",
