@@ -104,6 +104,21 @@ def test_energy_is_the_system_model_on_measured_time_and_bytes() -> None:
     assert [r["energy_mj"] for r in m["per_window"]] == pytest.approx(want, rel=1e-3)
 
 
+def test_server_probes_are_counted_and_charged_to_the_window_that_sent_them() -> None:
+    """A probe after a window done on the device costs its radio energy as a frame does:
+    the driver adds its bytes to that window's, and the run counts the probes."""
+    spec = _spec()
+    data = _data(spec)
+    data.driver["frames"][0].update(bytes=1000 + 2 * 700, probes=2)
+    m = summarise(data)
+    assert m["server_probes"] == 2
+    plain = summarise(_data(spec))
+    assert plain["server_probes"] == 0
+    extra = P_MAX_W * 1400 * 8 / (spec.link_mbit * 1e6) * 1000
+    assert m["per_window"][0]["energy_mj"] == pytest.approx(
+        plain["per_window"][0]["energy_mj"] + extra, rel=1e-6)
+
+
 def test_decisions_in_force_set_clock_and_power_when_actuators_run() -> None:
     """With actuators, the decision's clock and power (and r(p)) enter the energy."""
     spec = _spec(actuators=True)
