@@ -37,14 +37,17 @@ CALIBRATE_EVERY = 5
 # The calibration compares a probe with the median of at least this many window heads of
 # the decision's variant at its clock.
 CALIBRATION_MIN_RUNS = 4
-# FALLBACK_MARGIN and FALLBACK_SLACK_S (edgetok.control) size the time kept back from the
-# server for an on-device run; the coordinator plans with the same rule.
 # Server probes sent back to back while the uplink has too few replies for an overhead
 # figure: the first reply is dropped as cold, then MIN_OVERHEAD_SAMPLES make one.
 SERVER_PROBE_BURST = MIN_OVERHEAD_SAMPLES + 1
 # A server probe sends the window's tokens at the smallest precision: its result is thrown
 # away, and its bits are taken off its round trip at the sensed rate whatever their number.
 SERVER_PROBE_PRECISION: Precision = "int8"
+# Lost server probes remembered, so that their replies, if they come after all, are not
+# counted as windows' late replies; a bound, not a tuning knob.
+LOST_PROBES_REMEMBERED = 16
+# FALLBACK_MARGIN and FALLBACK_SLACK_S (edgetok.control) size the time kept back from the
+# server for an on-device run; the coordinator plans with the same rule.
 Publish = Callable[[bytes, float], Awaitable[bool]]
 LinkRate = Callable[[], float | None]
 
@@ -125,6 +128,7 @@ class Inferencer:
         self._server_probe: asyncio.Task[None] | None = None
         self._next_server_probe = -float("inf")
         self._probing: dict[tuple[str, int], asyncio.Future[TailReply]] = {}
+        self._lost_probes: deque[tuple[str, int]] = deque(maxlen=LOST_PROBES_REMEMBERED)
         # Open the fallback now: the first window that needs it is already late, and must
         # not also pay for creating a session.
         self.warm(self.fallback_of(decision))
@@ -149,6 +153,8 @@ class Inferencer:
         if probe is not None and not probe.done():
             probe.set_result(reply)
             return
+        if key in self._lost_probes and key not in self.uplink.pending:
+            return  # a probe's, after it stopped waiting: not a window's late reply
         fut = self.uplink.pending.pop(key, None)
         if fut is None or fut.done():
             self.uplink.late_reply(key)
@@ -491,9 +497,8 @@ class Inferencer:
                         ) -> tuple[TailReply, float, float, float]:
         """Send one frame of `feats` and await its reply until `deadline_mono`: the reply,
         its round trip from the encoded frame, the time the frame took to leave and its
-        radio hold (s); TimeoutError when it could
-        not leave or no reply came in time. A `server_probe`'s frame says so, and is counted
-        apart from the windows'."""
+        radio hold (s); TimeoutError when it could not leave or no reply came in time. A
+        `server_probe`'s frame says so, and is counted apart from the windows'."""
         up = self.uplink
         pending = self._probing if server_probe else up.pending
         remaining = deadline_mono - time.monotonic()
@@ -591,6 +596,7 @@ class Inferencer:
                     time.monotonic() + deadline_s, server_probe=True)
             except TimeoutError:
                 up.probes_lost += 1
+                self._lost_probes.append((win.stream, win.seq))
                 return
             self._learn_reply(f"{variant.id}/{SERVER_PROBE_PRECISION}", reply, rtt_s, left_s,
                               hold, fresh=False)
@@ -599,6 +605,7 @@ class Inferencer:
                 return
 
     def _server_probe_done(self, task: asyncio.Task[None]) -> None:
+        """Clear the probe under way; log what went wrong with it, if anything."""
         self._server_probe = None
         if not task.cancelled() and task.exception() is not None:
             # A measurement must never take a window down; it is only logged.

@@ -481,6 +481,10 @@ async def test_a_lost_server_probe_costs_no_window_and_waits_out_the_interval(
     await until(lambda: inf._server_probe is None and inf.uplink.probes_lost == 1)
     assert server.frames == 1 and inf.uplink.probes_sent == 1
     assert inf.uplink.server_ok and not inf._probing, "a probe is not a window's verdict"
+    late = TailReply(gateway="gw1", stream="imu", window=1, variant=server.headers[0].variant,
+                     logits=[0.0], tail_ms=0.1, server="test", received_ts=time.time())
+    inf.on_reply(late)  # the hung server answers after all
+    assert inf.uplink.replies_late == 0, "a probe's late reply is not a window's"
     r = await inf.infer(random_window(inf.manifest, 2), deadline_s=0.2)
     await asyncio.sleep(0.05)
     assert r.where == "device" and server.frames == 1
