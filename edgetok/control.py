@@ -89,7 +89,8 @@ class Telemetry(_Wire):
         None, ge=0, description="Median over recent replies of the part of a round trip that "
         "is neither the frame's bits at link_bps nor the server's tail: encoding and "
         "publishing on the gateway, broker hops, the reply's way back (ms). Present only with "
-        "a sensed link rate and frames sent in the interval; the coordinator then takes the "
+        "a sensed link rate and frames (windows' or server probes') sent in the interval; "
+        "the coordinator then takes the "
         "wire rate from link_bps and adds this per frame, where goodput alone would charge it "
         "to the rate.")
     frame_floor_ms: float | None = Field(
