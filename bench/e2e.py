@@ -278,6 +278,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="the coordinator's preference after accuracy, for every policy: "
                    "energy (stretch to the deadline at the least energy) or latency (as fast "
                    "as the energy budget allows)")
+    p.add_argument("--server-probe-interval", type=float, default=None, metavar="S",
+                   help="every gateway's server_probe_interval_s (0: no server probes, so "
+                   "joint learns the server path by trials); default: the gateway's own")
     args = p.parse_args(argv)
     windows = args.windows or (QUICK_WINDOWS if args.quick else WINDOWS)
     replay_s = (WARMUP + windows) / args.window_rate
@@ -308,6 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     doc: dict[str, Any] = {
         "bundle": str(bundle), "bundle_id": _bundle_id(bundle), "coordinator": mode,
         "actuators": not args.no_actuators, "prefer": args.prefer,
+        "server_probe_interval_s": args.server_probe_interval,
         "deadline_ms": args.deadline_ms, "window_rate_per_gateway": args.window_rate,
         "windows_per_run": windows, "warmup_windows": WARMUP, "rounds": args.rounds,
         "side_by_side": "one-gateway scenarios run every policy at once, each with its own "
@@ -336,7 +340,8 @@ def main(argv: list[str] | None = None) -> int:
                     cpu_share=BASE_CPU, deadline_ms=args.deadline_ms,
                     window_rate=args.window_rate, windows=windows, warmup=WARMUP,
                     bundle=bundle, nominal_hz=nominal_hz(bundle), coordinator=mode,
-                    actuators=not args.no_actuators, prefer=args.prefer)
+                    actuators=not args.no_actuators, prefer=args.prefer,
+                    server_probe_s=args.server_probe_interval)
     run_id = 0
     try:
         with Testbed(n_gw) as tb:

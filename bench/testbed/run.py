@@ -74,6 +74,7 @@ class RunSpec:
     # (seconds after replay start, seconds): the edge servers hang (SIGSTOP) that long.
     hangs: tuple[tuple[float, float], ...] = ()
     prefer: str = "energy"  # the coordinator's preference after accuracy: energy or latency
+    server_probe_s: float | None = None  # gateways' server_probe_interval_s; None: default
 
     @property
     def f_max_hz(self) -> float:
@@ -161,6 +162,7 @@ def gateway_config(spec: RunSpec, tb: Testbed, i: int, gw_id: str, state: Path,
         "http": {"host": "127.0.0.1", "port": GATEWAY_HTTP},
         "actuators": act,
         "telemetry_interval_s": TELEMETRY_S,
+        **({} if spec.server_probe_s is None else {"server_probe_interval_s": spec.server_probe_s}),
         "streams": [{"name": "imu", "topics": [f"sensors/{gw_id}/imu"],
                      "channels": ["acc_x", "acc_y", "acc_z", "gyr_x", "gyr_y", "gyr_z"],
                      "rate_hz": 10.0, "window": 100, "deadline_ms": spec.deadline_ms,
