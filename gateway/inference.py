@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import statistics
 import time
 from collections import deque
@@ -43,6 +44,10 @@ SERVER_PROBE_BURST = MIN_OVERHEAD_SAMPLES + 1
 # A server probe sends the window's tokens at the smallest precision: its result is thrown
 # away, and its bits are taken off its round trip at the sensed rate whatever their number.
 SERVER_PROBE_PRECISION: Precision = "int8"
+# Each wait between server probes is drawn from server_probe_every_s times 1 ± this: gateways
+# that start together (a fleet after a power cut, every e2e round) would otherwise probe
+# the server together for good (e2e run 51: 12 of 16 gateways in the same second, every 5 s).
+SERVER_PROBE_JITTER = 0.5
 # Lost server probes remembered, so that their replies, if they come after all, are not
 # counted as windows' late replies; a bound, not a tuning knob.
 LOST_PROBES_REMEMBERED = 16
@@ -127,6 +132,7 @@ class Inferencer:
         self.server_probe_every_s = 0.0
         self._server_probe: asyncio.Task[None] | None = None
         self._next_server_probe = -float("inf")
+        self._server_probe_wait_s: float | None = None  # drawn at each probe; None: the period
         self._probing: dict[tuple[str, int], asyncio.Future[TailReply]] = {}
         self._lost_probes: deque[tuple[str, int]] = deque(maxlen=LOST_PROBES_REMEMBERED)
         # Open the fallback now: the first window that needs it is already late, and must
@@ -559,6 +565,7 @@ class Inferencer:
         every `server_probe_every_s` while the link rate is sensed (the overhead is
         measured against it), back to back (SERVER_PROBE_BURST) while there is no overhead
         figure yet; one at a time, at the same bounded pace when the server does not answer.
+        Each wait is drawn around the period (SERVER_PROBE_JITTER).
         """
         every = self.server_probe_every_s
         now = time.monotonic()
@@ -566,12 +573,15 @@ class Inferencer:
                 or now < self._next_server_probe or self.link_rate() is None):
             return
         up = self.uplink
-        if up.overhead_s is not None and now - up.last_overhead_mono < every:
+        wait = self._server_probe_wait_s or every
+        if up.overhead_s is not None and now - up.last_overhead_mono < wait:
             return
         variant = self._probe_variant()
         if variant is None:
             return
-        self._next_server_probe = now + every
+        self._server_probe_wait_s = every * random.uniform(1 - SERVER_PROBE_JITTER,
+                                                           1 + SERVER_PROBE_JITTER)
+        self._next_server_probe = now + self._server_probe_wait_s
         self._server_probe = asyncio.get_running_loop().create_task(
             self._probe_server(win, variant, tokens, deadline_s))
         self._server_probe.add_done_callback(self._server_probe_done)

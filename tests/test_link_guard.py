@@ -452,6 +452,16 @@ async def test_server_probes_measure_the_server_path_while_windows_stay_on_the_d
     await asyncio.sleep(0.05)
     assert r.where == "device" and server.frames == SERVER_PROBE_BURST, "none due yet"
     assert up.replies_late == 0 and not up.pending
+    # The next is due after a wait drawn around the period, so gateways that started
+    # together do not keep probing the server together.
+    waits = set()
+    for seq in range(3, 8):
+        inf.uplink.last_overhead_mono = inf._next_server_probe = -float("inf")
+        await inf.infer(random_window(inf.manifest, seq), deadline_s=1.0)
+        await until(lambda: inf._server_probe is None)
+        assert inf._server_probe_wait_s is not None
+        waits.add(inf._server_probe_wait_s)
+    assert len(waits) == 5 and all(5.0 <= w <= 15.0 for w in waits), waits
 
 
 @pytest.mark.asyncio
