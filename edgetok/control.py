@@ -90,9 +90,8 @@ class Telemetry(_Wire):
         "is neither the frame's bits at link_bps nor the server's tail: encoding and "
         "publishing on the gateway, broker hops, the reply's way back (ms). Present only with "
         "a sensed link rate and frames (windows' or server probes') sent in the interval; "
-        "the coordinator then takes the "
-        "wire rate from link_bps and adds this per frame, where goodput alone would charge it "
-        "to the rate.")
+        "the coordinator then takes the wire rate from link_bps and adds this per frame, "
+        "where goodput alone would charge it to the rate.")
     frame_floor_ms: float | None = Field(
         None, ge=0, description="Median over the same replies of how long a frame took to "
         "leave when that was longer than its radio hold (else 0): a wait, such as a CPU "

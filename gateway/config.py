@@ -167,7 +167,8 @@ class GatewayConfig(Strict):
     server_probe_interval_s: float = Field(
         5.0, ge=0, description="While following a coordinator with windows on the device and "
         "the uplink rate sensed (actuators.link_sense), send one window's tokens to the "
-        "server at most this often (four in a row while there is no figure yet), and report "
+        "server about this often (each wait drawn within ±50%; four in a row while there is "
+        "no figure yet), and report "
         "the reply's per-frame overhead, so the coordinator knows the server path without "
         "moving windows onto it to find out; the reply is thrown away. 0: never (the "
         "coordinator then tries the path with windows now and then, explore_margin). Costs "
