@@ -21,7 +21,7 @@ from edgetok.control import FALLBACK_MARGIN, FALLBACK_SLACK_S, GUARD_MARGIN
 from edgetok.frames import FrameHeader, Precision, TailReply, encode_frame
 from edgetok.gateway.models import Latency, Result, VariantRef, Where
 from edgetok.gateway.timing import RUN_SAMPLES, FreshMedians, ProbeCalibration, RunTimes
-from edgetok.gateway.uplink import MIN_OVERHEAD_SAMPLES, UplinkState
+from edgetok.gateway.uplink import MIN_OVERHEAD_SAMPLES, UplinkState, link_key
 from edgetok.gateway.windows import ClosedWindow
 from edgetok.models.bundle import Variant
 from edgetok.models.runtime import Part, Runtime
@@ -295,7 +295,7 @@ class Inferencer:
         up, now = self.uplink, time.monotonic()
         if not up.server_ok and now < up.next_probe:
             return "down"
-        key = f"{variant.id}/{precision}"
+        key = link_key(variant.id, precision)
         bits = up.frame_bits.get(key) or 8.0 * variant.profile.feature_bytes.get(precision, 0)
         rate = self.link_rate()
         head_s = (self.run_ms.get((variant.id, "head")) or 0.0) / 1000 if variant.head else 0.0
@@ -495,7 +495,7 @@ class Inferencer:
         if not up.server_ok:
             log.info("edge server answers again; resuming split inference")
         up.server_ok = True
-        self._learn_reply(f"{variant.id}/{precision}", reply, rtt_s, left_s, hold, fresh)
+        self._learn_reply(link_key(variant.id, precision), reply, rtt_s, left_s, hold, fresh)
         return reply, rtt_s * 1000
 
     async def _exchange(self, win: ClosedWindow, variant: Variant, precision: Precision,
@@ -514,7 +514,7 @@ class Inferencer:
             deadline_ts=time.time() + remaining, sent_ts=time.time(), precision=precision,
             shape=tuple(feats.shape), extra={"probe": True} if server_probe else {})
         frame = encode_frame(header, feats)
-        up.frame_bits[f"{variant.id}/{precision}"] = 8.0 * len(frame)
+        up.frame_bits[link_key(variant.id, precision)] = 8.0 * len(frame)
         key = (win.stream, win.seq)
         fut: asyncio.Future[TailReply] = asyncio.get_running_loop().create_future()
         pending[key] = fut
@@ -608,7 +608,7 @@ class Inferencer:
                 up.probes_lost += 1
                 self._lost_probes.append((win.stream, win.seq))
                 return
-            self._learn_reply(f"{variant.id}/{SERVER_PROBE_PRECISION}", reply, rtt_s, left_s,
+            self._learn_reply(link_key(variant.id, SERVER_PROBE_PRECISION), reply, rtt_s, left_s,
                               hold, fresh=False)
             on_device = self.manifest.variant(self.decision.variant).split == L
             if reply.error is not None or up.overhead_s is not None or not on_device:

@@ -32,6 +32,11 @@ LATE_SLACK_S = 0.001
 CUT_REMEMBERED = 64
 
 
+def link_key(variant: str, precision: str) -> str:
+    """The key the uplink keeps a kind of frame's size and round trip under."""
+    return f"{variant}/{precision}"
+
+
 @dataclass
 class UplinkState:
     """Whether the edge server is answering, and replies awaited by window."""
