@@ -59,7 +59,7 @@ class PathResiduals:
 
         A path measured again after `restart_after_s` restarts at the new figure, keeping its
         spread: the old one is of a spell that may be over, and a trial (trials.py) must be
-        judged on what it found, where one report moves the clipped estimate 30% of the way.
+        judged on what it found, where one report moves the clipped estimate by ewma_alpha.
         """
         est = self.est.get(path)
         if est is None:
