@@ -169,10 +169,10 @@ class GatewayConfig(Strict):
         "the uplink rate sensed (actuators.link_sense), send one window's tokens to the "
         "server about this often (each wait drawn within ±50%; four in a row while there is "
         "no figure yet), and report the reply's per-frame overhead, so the coordinator knows "
-        "the server path's overhead without moving windows onto it to find out; the reply is "
-        "thrown away. 0: never. Either way, near a tie the coordinator tries the path with "
-        "windows once what they measured there is old (explore_margin). Costs one frame of "
-        "raw tokens (~1 KB) and one server run per period.")
+        "the server path without moving windows onto it to find out; the reply is thrown "
+        "away. 0: never (the coordinator then tries the path with windows now and then, "
+        "explore_margin). Costs one frame of raw tokens (~1 KB) and one server run per "
+        "period.")
     unclaimed_topics: list[str] = Field(default_factory=list, description="Extra topic "
                                         "filters to subscribe (QoS 1), e.g. 'sensors/#': a "
                                         "message there that no stream's topics claim is "

@@ -916,15 +916,14 @@ def _near_tie(worse: float) -> float:
 
 
 def _run_near_tie(first_ms: float, true_ms: float, seconds: int = 60,
-                  windows: Callable[[Decision, float], float] | None = None,
-                  probes_from: float = math.inf,
+                  windows: Callable[[Decision], float] | None = None, probes: bool = False,
                   **kw: Any) -> list[Decision]:
     """The decisions step() publishes over `seconds` for a gateway whose first frames
     measured `first_ms` of per-frame overhead and whose later frames measure `true_ms`;
     reports every second, with the overhead only while it transmits (as a real gateway: no
     frame, no figure) and from the report after the one that moved it, or in every report
-    from `probes_from` (s) on, as server probes do. `windows`: the latency (ms) the
-    gateway's windows measure under a decision at a time, reported if given."""
+    with server `probes`. `windows`: the latency (ms) the gateway's windows measure under a
+    decision, reported if given."""
     ctl = OnlineController(config(prefer="latency", **kw), TIED)
     out: list[Decision] = []
     overhead: float | None = first_ms
@@ -934,15 +933,15 @@ def _run_near_tie(first_ms: float, true_ms: float, seconds: int = 60,
         if d is not None and d.split > 0:
             o = ctl.table.options[ctl.table.index(d.variant, d.precision)]
             head[d.variant] = o.c_head / d.cpu_hz * 1000.0
-        measured = {d.variant: windows(d, t)} if d is not None and windows else {}
+        measured = {d.variant: windows(d)} if d is not None and windows else {}
         ctl.observe(Telemetry(gateway="a", ts=t, link_bps=10e6, tx_power_w=P_MAX,
                               cpu_hz=d.cpu_hz if d else 1.5e9, head_ms=head,
                               frame_overhead_ms=overhead, window_ms=measured,
                               applied_seq=d.seq if d else None), t)
         out += ctl.step(t)  # as the server calls it: a second pass re-solves its cell
         d = ctl.current("a")
-        sending = t + 1 >= probes_from or (d is not None and d.split < TIED.num_layers)
-        overhead = true_ms if sending else None
+        overhead = true_ms if probes or (d is not None and d.split < TIED.num_layers) \
+            else None
     assert out[0].split == TIED.num_layers, "the first plan is the device"
     return out
 
@@ -973,35 +972,11 @@ def test_a_gateway_that_probes_the_server_moves_on_its_measurements_without_a_tr
     """With server probes, a gateway on its device reports the server path's overhead as it
     is: the early slow figure is replaced at the next report, and the server is chosen on
     it at once, where without probes it waited explore_after_s for a trial."""
-    decisions = _run_near_tie(_near_tie(0.05), _near_tie(-0.2), probes_from=0.0)
+    decisions = _run_near_tie(_near_tie(0.05), _near_tie(-0.2), probes=True)
     assert not _explore(decisions)
     moved = [d for d in decisions if d.split < TIED.num_layers]
     assert moved and moved[0].ts <= 2.0 and moved[0].server_probes, decisions
     assert {_ref(d) for d in decisions[decisions.index(moved[0]):]} == {_ref(moved[0])}
-
-
-def test_a_probing_gateway_held_on_its_device_by_a_slow_spell_of_the_server_path_is_tried(
-        ) -> None:
-    """Probes keep the server path's overhead fresh, but not what its windows measured beyond
-    it: a slow spell of those windows moves the gateway to its device and, unmeasured there,
-    would hold it until that residual went stale (30 s, and as long again to relax). A trial
-    is due once the residual is explore_after_s old; it measures the path as it now is, and
-    the gateway stays (e2e runs 52-53: probes held a Pi-class gateway on a near tie)."""
-    true = _near_tie(-0.2)
-    device, transmit = _plans(true)
-    slow_until = 12.0
-    decisions = _run_near_tie(_near_tie(0.05), true, probes_from=4.0, seconds=90,
-                              windows=_measuring(device, transmit, slow_until, slow_by=1.6))
-    on_server = [d.split < TIED.num_layers for d in decisions]
-    assert on_server[:3] == [False, True, False], "probes move it; the slow spell moves it back"
-    assert decisions[1].ts == 4.0
-    left = decisions[2].ts
-    assert left < slow_until
-    trials = _explore(decisions)
-    assert trials and left + AFTER <= trials[0].ts < left + STALE, decisions
-    kept = decisions[decisions.index(trials[0]):]
-    assert all(d.split < TIED.num_layers for d in kept), "the trial measured it fast: kept"
-    assert all(d.server_probes for d in decisions)
 
 
 @pytest.mark.parametrize("worse", [0.05, 0.12])
@@ -1056,12 +1031,8 @@ def _plans(overhead_ms: float | None) -> tuple[float, float]:
     return float(seen[~tx & ok].min()), float(seen[tx & ok].min())
 
 
-def _measuring(device_ms: float, transmit_ms: float, slow_until: float = -1.0,
-               slow_by: float = 1.0) -> Callable[[Decision, float], float]:
-    """Window latency (ms) by path; the transmitting path's `slow_by` times slower before
-    `slow_until` (s)."""
-    return lambda d, t: device_ms if d.split == TIED.num_layers \
-        else transmit_ms * (slow_by if t < slow_until else 1.0)
+def _measuring(device_ms: float, transmit_ms: float) -> Callable[[Decision], float]:
+    return lambda d: device_ms if d.split == TIED.num_layers else transmit_ms
 
 
 def test_a_path_slower_than_its_plan_loses_the_tie_it_wins_on_paper() -> None:

@@ -113,17 +113,14 @@ class ControllerConfig(Strict):
     server_workers: int = Field(1, ge=1, description="Tail workers serving the gateways in "
                                 "parallel (for the queueing model).")
     explore_margin: float = Field(
-        0.15, ge=0, description="A gateway on its device whose server path has not been "
-        "measured for `explore_after_s` (its per-frame overhead, which server probes keep "
-        "fresh, and its windows' latency there, which they do not) is sent to the best "
-        "transmitting option for a trial when that plans at most this much worse (relative, "
-        "in the preferred cost) and is as accurate: a near tie planned with one early or "
-        "slow spell is otherwise held until the estimate goes stale. 0: never.")
+        0.15, ge=0, description="A gateway on its device whose per-frame overhead has not "
+        "been measured for `explore_after_s` is sent to the best transmitting option for a "
+        "trial when that plans at most this much worse (relative, in the preferred cost) "
+        "and is as accurate: a near tie planned with one early, slow measurement is "
+        "otherwise held until the estimate goes stale. 0: never.")
     explore_after_s: float = Field(
-        15.0, gt=0, description="Age of the server path's measurements before a trial; the "
-        "least time between two trials of one gateway; and the gap after which a path's "
-        "windows restart its residual at what they measure, rather than blend into a "
-        "figure of a spell that may be over.")
+        15.0, gt=0, description="Age of the per-frame overhead before a trial, and the least "
+        "time between two trials of one gateway.")
     stale_after_s: float = Field(
         30.0, gt=0, description="An estimate not refreshed for this long (gain, per-frame "
         "overhead, compute speed) relaxes to its prior over the next as long: the nominal "

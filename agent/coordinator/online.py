@@ -102,8 +102,7 @@ class OnlineController:
             a = self.config.ewma_alpha
             prior = (self.config.gain_prior_sigma_db * math.log(10) / 10) ** 2
             speed = Ewma(a, clip_z=self.config.speed_clip_sigma, clip_floor=SPEED_SIGMA_FLOOR)
-            residual = PathResiduals(a, self.config.speed_clip_sigma,
-                                     restart_after_s=self.config.explore_after_s)
+            residual = PathResiduals(a, self.config.speed_clip_sigma)
             st = self.gateways[gateway] = GatewayState(Ewma(a, var=prior), speed, Ewma(a),
                                                        residual)
             st.speed_step = StepDetector(fall_reports=self.config.speed_fall_reports,
@@ -448,14 +447,6 @@ class OnlineController:
             return st.last_overhead_ts
         return min(st.last_overhead_ts, st.residual.last_ts(TRANSMIT))
 
-    def _evidence_ts(self, st: GatewayState) -> float:
-        """How old the measurements that plan the transmitting path are (a trial is due once
-        they are explore_after_s old): its overhead, and its windows' latency if they ever
-        measured it. Server probes keep the overhead fresh while the gateway stays on its
-        device, but not what that path's windows measured beyond it (e2e runs 52-53)."""
-        ts = st.residual.ts.get(TRANSMIT)
-        return st.last_overhead_ts if ts is None else min(st.last_overhead_ts, ts)
-
     def _due(self, st: GatewayState, env: Environment, queue: np.ndarray,
              residual: tuple[float, float], now: float) -> str:
         if st.decision is None:
@@ -518,7 +509,7 @@ class OnlineController:
                 eligible = tx & self.policy.allowed & sol.feasible & \
                     (penalty <= penalty[best] + margin)
                 trial = st.trials.begin(best, eligible, cost, self.config.explore_margin,
-                                        self._evidence_ts(st), now, after)
+                                        st.last_overhead_ts, now, after)
                 if trial is not None:
                     best, reason = trial, "explore"
         st.solved_ts = now

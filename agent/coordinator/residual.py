@@ -31,8 +31,6 @@ class PathResiduals:
 
     alpha: float
     clip_z: float
-    # A path measured again after this long restarts at what it measures now (`fold`).
-    restart_after_s: float = math.inf
     est: dict[bool, Ewma] = field(default_factory=dict)
     ts: dict[bool, float] = field(default_factory=dict)
     # The option whose first report was skipped (by the seq that first decided it): that
@@ -56,19 +54,11 @@ class PathResiduals:
         opened. On a 25% gateway the first server windows of an e2e round took 8-13 ms where
         6 was usual; taken whole, the first report planned the server 4 ms slower than it
         was, and kept the gateway on its device for the rest of the round (run 29).
-
-        A path measured again after `restart_after_s` restarts at the new figure, keeping its
-        spread: the old one is of a spell that may be over, and a trial (trials.py) must be
-        judged on what it found, where one report moves the clipped estimate by ewma_alpha.
         """
         est = self.est.get(path)
         if est is None:
             est = self.est[path] = Ewma(self.alpha, mean=0.0, count=1, clip_z=self.clip_z,
                                         clip_floor=RESIDUAL_SIGMA_FLOOR_S)
-        elif now - self.ts[path] > self.restart_after_s:
-            est.mean = measured_minus_planned_s
-            self.ts[path] = now
-            return
         est.update(measured_minus_planned_s)
         self.ts[path] = now
 

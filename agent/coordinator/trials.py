@@ -4,15 +4,12 @@ On its device, a gateway sends no frame, so the per-frame overhead it was last m
 stays as it was until it goes stale (`stale_after_s`, then as long again to relax). Measured
 in a run's first seconds, while the broker and server warm up, that figure can be twice the
 later one, and held a near tie on the device for a whole phase of e2e run 14 (1.19x the best
-static). Server probes keep the overhead fresh, but not what the path's windows measured
-beyond it (residual.py), which holds a near tie the same way (e2e runs 52-53): a trial waits
-on the older of the two. A trial is bounded: only near a tie (a transmitting option planned
-at most `explore_margin` worse, as accurate and feasible), at most once per
-`explore_after_s` (doubled, up to MAX_TRIAL_BACKOFF times, each time a trial goes back to
-the device); it stands until the gateway's frames have measured the overhead afresh, and its
-windows their latency if it reports them (or `explore_after_s` passed). The re-solve after
-that keeps it, or goes back unless the trial's option beats the one it left by the usual
-switching margin.
+static). A trial is bounded: only near a tie (a transmitting option planned at most
+`explore_margin` worse, as accurate and feasible), at most once per `explore_after_s`
+(doubled, up to MAX_TRIAL_BACKOFF times, each time a trial goes back to the device); it
+stands until the gateway's frames have measured the overhead afresh, and its windows their
+latency if it reports them (or `explore_after_s` passed). The re-solve after that keeps it,
+or goes back unless the trial's option beats the one it left by the usual switching margin.
 """
 
 from __future__ import annotations
@@ -53,11 +50,10 @@ class Trials:
         self.left = None
 
     def begin(self, best: int, eligible: np.ndarray, cost: np.ndarray, margin: float,
-              evidence_ts: float, now: float, after_s: float) -> int | None:
+              overhead_ts: float, now: float, after_s: float) -> int | None:
         """Start a trial from on-device `best` if one is due: the cheapest `eligible` option
-        (transmitting, allowed, feasible, as accurate) within `margin` of `best`'s cost, once
-        what plans the transmitting path was last measured at `evidence_ts`, `after_s` ago."""
-        if (margin <= 0 or not math.isfinite(evidence_ts) or now - evidence_ts < after_s
+        (transmitting, allowed, feasible, as accurate) within `margin` of `best`'s cost."""
+        if (margin <= 0 or not math.isfinite(overhead_ts) or now - overhead_ts < after_s
                 or now - self.last_ts < after_s * self.backoff):
             return None
         near = [int(i) for i in np.flatnonzero(eligible) if cost[i] <= cost[best] * (1 + margin)]
