@@ -4,8 +4,8 @@ For every scenario (link rate, a link trace, gateway CPU, number of gateways) ea
 (joint, device-only, server-only, fixed-split) runs on the same test bed, replaying the same
 BasicMotions windows at a fixed rate. One-gateway scenarios run the four side by side, each
 policy in its own lane (broker, server, gateway, link), so the machine's drift is shared;
-fleets run them in turn, A B C D, D C B A. Windows are cut into rounds (a trace is
-replayed whole in each).
+fleets run them in turn, each round in a row of a balanced Latin square. Windows are cut
+into rounds (a trace is replayed whole in each).
 Per policy it reports end-to-end latency p50/p95/p99 (sensor publish to result stored, see
 testbed/driver.py), deadline hit rate, gateway energy from the system model (measured head
 time and frame bytes), accuracy against the dataset labels and bytes sent. Writes
@@ -61,7 +61,7 @@ WARMUP = 4
 # more, shorter runs would overweigh against a gateway's steady state. The machine itself
 # drifts between runs (whole runs 30% slower, on both cores and in every stage: run 10's
 # per-run medians of one configuration were 5.5 or 7.5 ms), which is why one-gateway
-# scenarios run their policies side by side, and fleets in the order A B C D, D C B A.
+# scenarios run their policies side by side, and fleets in turn (round_order).
 ROUNDS = 2
 # Link and CPU of the scenarios that vary something else.
 BASE_LINK_MBIT, BASE_CPU = 10.0, 1.0
@@ -130,13 +130,30 @@ def scenarios(quick: bool, replay_s: float, max_gateways: int, rounds: int = ROU
     return out
 
 
+def williams_rows(n: int) -> list[list[int]]:
+    """A balanced Latin square (Williams design) on n items: n rows (2n for an odd n) in
+    which every item takes every place equally often and follows every other item equally
+    often."""
+    first, lo, hi = [0], 1, n - 1
+    while lo <= hi:  # 0, 1, n-1, 2, n-2, ...
+        first.append(lo)
+        lo += 1
+        if lo <= hi:
+            first.append(hi)
+            hi -= 1
+    rows = [[(i + r) % n for i in first] for r in range(n)]
+    return rows + [row[::-1] for row in rows] if n % 2 else rows
+
+
 def round_order(policies: list[str], rounds: int) -> list[tuple[int, str]]:
-    """(round, policy) in run order: forward, then backward, and so on (A B B A ...), so a
-    slow drift of the machine weighs on every policy alike rather than on the first."""
-    out: list[tuple[int, str]] = []
-    for r in range(rounds):
-        out += [(r, p) for p in (policies if r % 2 == 0 else policies[::-1])]
-    return out
+    """(round, policy) in run order, round r on row r of a balanced Latin square (A B D C,
+    B C A D, C D B A, D A C B for four): over as many rounds as policies each policy runs
+    once in every place and once after every other, so neither a drift of the machine nor
+    what ran just before (the last scenario, a fleet's teardown) weighs on one policy more.
+    The order A B C D, D C B A balanced a drift only, and put the first policy first or
+    last in every round (e2e runs 55-56: joint's fleet 1 ms slower at 16 gateways)."""
+    rows = williams_rows(len(policies))
+    return [(r, policies[i]) for r in range(rounds) for i in rows[r % len(rows)]]
 
 
 def lane_orders(policies: list[str], rounds: int) -> list[list[str]]:
@@ -254,8 +271,9 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"measured windows per policy and scenario (default {WINDOWS})")
     p.add_argument("--rounds", type=_positive, default=ROUNDS,
                    help="cut each policy's windows into this many runs (side by side: lanes "
-                   "rotated between rounds; --sequential: A B C D D C B A ...); a trace "
-                   "is replayed whole in each round")
+                   "rotated between rounds; fleets and --sequential: rows of a balanced Latin "
+                   "square, balanced over as many rounds as policies); a trace is replayed "
+                   "whole in each round")
     p.add_argument("--sequential", action="store_true",
                    help="run the policies one after another even where they could run side "
                    "by side (the default for one-gateway scenarios: each policy gets its "
@@ -316,7 +334,8 @@ def main(argv: list[str] | None = None) -> int:
         "windows_per_run": windows, "warmup_windows": WARMUP, "rounds": args.rounds,
         "side_by_side": "one-gateway scenarios run every policy at once, each with its own "
         "broker, server, gateway host and link, the windows of all gateways staggered evenly "
-        "over the period; fleets (load-N) run their policies one after another"
+        "over the period; fleets (load-N) run their policies one after another, each round "
+        "in a row of a balanced Latin square"
         if not args.sequential else "no: every policy runs on its own",
         "latency_definition": "result.created_ts - wall time just before the sensor message "
         "completing the window was published (driver in the server namespace)",

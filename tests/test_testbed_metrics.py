@@ -255,11 +255,25 @@ def test_the_ratio_interval_tells_noise_from_a_real_difference() -> None:
     assert same_variant_share(slow) == 0.0
 
 
-def test_rounds_run_forward_then_backward_and_share_the_windows() -> None:
-    """A B C, C B A: a drift of the machine weighs on every policy alike."""
-    assert round_order(["a", "b", "c"], 2) == [(0, "a"), (0, "b"), (0, "c"),
-                                               (1, "c"), (1, "b"), (1, "a")]
+def test_rounds_follow_a_balanced_latin_square_and_share_the_windows() -> None:
+    """Over as many rounds as policies, each policy runs once in every place and once right
+    after every other one, so neither a drift nor the run before favours a policy."""
+    pols = ["joint", "device-only", "server-only", "fixed-split"]
+    order = round_order(pols, 4)
+    rows = [[p for r, p in order if r == k] for k in range(4)]
+    assert rows[0] == ["joint", "device-only", "fixed-split", "server-only"]
+    for place in range(4):
+        assert sorted(row[place] for row in rows) == sorted(pols)
+    pairs = [(row[i], row[i + 1]) for row in rows for i in range(3)]
+    assert len(set(pairs)) == len(pairs) == 4 * 3
+    # An odd number takes twice as many rounds: each pair then follows twice.
+    odd = [[p for r, p in round_order(["a", "b", "c"], 6) if r == k] for k in range(6)]
+    assert all(sorted(row[i] for row in odd) == ["a", "a", "b", "b", "c", "c"]
+               for i in range(3))
+    odd_pairs = [(row[i], row[i + 1]) for row in odd for i in range(2)]
+    assert all(odd_pairs.count(pair) == 2 for pair in set(odd_pairs)) and len(set(odd_pairs)) == 6
     assert [p for _, p in round_order(["a", "b"], 3)] == ["a", "b", "b", "a", "a", "b"]
+    assert [p for _, p in round_order(["a"], 2)] == ["a", "a"]
     assert [split_windows(61, 2, r) for r in range(2)] == [31, 30]
     assert sum(split_windows(60, 7, r) for r in range(7)) == 60
 
