@@ -30,7 +30,9 @@ from testbed.goals import (  # noqa: E402
     hit_gap_interval,
     hit_goal_odds,
     misses_by_side,
+    ratio_by_round,
     ratio_interval,
+    round_ratio_interval,
     same_variant_share,
     settled_ratio,
     summary,
@@ -253,6 +255,36 @@ def test_the_ratio_interval_tells_noise_from_a_real_difference() -> None:
     lo, hi = ratio_interval(slow) or (0.0, 0.0)
     assert 1.5 < lo < 2.0 < hi < 2.5
     assert same_variant_share(slow) == 0.0
+
+
+def test_a_gap_carried_by_one_round_is_within_the_rounds_interval() -> None:
+    """Fleets run one after another: joint's fleet 15% slower in one round of four and level
+    in the others is a round's mood, not the policy's. Windows alone call it significant;
+    resampling the rounds does not, and a gap in every round stays significant."""
+    rng = np.random.default_rng(3)
+
+    def fleet(first_run: int, scales: list[float]) -> dict[str, Any]:
+        return {"per_window": [{"gateway": f"g{g}-r{first_run + 4 * k}", "latency_ms": float(x)}
+                               for k, scale in enumerate(scales) for g in range(4)
+                               for x in scale * rng.lognormal(np.log(7.0), 0.1, 60)]}
+
+    def scenario(joint: list[float]) -> dict[str, Any]:
+        return {"runs": {"joint": fleet(9, joint), "device-only": fleet(10, [1.0] * 4)},
+                "headline": {"best_static": "device-only"}}
+
+    one_round = scenario([1.0, 1.0, 1.0, 1.15])
+    # Run ids order the rounds as numbers: joint's r9 comes before its r13, r17 and r21.
+    by_round = ratio_by_round(one_round) or []
+    assert len(by_round) == 4 and by_round[3] > 1.1
+    assert all(abs(r - 1) < 0.03 for r in by_round[:3])
+    lo_w, hi_w = ratio_interval(one_round) or (0.0, 0.0)
+    lo, hi = round_ratio_interval(one_round) or (0.0, 0.0)
+    assert lo_w > 1.0 and lo < 1.0 < hi and hi - lo > hi_w - lo_w
+    lo, hi = round_ratio_interval(scenario([1.15] * 4)) or (0.0, 0.0)
+    assert 1.1 < lo < 1.15 < hi < 1.2
+    assert round_ratio_interval({"runs": {"joint": fleet(9, [1.0]),
+                                          "device-only": fleet(10, [1.0])},
+                                 "headline": {"best_static": "device-only"}}) is None
 
 
 def test_rounds_follow_a_balanced_latin_square_and_share_the_windows() -> None:
