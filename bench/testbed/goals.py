@@ -101,11 +101,18 @@ def _by_round(sc: dict[str, Any], policy: str) -> list[np.ndarray]:
     return [np.array(rounds[k]) for k in sorted(rounds)]
 
 
+def _paired_rounds(sc: dict[str, Any]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """joint's rounds and the best static's, k-th with k-th; both empty when they do not
+    pair (a round failed)."""
+    a, b = (_by_round(sc, pol) for pol in ("joint", sc["headline"]["best_static"]))
+    return (a, b) if len(a) == len(b) else ([], [])
+
+
 def ratio_by_round(sc: dict[str, Any]) -> list[float] | None:
     """joint's p50 over the best static's in each round, the k-th run of one against the
     k-th of the other: how far one round's comparison is from the next."""
-    a, b = (_by_round(sc, pol) for pol in ("joint", sc["headline"]["best_static"]))
-    if not a or len(a) != len(b):
+    a, b = _paired_rounds(sc)
+    if not a:
         return None
     return [round(float(np.median(x) / np.median(y)), 3) for x, y in zip(a, b, strict=True)]
 
@@ -118,8 +125,8 @@ def round_ratio_interval(sc: dict[str, Any], seed: int = 0) -> tuple[float, floa
     policies one after another, and two runs of one configuration differed by up to 9%
     (e2e run 58, load-16), which windows alone (ratio_interval) cannot see. With four
     rounds the interval is coarse; None with fewer than two."""
-    a, b = (_by_round(sc, pol) for pol in ("joint", sc["headline"]["best_static"]))
-    if len(a) < 2 or len(a) != len(b):
+    a, b = _paired_rounds(sc)
+    if len(a) < 2:
         return None
     rng = np.random.default_rng(seed)
     ratios = np.empty(BOOTSTRAP)
