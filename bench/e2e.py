@@ -421,9 +421,11 @@ def main(argv: list[str] | None = None) -> int:
                     m["rounds"] = len(parts[pol])
                     m["loadavg_1m"] = max(loads[pol])
                     log.info("  %s: p50 %s ms, p95 %s, hit %s, acc %s, E %s mJ, where %s, "
-                             "server probes %s", pol, m["latency_ms"]["p50"],
-                             m["latency_ms"]["p95"], m["hit_rate"], m["accuracy"],
-                             m["energy_mj_per_window"], m["where"], m["server_probes"])
+                             "server probes %s, before the first decision %s", pol,
+                             m["latency_ms"]["p50"], m["latency_ms"]["p95"], m["hit_rate"],
+                             m["accuracy"],
+                             m["energy_mj_per_window"], m["where"], m["server_probes"],
+                             m["before_first_decision"])
                 doc["scenarios"][sc.name] = {
                     "group": sc.group, "link_mbit": sc.link_mbit, "cpu_share": sc.cpu_share,
                     "gateways": sc.gateways, "trace": sc.trace, "hangs": sc.hangs,

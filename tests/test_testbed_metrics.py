@@ -146,6 +146,17 @@ def test_the_prediction_in_force_is_compared_with_each_windows_latency() -> None
     assert summarise(_data(_spec(coordinator="static")))["predicted_over_measured"] is None
 
 
+def test_windows_published_before_the_first_decision_are_counted() -> None:
+    """A lane runs its configured start until the coordinator first speaks: the windows
+    published before then are counted, those after are not; a static lane has none."""
+    data = _data(_spec())
+    data.driver["decisions"] = [{"gateway": "g0", "epoch": 1, "seq": 1, "received_ts": 1001.5,
+                                 "cpu_hz": 1e9, "tx_power_w": 0.01}]
+    assert summarise(data)["before_first_decision"] == 1, "window 1 only; 2 and 3 came after"
+    assert summarise(_data(_spec()))["before_first_decision"] == 3
+    assert summarise(_data(_spec(coordinator="static")))["before_first_decision"] == 0
+
+
 def test_full_power_gives_the_scenario_rate() -> None:
     """At p_max the emulated channel gives the scenario rate; less power, less rate."""
     assert rate_for(P_MAX_W, 7e6) == pytest.approx(7e6, rel=1e-9)

@@ -40,10 +40,14 @@ def summarise(data: RunData) -> dict[str, Any]:
     where: collections.Counter[str] = collections.Counter()
     variants: collections.Counter[str] = collections.Counter()
     missing = 0
+    undecided = 0  # measured windows published before their gateway's first decision
     for sent in drv["sent"]:
         if sent["warmup"]:
             continue
         key = (sent["gateway"], sent["window"])
+        if s.coordinator != "static" and not _decision_at(drv["decisions"], sent["gateway"],
+                                                          sent["t_pub"]):
+            undecided += 1
         r = results.get(key)
         if r is None:
             missing += 1
@@ -110,6 +114,9 @@ def summarise(data: RunData) -> dict[str, Any]:
         "where": dict(where), "variants": dict(variants.most_common()),
         # The driver also sees the retained decisions of every earlier run's gateways.
         "decisions": sum(1 for d in drv["decisions"] if d.get("gateway") in mine),
+        # Lanes start from their own configured variant until the coordinator first speaks;
+        # a measured window before that would be the start's doing, not the policy's.
+        "before_first_decision": undecided,
         "exit_codes": data.exit_codes,
         "per_window": rows,
     }
