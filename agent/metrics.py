@@ -45,14 +45,17 @@ class _StateCollector(Collector):
         for name, value, doc in (
                 ("edgetok_server_frames_received", c["frames"], "Feature frames taken in."),
                 ("edgetok_server_replies", c["replies"], "Tail replies published."),
-                ("edgetok_server_frames_expired", c["expired"], "Frames dropped because their "
-                 "deadline had passed on arrival."),
+                ("edgetok_server_frames_expired", c["expired"], "Frames dropped because the "
+                 "time their gateway had left when it sent them passed while they waited here."),
                 ("edgetok_server_errors", c["errors"], "Frames that failed to decode or run."),
                 ("edgetok_server_tail_busy_seconds", srv.busy_s, "Time spent computing tails."),
                 ("edgetok_mqtt_connects", srv.session.connects, "Successful broker connects."),
                 ("edgetok_coordinator_decisions", srv.decisions, "Decisions published."),
                 ("edgetok_coordinator_telemetry_rejected", srv.telemetry_rejected,
-                 "Telemetry reports that failed validation.")):
+                 "Telemetry reports that failed validation."),
+                ("edgetok_coordinator_solve_errors",
+                 srv.controller.solve_errors if srv.controller else 0, "Solves that failed; "
+                 "the gateway's estimates were dropped.")):
             yield CounterMetricFamily(name, doc, value=float(value))
         wait = srv.queue_wait_ms
         checks = srv.health.checks()

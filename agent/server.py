@@ -73,8 +73,12 @@ class TailServer:
             return
         if self.controller is not None and msg.topic.endswith("/telemetry"):
             try:
-                self.controller.observe(decode_telemetry(msg.payload), time.time())
-            except ControlError as exc:
+                t = decode_telemetry(msg.payload)
+                if t.gateway != gateway_of(msg.topic, self.cfg.mqtt.prefix):
+                    # The topic is what the broker's ACL vouches for, not the payload.
+                    raise ControlError(f"report names gateway {t.gateway!r}")
+                self.controller.observe(t, time.time())
+            except ValueError as exc:  # ControlError, or a topic not under our prefix
                 self.telemetry_rejected += 1
                 log.warning("ignoring telemetry on %s: %s", msg.topic, exc)
             return
@@ -129,16 +133,24 @@ class TailServer:
         out = rt.run(variant, "tail", feats) if v.tail else feats
         return out, (time.perf_counter() - t0) * 1000
 
-    async def _handle(self, msg: InMessage) -> None:
+    async def _handle(self, msg: InMessage, waited_s: float = 0.0) -> None:
+        """Run one frame's tail and reply to the gateway whose uplink topic it came on."""
         self.counters["frames"] += 1
         received = time.time()
         try:
             header, feats = decode_frame(msg.payload)
-        except FrameError as exc:
+            sender = gateway_of(msg.topic, self.cfg.mqtt.prefix)
+            if header.gateway != sender:
+                # Replies go to the topic's gateway, which the broker's ACL vouches for; a
+                # header naming another (or a wildcard) would answer for someone else.
+                raise FrameError(f"header names gateway {header.gateway!r}")
+        except (FrameError, ValueError) as exc:
             self.counters["errors"] += 1
-            log.warning("dropping undecodable frame on %s: %s", msg.topic, exc)
+            log.warning("dropping frame on %s: %s", msg.topic, exc)
             return
-        if header.deadline_ts < received:
+        # Deadline and send time are both the gateway's clock; the budget left between them
+        # is timed here from arrival, so a server clock ahead of the gateway's drops nothing.
+        if waited_s > header.deadline_ts - header.sent_ts:
             # The gateway has already fallen back; answering would only cost bandwidth.
             self.counters["expired"] += 1
             return
@@ -175,7 +187,7 @@ class TailServer:
             self.queue_wait_ms = wait if self.queue_wait_ms is None else (
                 0.8 * self.queue_wait_ms + 0.2 * wait)
             try:
-                await self._handle(msg)
+                await self._handle(msg, wait / 1000)
             except Exception:  # a bad frame must not kill the worker
                 self.counters["errors"] += 1
                 log.exception("tail worker failed on a frame from %s", msg.topic)

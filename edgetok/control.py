@@ -13,7 +13,13 @@ import json
 import logging
 from typing import Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeFloat,
+    ValidationError,
+)
 
 from edgetok.frames import Precision
 
@@ -73,6 +79,10 @@ class _Wire(BaseModel):
 class Telemetry(_Wire):
     """What a gateway measured since its last report; every measurement is optional."""
 
+    # JSON's Infinity and NaN pass `gt=0`; one such report made the coordinator's solve
+    # raise, and the server with it.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
     version: int = Field(CONTROL_VERSION, description="Schema version of this payload.")
     gateway: str = Field(min_length=1, description="Gateway id, as in the topic.")
     ts: float = Field(description="Unix time the report was made (s).")
@@ -98,7 +108,7 @@ class Telemetry(_Wire):
         "quota refilling, that a longer hold would have hidden. The coordinator plans a "
         "frame of airtime t at max(t, floor) + frame_overhead_ms. Absent: 0.")
     cpu_hz: float | None = Field(None, gt=0, description="Current CPU clock of the head (Hz).")
-    head_ms: dict[str, float] = Field(
+    head_ms: dict[str, NonNegativeFloat] = Field(
         default_factory=dict, description="Head latency per variant id (ms), measured at "
         "cpu_hz: the median of the runs since the previous report only.")
     fallback_variant: str | None = Field(
@@ -123,7 +133,7 @@ class Telemetry(_Wire):
         None, ge=0, description="Estimated mean energy per window over the interval (mJ).")
     latency_ms: float | None = Field(
         None, ge=0, description="Measured mean end-to-end latency per window (ms).")
-    window_ms: dict[str, float] = Field(
+    window_ms: dict[str, NonNegativeFloat] = Field(
         default_factory=dict, description="Median latency from window close to result of the "
         "windows finished since the previous report, by the variant of the decision they ran "
         "under (ms); a window that fell back to the device counts under the variant that sent "

@@ -60,7 +60,8 @@ def require_readable(source: str, files: dict[str, Path | None]) -> None:
 class Strict(BaseModel):
     """Base for every config model: unknown keys are errors, values are immutable."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # TOML has inf and nan; neither is a deadline, a rate or a budget.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class TlsSettings(Strict):

@@ -88,6 +88,37 @@ def test_first_decision_is_feasible_numbered_and_valid_for_the_bundle() -> None:
     assert ctl.decide("gw1", 0.5) is None  # nothing moved, not yet periodic
 
 
+def test_a_gateway_heard_again_after_being_forgotten_gets_newer_decisions() -> None:
+    """A gateway forgotten (its Will after a blip, or silence) keeps running its last
+    decision; the next ones must supersede it, or it would ignore them as old."""
+    ctl = OnlineController(config(stale_after_s=10.0), MANIFEST, epoch_ms=42)
+    sim = Sim(ctl)
+    sim.report("gw1", 0.0, gain(20e6))
+    sim.report("gw2", 0.0, gain(20e6))
+    first = {d.gateway: d for d in ctl.step(0.0)}
+    sim.report("gw2", 30.0, gain(20e6))
+    ctl.step(30.0)
+    assert "gw1" in ctl.gateways, "silent for 30 s: not yet past 4 × stale_after_s"
+    sim.report("gw2", 41.0, gain(20e6))
+    ctl.step(41.0)
+    assert "gw1" not in ctl.gateways and "gw2" in ctl.gateways
+    sim.report("gw1", 42.0, gain(20e6))
+    again = {d.gateway: d for d in ctl.step(42.0)}
+    assert again["gw1"].supersedes(first["gw1"])
+
+
+def test_a_gateway_whose_solve_fails_is_forgotten_and_the_others_decided() -> None:
+    """A report no bound caught (here a clock of 1e308 Hz) must not stop the round."""
+    ctl = OnlineController(config(), MANIFEST)
+    sim = Sim(ctl)
+    sim.report("good", 0.0, gain(20e6))
+    ctl.observe(Telemetry(gateway="bad", ts=0.0, cpu_hz=1e308,
+                          head_ms={MANIFEST.variants[1].id: 1e-300}), 0.0)
+    ctl.gateways["bad"].log_speed.update(1e308)  # a poisoned estimate, however it got in
+    out = {d.gateway for d in ctl.step(0.0)}
+    assert out == {"good"} and "bad" not in ctl.gateways and ctl.solve_errors == 1
+
+
 def test_link_drop_moves_the_decision_toward_fewer_bytes() -> None:
     ctl = OnlineController(config(), MANIFEST)
     sim = Sim(ctl)

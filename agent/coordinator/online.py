@@ -53,6 +53,9 @@ LEAN_RELEASE_FRAC = 0.1
 # Passes of step() that re-solve gateways whose cell-mates started or stopped transmitting;
 # more passes settle a crowded cell within one round at the cost of more solves.
 MAX_SHARE_PASSES = 3
+# A gateway silent for this many stale_after_s has gone without its Will (power cut, a
+# broker that lost it): forgotten, it stops holding a share of its cell's bandwidth.
+FORGET_AFTER_STALE = 4
 # Expected latencies this close to 0 are compared against this instead (ms): a residual below
 # zero can take one there, and a relative change of almost nothing would republish on noise.
 REPUBLISH_FLOOR_MS = 1.0
@@ -83,6 +86,10 @@ class OnlineController:
         self._head_cycles = {o.variant: o.c_head for o in self.table.options if o.c_head > 0}
         self.solves = 0
         self.solve_seconds = 0.0  # wall time inside decide() when it solved: for metrics
+        self.solve_errors = 0
+        # One sequence for all gateways: a gateway forgotten (its Will after a network blip)
+        # and heard again gets decisions above any it ran, so it never ignores them as old.
+        self.seq = 0
 
     def _environment(self, gain: float, bandwidth: float, scale: float, wait_s: float,
                      deadline_s: float, slowdown: float | None = None) -> Environment:
@@ -534,7 +541,8 @@ class OnlineController:
         if change == "latency" and st.decision is not None:
             # Knobs within tolerance stay as they are: the gateway re-applies nothing.
             f, p = st.decision.cpu_hz, st.decision.tx_power_w
-        st.seq += 1
+        self.seq += 1
+        st.seq = self.seq
         st.option = best
         if change == "option":
             st.option_seq = st.seq
@@ -608,13 +616,25 @@ class OnlineController:
         A gateway that starts or stops transmitting changes its cell-mates' bandwidth share,
         so their plans are re-checked in the same round instead of a round late.
         """
+        self._forget_silent(now)
         out: dict[str, Decision] = {}
         todo, force = list(self.gateways), False
         for _ in range(MAX_SHARE_PASSES):
             changed: set[str] = set()
             for gw in todo:
+                if gw not in self.gateways:
+                    continue  # forgotten in an earlier pass
                 before = self._transmitting(gw)
-                d = self.decide(gw, now, force=force)
+                try:
+                    d = self.decide(gw, now, force=force)
+                except Exception:
+                    # One gateway's estimates (a report no bound caught) must not stop the
+                    # others' decisions: its state goes, and its next report starts afresh.
+                    self.solve_errors += 1
+                    log.exception("could not decide for gateway %s; forgetting its estimates",
+                                  gw)
+                    self.forget(gw)
+                    continue
                 if d is not None:
                     out[gw] = d
                     if self._transmitting(gw) != before:
@@ -624,6 +644,15 @@ class OnlineController:
             todo = [g for g in self.gateways if self._cell(g) in changed]
             force = True
         return list(out.values())
+
+    def _forget_silent(self, now: float) -> None:
+        """Forget every gateway not heard from for FORGET_AFTER_STALE × stale_after_s."""
+        horizon = FORGET_AFTER_STALE * self.config.stale_after_s
+        for gw, st in list(self.gateways.items()):
+            if math.isfinite(st.last_seen) and now - st.last_seen > horizon:
+                log.info("gateway %s silent for %.0f s; the coordinator forgets it",
+                         gw, now - st.last_seen)
+                self.forget(gw)
 
     def current(self, gateway: str) -> Decision | None:
         """The gateway's latest decision, if any."""
