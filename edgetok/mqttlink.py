@@ -23,8 +23,8 @@ from edgetok.mqttconn import Connection
 from edgetok.mqttwire import PING, InMessage, MqttError, connect_packet, reason
 from edgetok.settings import ConfigError, MqttSettings, require_readable
 
-__all__ = ["NODELAY", "InMessage", "MqttError", "MqttSession", "Outgoing", "covers",
-           "minimal_filters", "tls_context"]
+__all__ = ["NODELAY", "InMessage", "MqttError", "MqttSession", "Outgoing", "Published",
+           "covers", "minimal_filters", "tls_context"]
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +53,30 @@ class Outgoing:
     payload: bytes
     qos: int = 1
     retain: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Published:
+    """What became of a publish; truthy once the broker has it.
+
+    `code` is the PUBACK's reason code (0 at QoS 0), or the client's own refusal (0x95:
+    larger than the broker takes); None when no answer came (no link, link lost, timeout).
+    A refusal is an answer about this message, so resending it will not help; a missing
+    answer is about the link, so resending later will.
+    """
+
+    code: int | None
+
+    def __bool__(self) -> bool:
+        return self.code is not None and self.code < 0x80
+
+    @property
+    def refused(self) -> bool:
+        return self.code is not None and self.code >= 0x80
+
+    @property
+    def reason(self) -> str:
+        return reason(self.code) if self.code is not None else "no answer"
 
 
 def covers(wide: str, narrow: str) -> bool:
@@ -212,7 +236,7 @@ class MqttSession:
             if self._closing.is_set():
                 self.connected.clear()
                 if self._final is not None:
-                    await self._send(conn, self._final, PUBLISH_TIMEOUT_S)
+                    await self._send(conn, self._final, PUBLISH_TIMEOUT_S, True)
                 return
             raise conn.lost or MqttError("connection ended")
         finally:
@@ -230,21 +254,22 @@ class MqttSession:
                 if code >= 0x80:
                     log.warning("broker refused subscription %s: %s", filt, reason(code))
         for msg in self._announce:
-            if not await self._send(conn, msg, PUBLISH_TIMEOUT_S):
+            if not await self._send(conn, msg, PUBLISH_TIMEOUT_S, True):
                 raise conn.lost or MqttError(f"announcement on {msg.topic} not acknowledged")
 
-    async def _send(self, conn: Connection, msg: Outgoing, limit_s: float) -> bool:
-        """Publish on this connection; True once the broker has it."""
+    async def _send(self, conn: Connection, msg: Outgoing, limit_s: float,
+                    warn: bool) -> Published:
+        """Publish on this connection; truthy once the broker has it."""
         try:
             code = await within(conn.publish(msg.topic, msg.payload, msg.qos, msg.retain),
                                 limit_s)
         except (MqttError, TimeoutError) as exc:
             log.debug("publish to %s failed: %s", msg.topic, exc or "timeout")
-            return False
+            return Published(None)
         if code >= 0x80:
-            log.warning("broker refused a publish to %s: %s", msg.topic, reason(code))
-            return False
-        return True
+            log.log(logging.WARNING if warn else logging.DEBUG,
+                    "broker refused a publish to %s: %s", msg.topic, reason(code))
+        return Published(code)
 
     async def _pump(self, conn: Connection) -> None:
         """Hand received messages to on_message, in order, until the connection ends."""
@@ -290,24 +315,27 @@ class MqttSession:
             conn.ack(msg.mid)
 
     async def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False,
-                      wait_s: float | None = None, ack_s: float | None = None) -> bool:
-        """Publish once connected; True once the broker has it (PUBACK for QoS 1).
+                      wait_s: float | None = None, ack_s: float | None = None,
+                      warn: bool = True) -> Published:
+        """Publish once connected; truthy once the broker has it (PUBACK for QoS 1).
 
-        False if no connection came within `wait_s`, no PUBACK within `ack_s` (default
-        PUBLISH_TIMEOUT_S), the broker refused it, or the connection ended first (a caller
-        retries on the next connection rather than stall for the whole timeout).
+        Falsy if no connection came within `wait_s`, no PUBACK within `ack_s` (default
+        PUBLISH_TIMEOUT_S), or the connection ended first (a caller retries on the next
+        connection rather than stall for the whole timeout); falsy and `refused` if the
+        broker, or this client, refused the message (logged as a warning unless `warn` is
+        off, for a caller that reports refusals itself).
         """
         if not await wait_event(self.connected, wait_s):
-            return False
+            return Published(None)
         conn = self._conn
         if conn is None or conn.lost is not None:
             # The link is gone but run() has not noticed yet. Say so now: a caller that
             # retries must wait for the reconnect, not spin on a stale flag (a loop that never
             # awaits a pending future starves run() itself, and nothing would ever reconnect).
             self.connected.clear()
-            return False
+            return Published(None)
         return await self._send(conn, Outgoing(topic, payload, qos, retain),
-                                PUBLISH_TIMEOUT_S if ack_s is None else max(ack_s, 0.0))
+                                PUBLISH_TIMEOUT_S if ack_s is None else max(ack_s, 0.0), warn)
 
     async def close(self, final: Outgoing | None = None, timeout_s: float = 5.0) -> None:
         """Publish `final` (e.g. the retained `stopped`), disconnect cleanly, and stop run()."""

@@ -72,7 +72,8 @@ class Gateway:
                                          "results": 0, "deadletters": 0, "duplicates": 0,
                                          "duplicate_messages": 0, "late_readings": 0,
                                          "backpressure_events": 0, "windows_rerun": 0,
-                                         "journal_peak_rows": 0}
+                                         "journal_peak_rows": 0, "results_refused": 0,
+                                         "deadletters_refused": 0}
         self.started = time.time()
         decision = Decision(cfg.decision.variant, cfg.decision.precision)
         self.session = MqttSession(
@@ -237,27 +238,45 @@ class Gateway:
         t_end = time.monotonic() + wait_s
         if not await wait_event(self.session.connected, wait_s):
             return False
-        return await self.session.publish(self.topics.uplink, frame, qos=1, wait_s=0,
-                                          ack_s=t_end - time.monotonic())
+        return bool(await self.session.publish(self.topics.uplink, frame, qos=1, wait_s=0,
+                                               ack_s=t_end - time.monotonic()))
 
     async def _publish_stored(self) -> bool:
-        """Publish unpublished dead letters, then results, oldest first; True if more wait.
+        """Publish unpublished results, then dead letters, oldest first; True if more wait.
 
         A row is marked published only after its PUBACK, so a crash or a lost connection in
         between publishes it again (at least once; consumers key on id or stream/window).
+        A row the broker refuses (an ACL, a size limit) is parked instead, so that it does
+        not hold up every row behind it, in both lanes, for good.
         """
-        letters = self.store.unpublished_deadletters(PUBLISH_BATCH)
-        for dl_id, body in letters:
-            if not await self.session.publish(self.topics.deadletter, body, wait_s=1.0):
-                return False
-            self.store.mark_deadletter_published(dl_id)
         results = self.store.unpublished(limit=PUBLISH_BATCH)
-        for res in results:
-            if not await self.session.publish(self.topics.results(res.stream),
-                                              res.model_dump_json().encode(), wait_s=1.0):
-                return False
-            self.store.mark_published(res.id)
+        if not await self._drain("result", [
+                (r.id, self.topics.results(r.stream), r.model_dump_json().encode())
+                for r in results]):
+            return False
+        letters = self.store.unpublished_deadletters(PUBLISH_BATCH)
+        if not await self._drain("deadletter", [(i, self.topics.deadletter, body)
+                                                for i, body in letters]):
+            return False
         return PUBLISH_BATCH in (len(letters), len(results))
+
+    async def _drain(self, kind: str, rows: list[tuple[int, str, bytes]]) -> bool:
+        """Publish (id, topic, body) rows in order; False once the link fails (retry later)."""
+        for row_id, topic, body in rows:
+            sent = await self.session.publish(topic, body, wait_s=1.0, warn=False)
+            if sent:
+                (self.store.mark_published if kind == "result"
+                 else self.store.mark_deadletter_published)(row_id)
+            elif sent.refused:
+                (self.store.mark_refused if kind == "result"
+                 else self.store.mark_deadletter_refused)(row_id, sent.reason)
+                self.counters[f"{kind}s_refused"] += 1
+                self.metrics.on_refused(kind, sent.reason)
+                log.warning("%s %d refused on %s: %s; parked, not published again", kind,
+                            row_id, topic, sent.reason)
+            else:
+                return False
+        return True
 
     async def _publisher(self) -> None:
         """Publish stored results in order, at least once, whenever the broker is there."""

@@ -154,6 +154,10 @@ class GatewayMetrics:
                                "computed.", ["where"], registry=self.registry)
         self.deadletters = Counter("edgetok_deadletters", "Rejected inputs and failed "
                                    "windows, by reason.", ["reason"], registry=self.registry)
+        self.refused = Counter("edgetok_publish_refused", "Results and dead letters the "
+                               "broker (or the client, for size) refused; each is parked "
+                               "unpublished and not sent again.", ["kind", "reason"],
+                               registry=self.registry)
         self.latency = Histogram("edgetok_stage_latency_seconds", "Time per pipeline stage "
                                  "of each result.", ["stage"], buckets=LATENCY_BUCKETS,
                                  registry=self.registry)
@@ -178,6 +182,10 @@ class GatewayMetrics:
         self.last_result_mono = time.monotonic()
         for listener in self.listeners:
             listener(result)
+
+    def on_refused(self, kind: str, reason: str) -> None:
+        """A stored result or dead letter was refused by the broker, and parked."""
+        self.refused.labels(kind, reason).inc()
 
     def on_deadletter(self, reason: str) -> None:
         """An input was rejected."""

@@ -22,12 +22,13 @@ CREATE TABLE IF NOT EXISTS windows (
 CREATE TABLE IF NOT EXISTS results (
     id INTEGER PRIMARY KEY AUTOINCREMENT, stream TEXT NOT NULL, window INTEGER NOT NULL,
     end_ts REAL NOT NULL, body TEXT NOT NULL, published INTEGER NOT NULL DEFAULT 0,
-    UNIQUE (stream, window));
+    refused TEXT, UNIQUE (stream, window));
 CREATE INDEX IF NOT EXISTS results_unpublished ON results (published, id);
 CREATE TABLE IF NOT EXISTS deadletters (
     id INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL NOT NULL, topic TEXT NOT NULL,
     reason TEXT NOT NULL, detail TEXT NOT NULL, payload_head BLOB NOT NULL,
-    payload_bytes INTEGER NOT NULL DEFAULT 0, published INTEGER NOT NULL DEFAULT 0);
+    payload_bytes INTEGER NOT NULL DEFAULT 0, published INTEGER NOT NULL DEFAULT 0,
+    refused TEXT);
 CREATE TABLE IF NOT EXISTS seen (
     id INTEGER PRIMARY KEY AUTOINCREMENT, digest BLOB NOT NULL UNIQUE);
 """
@@ -49,6 +50,9 @@ SQL_PARAMS = 999
 DEADLETTER_KEEP = 100_000
 # Check that bound every this many dead letters (amortises the DELETE).
 DEADLETTER_PRUNE_EVERY = 1_000
+# `published` of a row the broker (or our client) refused: parked with its reason in
+# `refused`, never sent again by itself, so it cannot hold up the rows behind it.
+REFUSED = 2
 
 
 class Store:
@@ -75,6 +79,10 @@ class Store:
             if col not in have:
                 self.db.execute(f"ALTER TABLE deadletters ADD COLUMN {col} INTEGER NOT NULL "
                                 "DEFAULT 0")
+        for table in ("results", "deadletters"):
+            if "refused" not in {row[1] for row in self.db.execute(
+                    f"PRAGMA table_info({table})")}:
+                self.db.execute(f"ALTER TABLE {table} ADD COLUMN refused TEXT")
 
     def close(self) -> None:
         self.db.close()
@@ -255,6 +263,11 @@ class Store:
     def mark_published(self, result_id: int) -> None:
         self.db.execute("UPDATE results SET published = 1 WHERE id = ?", (result_id,))
 
+    def mark_refused(self, result_id: int, why: str) -> None:
+        """Park a result the broker refused: kept and served, never published again."""
+        self.db.execute("UPDATE results SET published = ?, refused = ? WHERE id = ?",
+                        (REFUSED, why, result_id))
+
     # dead letters ------------------------------------------------------------------------
     def add_deadletter(self, topic: str, reason: str, detail: str, payload: bytes) -> int:
         """Record a rejected input (its first bytes only); returns its id."""
@@ -285,3 +298,8 @@ class Store:
 
     def mark_deadletter_published(self, deadletter_id: int) -> None:
         self.db.execute("UPDATE deadletters SET published = 1 WHERE id = ?", (deadletter_id,))
+
+    def mark_deadletter_refused(self, deadletter_id: int, why: str) -> None:
+        """Park a dead letter the broker refused: kept, never published again."""
+        self.db.execute("UPDATE deadletters SET published = ?, refused = ? WHERE id = ?",
+                        (REFUSED, why, deadletter_id))
