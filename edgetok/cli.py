@@ -184,19 +184,20 @@ def build_parser() -> argparse.ArgumentParser:
     r = add("replay", cmd_replay, "publish a real dataset to MQTT as sensors would",
             "Replay a UCR/UEA dataset (default: BasicMotions test set, 6-axis IMU) as JSON "
             "readings over MQTT at QoS 1, timestamped on the stream's sample grid.")
-    from edgetok.replay import add_arguments
+    from edgetok.replay import add_arguments, positive
 
     add_arguments(r)
     d = add("demo", cmd_demo, "run everything on this machine",
             "Start a private mosquitto, an edge server and a gateway, replay BasicMotions, and "
             "print a line per result. Ctrl-C (or --duration) stops it cleanly.")
-    d.add_argument("--duration", type=float, default=None, metavar="SECONDS",
+    d.add_argument("--duration", type=positive(float), default=None, metavar="SECONDS",
                    help="stop after this long (default: run until Ctrl-C)")
-    d.add_argument("--http-port", type=int, default=8080, help="gateway HTTP port")
+    d.add_argument("--http-port", type=int, default=None,
+                   help="gateway HTTP port (default: 8080, or a free port when 8080 is taken)")
     d.add_argument("--mqtt-port", type=int, default=0, help="broker port (0: a free one)")
     d.add_argument("--bundle", type=Path, default=None,
                    help="bundle to run (default: bundles/reference, else bundles/quick)")
-    d.add_argument("--speed", type=float, default=10.0,
+    d.add_argument("--speed", type=positive(float), default=10.0,
                    help="replay speed-up over the 10 Hz sensor rate")
     d.add_argument("--no-build-reference", dest="build_reference", action="store_false",
                    help="when only the quick bundle exists, do not build the reference "

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import socket
 import subprocess
 import sys
 import tempfile
@@ -44,6 +45,18 @@ def pick_bundle(explicit: Path | None) -> tuple[Path, bool]:
                         str(ROOT / "configs/models/quick.toml"), "--out", str(quick)],
                        check=True)
     return quick, False
+
+
+def http_port_for(requested: int | None, preferred: int = 8080) -> int:
+    """The port asked for, else `preferred` when nothing holds it, else any free one."""
+    if requested:
+        return requested
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", preferred))
+        except OSError:  # taken (say, by an installed gateway): the demo must not fail on it
+            return free_port()
+    return preferred
 
 
 def write_configs(work: Path, bundle: Path, mqtt_port: int, http_port: int) -> tuple[Path, Path]:
@@ -164,21 +177,22 @@ async def switch_when_built(build: subprocess.Popen[bytes], daemons: Daemons) ->
 async def run_demo(args: argparse.Namespace, work: Path) -> int:
     bundle, is_reference = pick_bundle(args.bundle)
     mqtt_port = args.mqtt_port or free_port()
+    http_port = http_port_for(args.http_port)
     if args.check_config:
-        gcfg, scfg = write_configs(work, bundle, mqtt_port, args.http_port)
+        gcfg, scfg = write_configs(work, bundle, mqtt_port, http_port)
         from edgetok.cli import _check
 
         return _check("gateway", gcfg) or _check("server", scfg)
     broker = start_mosquitto(work / "broker", mqtt_port)
-    daemons = Daemons(work, mqtt_port, args.http_port)
+    daemons = Daemons(work, mqtt_port, http_port)
     build = None
     started = time.monotonic()
     count = [0]
     try:
         daemons.start(bundle)
         print(f"bundle {bundle}\nbroker 127.0.0.1:{mqtt_port}  logs in {work}\n"
-              f"results: http://127.0.0.1:{args.http_port}/v1/results   "
-              f"status: http://127.0.0.1:{args.http_port}/v1/status\n"
+              f"results: http://127.0.0.1:{http_port}/v1/results   "
+              f"status: http://127.0.0.1:{http_port}/v1/status\n"
               f"replaying BasicMotions (test set) at {args.speed:g}x real time; Ctrl-C stops\n",
               flush=True)
         async with asyncio.TaskGroup() as tg:
@@ -191,7 +205,7 @@ async def run_demo(args: argparse.Namespace, work: Path) -> int:
                 await asyncio.sleep(args.duration if args.duration else 10**9)
             finally:
                 await asyncio.sleep(1.0)
-                print("\n" + summary(args.http_port, time.monotonic() - started))
+                print("\n" + summary(http_port, time.monotonic() - started))
                 for t in tasks:
                     t.cancel()
     finally:
