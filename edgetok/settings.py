@@ -15,6 +15,7 @@ from pydantic import (
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 
 from edgetok.topics import DEFAULT_PREFIX
@@ -95,6 +96,16 @@ class MqttSettings(Strict):
     prefix: str = Field(DEFAULT_PREFIX, description="Topic prefix for every edgetok topic.")
     reconnect_min_s: float = Field(0.5, gt=0, description="First reconnect delay.")
     reconnect_max_s: float = Field(15.0, gt=0, description="Longest reconnect delay (backoff cap).")
+
+    @model_validator(mode="after")
+    def _backoff_order(self) -> MqttSettings:
+        # The backoff starts at the minimum and doubles up to the cap; a cap below the start
+        # would silently win, so say which key to fix.
+        if self.reconnect_min_s > self.reconnect_max_s:
+            raise ValueError(f"reconnect_min_s ({self.reconnect_min_s:g}) is above "
+                             f"reconnect_max_s ({self.reconnect_max_s:g}); the first reconnect "
+                             "delay cannot exceed the cap")
+        return self
 
 
 def read_secret(name: str, env_var: str, inline: SecretStr | None) -> str | None:
