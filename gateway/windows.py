@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import bisect
 import math
 import time
+from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
 
 from edgetok.gateway.config import StreamConfig
 from edgetok.tokenizers import SeriesWindow, align
+
+# Readings in a row far ahead of a stream's watermark before it follows them: a lone glitched
+# timestamp never moves it; a sensor that resumed after a gap is followed this many readings
+# in. More: glitches that come in runs are ignored too, but a resume is followed later.
+JUMP_QUORUM = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +47,11 @@ class WindowBuffer:
         # Windows at or below closed_upto that a crash cut off: they may open once more.
         self.rerun: set[int] = set(rerun or ())
         self.watermark = -math.inf
+        # Timestamps held ahead of the watermark (sorted), and the latest of them in a row
+        # with no reading near the watermark in between: see _leap_ahead.
+        self.held: list[float] = []
+        self._run: deque[float] = deque(maxlen=JUMP_QUORUM)
+        self._leap = cfg.hop_samples / cfg.rate_hz + cfg.lateness_ms / 1000.0
         self.last_arrival = time.monotonic()
         self.duplicates = 0
 
@@ -78,12 +90,39 @@ class WindowBuffer:
             if all(old.get(c) == v for c, v in values.items()):
                 self.duplicates += 1
             old.update(values)
+        elif ts - self.watermark > self._leap:
+            self._leap_ahead(ts)
+            self.readings[ts] = dict(values)
         else:
             self.readings[ts] = dict(values)
+            if ts > self.watermark:
+                self.watermark = ts
+                if self.held and self.held[0] <= ts:  # the stream has caught up with them
+                    del self.held[:bisect.bisect(self.held, ts)]
+            if self._run:
+                self._run.clear()  # the stream is still here: what leapt alone was a glitch
         self.open.update(ks)
-        self.watermark = max(self.watermark, ts)
         self.last_arrival = time.monotonic()
         return True
+
+    def _leap_ahead(self, ts: float) -> None:
+        """Hold a new reading far ahead of the watermark; follow once enough in a row leap.
+
+        Every window ending before the watermark (less the lateness) closes, so one reading
+        stamped far ahead (a glitched sensor clock) would close each later window at its first
+        reading and turn the rest of its readings late, for as long as the glitch was ahead.
+        So a reading more than a hop (plus the lateness) ahead is held: buffered and windowed
+        like any other, waiting in its window for the stream to get there, without moving the
+        watermark. Only JUMP_QUORUM such readings in a row (a sensor that resumed after a
+        gap, a chunk after a silence, a trickle through a stalled link) move it, to their
+        median, which one glitch among them cannot set. A reading within reach of the
+        watermark in between ends the run. One reading thus closes at most one window early.
+        """
+        bisect.insort(self.held, ts)
+        self._run.append(ts)
+        if len(self._run) == JUMP_QUORUM:
+            self.watermark = max(self.watermark, sorted(self._run)[JUMP_QUORUM // 2])
+            del self.held[:bisect.bisect(self.held, self.watermark)]
 
     def hold_idle(self, now_mono: float) -> None:
         """Silence while the gateway cannot listen (broker gone, backpressure) is not idling."""
