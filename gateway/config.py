@@ -76,6 +76,11 @@ class StreamConfig(Strict):
     def hop_samples(self) -> int:
         return self.hop or self.window
 
+    @property
+    def grid(self) -> str:
+        """What gives a window number its meaning: rate, hop and length."""
+        return f"rate_hz={self.rate_hz!r} hop={self.hop_samples} window={self.window}"
+
     def field_of(self, channel: str) -> str:
         return self.fields.get(channel, channel)
 

@@ -57,6 +57,11 @@ class Gateway:
         self.manifest.variant(cfg.decision.variant)  # fail early on a wrong variant id
         self.streams = {s.name: s for s in cfg.streams}
         self.tokenizers = {s.name: self._tokenizer(s) for s in cfg.streams}
+        for s in cfg.streams:
+            old = self.store.use_grid(s.name, s.grid)
+            if old is not None:
+                log.warning("stream %s: window grid changed from %s to %s; its windows start "
+                            "afresh (earlier results stay readable)", s.name, old, s.grid)
         self.buffers = {s.name: WindowBuffer(s, *self.store.window_marks(s.name))
                         for s in cfg.streams}
         if cfg.journal.max_rows < MIN_JOURNAL_WINDOWS * sum(s.window for s in cfg.streams):
@@ -358,9 +363,15 @@ class Gateway:
 
 async def run_gateway(cfg: GatewayConfig) -> int:
     """Run a gateway until SIGTERM or SIGINT; 0 after a graceful drain."""
+    from edgetok.gateway.compat import stream_problems
     from edgetok.gateway.http import preflight
+    from edgetok.models.bundle import read_manifest
+    from edgetok.settings import ConfigError
 
     preflight(cfg)  # an exposed API without a token is refused before anything starts
+    problems = stream_problems(cfg.streams, read_manifest(cfg.bundle.path))
+    if problems:  # else every window would fail at inference, with the daemon "ready"
+        raise ConfigError("gateway config", problems)
     gw = Gateway(cfg)
     stop_on_signals(gw.stopping)
     await gw.run()

@@ -19,11 +19,7 @@ CREATE TABLE IF NOT EXISTS readings (
 CREATE TABLE IF NOT EXISTS windows (
     stream TEXT NOT NULL, window INTEGER NOT NULL, closed_ts REAL NOT NULL,
     PRIMARY KEY (stream, window)) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS results (
-    id INTEGER PRIMARY KEY AUTOINCREMENT, stream TEXT NOT NULL, window INTEGER NOT NULL,
-    end_ts REAL NOT NULL, body TEXT NOT NULL, published INTEGER NOT NULL DEFAULT 0,
-    refused TEXT, UNIQUE (stream, window));
-CREATE INDEX IF NOT EXISTS results_unpublished ON results (published, id);
+CREATE TABLE IF NOT EXISTS grids (stream TEXT PRIMARY KEY, grid TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS deadletters (
     id INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL NOT NULL, topic TEXT NOT NULL,
     reason TEXT NOT NULL, detail TEXT NOT NULL, payload_head BLOB NOT NULL,
@@ -31,6 +27,18 @@ CREATE TABLE IF NOT EXISTS deadletters (
     refused TEXT);
 CREATE TABLE IF NOT EXISTS seen (
     id INTEGER PRIMARY KEY AUTOINCREMENT, digest BLOB NOT NULL UNIQUE);
+"""
+# A window number means something only on its stream's grid (rate_hz, hop, window), so the
+# grid is part of a result's key: after a config change the new grid's windows neither
+# collide with the old results nor sit below their marks.
+RESULTS = """
+CREATE TABLE IF NOT EXISTS {name} (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, stream TEXT NOT NULL, grid TEXT NOT NULL DEFAULT '',
+    window INTEGER NOT NULL, end_ts REAL NOT NULL, body TEXT NOT NULL,
+    published INTEGER NOT NULL DEFAULT 0, refused TEXT, UNIQUE (stream, grid, window));
+"""
+INDEXES = """
+CREATE INDEX IF NOT EXISTS results_unpublished ON results (published, id);
 """
 
 # Dead letters keep only the first bytes: enough to diagnose, never a copy of a huge payload.
@@ -66,14 +74,29 @@ class Store:
         self.db.execute("PRAGMA journal_mode=WAL")
         self._level = ""
         self._sync("NORMAL")
-        self.db.executescript(SCHEMA)
+        self.db.executescript(SCHEMA + RESULTS.format(name="results"))
         self._migrate()
+        self.db.executescript(INDEXES)
+        self.grids: dict[str, str] = {}  # stream -> its grid in force (see use_grid)
         self._journal_rows = self.db.execute("SELECT count(*) FROM readings").fetchone()[0]
         self._seen_rows = self.db.execute("SELECT count(*) FROM seen").fetchone()[0]
         self.deadletters_pruned = 0
 
     def _migrate(self) -> None:
         """Add columns that databases written by older versions lack."""
+        have = {row[1] for row in self.db.execute("PRAGMA table_info(results)")}
+        if "grid" not in have:  # the key changes: SQLite can only rebuild the table
+            cols = ", ".join(sorted(have))
+            seq = self.db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'results'"
+                                  ).fetchone()
+            with self.tx():
+                self.db.execute(RESULTS.format(name="results_new"))
+                self.db.execute(f"INSERT INTO results_new ({cols}) SELECT {cols} FROM results")
+                self.db.execute("DROP TABLE results")
+                self.db.execute("ALTER TABLE results_new RENAME TO results")
+                if seq is not None:  # ids of deleted rows are never handed out again
+                    self.db.execute("UPDATE sqlite_sequence SET seq = max(seq, ?) "
+                                    "WHERE name = 'results'", (seq[0],))
         have = {row[1] for row in self.db.execute("PRAGMA table_info(deadletters)")}
         for col in ("payload_bytes", "published"):
             if col not in have:
@@ -175,6 +198,28 @@ class Store:
         """Windows handed to inference that have no result yet."""
         return list(self.db.execute("SELECT stream, window FROM windows ORDER BY closed_ts"))
 
+    def use_grid(self, stream: str, grid: str) -> str | None:
+        """Set the grid a stream's windows are numbered on; the previous one if it changed.
+
+        On a change the stream's windows start afresh: the marks of the old grid are set
+        aside (its results stay, under their grid) and its windows cut off by the last stop
+        are forgotten, since their numbers mean nothing now; their readings stay journaled
+        and are windowed again on the new grid. Results from before grids were recorded
+        are taken to be on the grid of the first start that records one.
+        """
+        self.grids[stream] = grid
+        row = self.db.execute("SELECT grid FROM grids WHERE stream = ?", (stream,)).fetchone()
+        if row is not None and row[0] == grid:
+            return None
+        with self.tx():
+            if row is None:
+                self.db.execute("UPDATE results SET grid = ? WHERE stream = ? AND grid = ''",
+                                (grid, stream))
+            else:
+                self.db.execute("DELETE FROM windows WHERE stream = ?", (stream,))
+            self.db.execute("INSERT OR REPLACE INTO grids VALUES (?, ?)", (stream, grid))
+        return None if row is None else str(row[0])
+
     def window_marks(self, stream: str) -> tuple[int | None, set[int]]:
         """The highest window closed so far, and the closed ones still without a result.
 
@@ -183,8 +228,8 @@ class Store:
         """
         pending = {int(k) for (k,) in self.db.execute(
             "SELECT window FROM windows WHERE stream = ?", (stream,))}
-        row = self.db.execute("SELECT max(window) FROM results WHERE stream = ?",
-                              (stream,)).fetchone()
+        row = self.db.execute("SELECT max(window) FROM results WHERE stream = ? AND grid = ?",
+                              (stream, self.grids.get(stream, ""))).fetchone()
         marks = ([int(row[0])] if row[0] is not None else []) + list(pending)
         return (max(marks) if marks else None), pending
 
@@ -208,14 +253,16 @@ class Store:
 
     # results -----------------------------------------------------------------------------
     def has_result(self, stream: str, window: int) -> bool:
-        return self.db.execute("SELECT 1 FROM results WHERE stream = ? AND window = ?",
-                               (stream, window)).fetchone() is not None
+        return self.db.execute(
+            "SELECT 1 FROM results WHERE stream = ? AND grid = ? AND window = ?",
+            (stream, self.grids.get(stream, ""), window)).fetchone() is not None
 
     def add_result(self, result: Result) -> int | None:
         """Store a result and retire its window; None if the window already has one."""
         cur = self.db.execute(
-            "INSERT OR IGNORE INTO results (stream, window, end_ts, body) VALUES (?, ?, ?, ?)",
-            (result.stream, result.window, result.end_ts, result.model_dump_json()))
+            "INSERT OR IGNORE INTO results (stream, grid, window, end_ts, body) "
+            "VALUES (?, ?, ?, ?, ?)", (result.stream, self.grids.get(result.stream, ""),
+                                       result.window, result.end_ts, result.model_dump_json()))
         self.db.execute("DELETE FROM windows WHERE stream = ? AND window = ?",
                         (result.stream, result.window))
         return cur.lastrowid if cur.rowcount else None
