@@ -209,10 +209,12 @@ edgetok is installed. Next:
      $CONF_DIR/gateway.toml (broker, streams, bundle path);
   2. secrets, if the broker or a non-loopback HTTP API needs them (mode 0600, root-owned):
      $CONF_DIR/credentials/mqtt_password and $CONF_DIR/credentials/api_token
-  3. validate, then start on boot and now:
-     sudo $VENV/bin/edgetok gateway --config $CONF_DIR/gateway.toml --check-config
+  3. validate (CREDENTIALS_DIRECTORY lets the check read the secrets systemd will hand the
+     service), then start on boot and now:
+     sudo env CREDENTIALS_DIRECTORY=$CONF_DIR/credentials $VENV/bin/edgetok gateway --config $CONF_DIR/gateway.toml --check-config
      sudo systemctl enable --now edgetok-gateway.service
-  (on the edge server: edgetok server --config $CONF_DIR/server.toml --check-config, then
+  (on the edge server: sudo env CREDENTIALS_DIRECTORY=$CONF_DIR/credentials
+   $VENV/bin/edgetok server --config $CONF_DIR/server.toml --check-config, then
    sudo systemctl enable --now edgetok-server.service)
 EOF
 }
