@@ -39,39 +39,62 @@ LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR"]
 
 
 def _check(kind: str, path: Path) -> int:
-    """Validate a config, its bundles and what the daemon checks before it starts (a token
-    for an exposed API, readable TLS files); print every problem; 0 if all is well."""
+    """Validate a config, its bundles, the streams against the bundle, and what the daemon
+    checks before it starts (a token for an exposed API, readable TLS files); print every
+    problem; 0 if all is well."""
     from edgetok.models.bundle import load_manifest
 
     try:
         if kind == "gateway":
             from edgetok.gateway.config import load as load_gw
-            from edgetok.gateway.http import preflight as gateway_preflight
 
             gcfg = load_gw(path)
-            manifest = load_manifest(gcfg.bundle.path)
-            manifest.variant(gcfg.decision.variant)
-            gateway_preflight(gcfg)
             bundles = [gcfg.bundle.path]
         else:
             from edgetok.agent.config import load as load_srv
-            from edgetok.agent.http import preflight as server_preflight
 
             scfg = load_srv(path)
-            for b in scfg.bundles:
-                load_manifest(b)
-            server_preflight(scfg)
             bundles = list(scfg.bundles)
+    except ConfigError as exc:  # nothing further can be checked without a config
+        return _problems(str(exc.source), exc.problems)
+    problems: list[str] = []
+    for b in bundles:
+        try:
+            manifest = load_manifest(b)
+        except BundleError as exc:
+            problems.append(f"bundle {b}: {exc}")
+            continue
+        if kind == "gateway":
+            from edgetok.gateway.compat import stream_problems
+
+            try:
+                manifest.variant(gcfg.decision.variant)
+            except BundleError as exc:
+                problems.append(f"decision.variant: {exc}")
+            problems += stream_problems(gcfg.streams, manifest)
+    try:
+        if kind == "gateway":
+            from edgetok.gateway.http import preflight as gateway_preflight
+
+            gateway_preflight(gcfg)
+        else:
+            from edgetok.agent.http import preflight as server_preflight
+
+            server_preflight(scfg)
     except ConfigError as exc:
-        print(f"{exc.source}: invalid config", file=sys.stderr)
-        for p in exc.problems:
-            print(f"  {p}", file=sys.stderr)
-        return 2
-    except BundleError as exc:
-        print(f"{path}: bundle problem: {exc}", file=sys.stderr)
-        return 2
+        problems += exc.problems
+    if problems:
+        return _problems(str(path), problems)
     print(f"{path}: OK ({kind}; bundles: {', '.join(str(b) for b in bundles)})")
     return 0
+
+
+def _problems(source: str, problems: list[str]) -> int:
+    """Print a config's problems, one per line; the exit status for them."""
+    print(f"{source}: invalid config", file=sys.stderr)
+    for p in problems:
+        print(f"  {p}", file=sys.stderr)
+    return 2
 
 
 def cmd_gateway(args: argparse.Namespace) -> int:

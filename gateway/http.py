@@ -295,15 +295,28 @@ def build_app(gw: Gateway, token: str | None) -> web.Application:
 
 
 def preflight(cfg: GatewayConfig) -> None:
-    """Refuse an exposed API without a token, and unreadable TLS files, before anything runs."""
-    check_bind(cfg.http.host, cfg.api_token(), "gateway")
-    check_tls(cfg.mqtt, "gateway config")
-    require_readable("gateway config",
-                     {"http.tls_cert": cfg.http.tls_cert, "http.tls_key": cfg.http.tls_key})
+    """Refuse an exposed API without a token, and unreadable TLS files, before anything runs;
+    one ConfigError names every problem."""
+    problems: list[str] = []
+    for check in (lambda: check_bind(cfg.http.host, cfg.api_token(), "gateway"),
+                  lambda: check_tls(cfg.mqtt, "gateway config"), lambda: _http_tls(cfg)):
+        try:
+            check()
+        except ConfigError as exc:
+            problems += exc.problems
+    if problems:
+        raise ConfigError("gateway config", problems)
+
+
+def _http_tls(cfg: GatewayConfig) -> None:
+    """ConfigError unless the API's certificate and key can be read and loaded together."""
+    cert, key = cfg.http.tls_cert, cfg.http.tls_key
+    require_readable("gateway config", {"http.tls_cert": cert, "http.tls_key": key})
     try:
-        tls_context(cfg.http.tls_cert, cfg.http.tls_key)
+        tls_context(cert, key)
     except (OSError, ssl.SSLError) as exc:
-        raise ConfigError("gateway config", [f"http.tls_cert/tls_key: {exc}"]) from exc
+        raise ConfigError("gateway config", [
+            f"http.tls_cert/tls_key: cannot load {cert} with {key}: {exc}"]) from exc
 
 
 async def serve(gw: Gateway) -> web.AppRunner:

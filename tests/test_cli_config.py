@@ -217,3 +217,43 @@ def test_check_config_refuses_what_the_daemon_would_refuse_at_start(
     out = run_cli("gateway", "--config", str(cfg), "--check-config",
                   env={**env, "EDGETOK_API_TOKEN": "s3cret-token-for-the-test"})
     assert out.returncode == 0, out.stderr
+
+
+def test_check_config_names_every_stream_the_bundle_cannot_take_and_every_other_problem(
+        tmp_path: Path, tiny_bundle: Path) -> None:
+    """Streams that do not give the model its input passed the check, and then every window
+    failed at inference with the daemon ready; now the check names them, with whatever else
+    is wrong, and the daemon refuses to start (exit 2)."""
+    import os
+
+    from harness import gateway_config
+
+    from edgetok.models.bundle import read_manifest
+    from edgetok.procs import to_toml
+
+    spec = read_manifest(tiny_bundle).input
+    gw = gateway_config(tmp_path, tiny_bundle, 1883, 8080)
+    stream = gw["streams"][0]
+    gw["streams"] = [
+        {**stream, "name": "few", "channels": spec.channels[:3]},
+        {**stream, "name": "short", "window": spec.window // 2},
+        {**stream, "name": "fast", "rate_hz": spec.rate_hz * 2},
+        {**stream, "name": "twice", "channels": [spec.channels[0]] * len(spec.channels)}]
+    gw["http"]["host"] = "0.0.0.0"  # and an exposed API without a token
+    cfg = tmp_path / "gw.toml"
+    cfg.write_text(to_toml(gw))
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("EDGETOK_API_TOKEN", "CREDENTIALS_DIRECTORY")}
+    out = run_cli("gateway", "--config", str(cfg), "--check-config", env=env)
+    assert out.returncode == 2
+    for line in ("streams.0.channels:", "streams.1.window:", "streams.2.rate_hz:",
+                 "streams.3.channels:", "listed more than once", "without a bearer token"):
+        assert line in out.stderr, (line, out.stderr)
+    gw["http"]["host"] = "127.0.0.1"
+    gw["streams"] = gw["streams"][:1]
+    cfg.write_text(to_toml(gw))
+    out = run_cli("gateway", "--config", str(cfg), env=env)
+    assert out.returncode == 2 and "streams.0.channels:" in out.stderr, out.stderr
+    gw["streams"] = [stream]
+    cfg.write_text(to_toml(gw))
+    assert run_cli("gateway", "--config", str(cfg), "--check-config", env=env).returncode == 0
