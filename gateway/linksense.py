@@ -9,6 +9,7 @@ deadline instead of waiting for the reply to time out.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import shutil
@@ -58,6 +59,7 @@ class LinkSensor:
         self._rate: float | None = None
         self._at = -float("inf")
         self.errors = 0
+        self._polling = False
 
     async def _read(self) -> float | None:
         assert self.interface is not None
@@ -66,20 +68,31 @@ class LinkSensor:
         proc = await asyncio.create_subprocess_exec(
             "iw", "dev", self.interface, "link", stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.DEVNULL)
-        out, _ = await asyncio.wait_for(proc.communicate(), POLL_TIMEOUT_S)
+        try:
+            out, _ = await asyncio.wait_for(proc.communicate(), POLL_TIMEOUT_S)
+        finally:
+            # A hung iw (a wedged driver) left running would pile up one child per poll.
+            if proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                await proc.wait()
         return parse_iw_link(out.decode(errors="replace"))
 
     async def poll(self) -> float | None:
-        """Read the rate once (None when the link reports none, e.g. no tbf installed)."""
-        if self.mode == "off":
+        """Read the rate once (None when the link reports none, e.g. no tbf installed, or
+        while another poll still runs: one reader of the link at a time)."""
+        if self.mode == "off" or self._polling:
             return None
         loop = asyncio.get_running_loop()
+        self._polling = True
         try:
             rate = await self._read()
         except (OSError, TimeoutError) as exc:
             self.errors += 1
             log.debug("link sensing failed: %s", exc)
             return None
+        finally:
+            self._polling = False
         self._rate, self._at = rate, loop.time()
         return rate
 
