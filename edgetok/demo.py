@@ -63,7 +63,9 @@ def write_configs(work: Path, bundle: Path, mqtt_port: int, http_port: int) -> t
     """Demo configs: the examples from configs/, pointed at the private broker and bundle."""
     gw: dict[str, Any] = tomllib.loads((ROOT / "configs/gateway.toml").read_text())
     gw["state_dir"] = str(work / "gateway")
+    # The examples log in to an authenticating broker; the demo's private one is anonymous.
     gw["mqtt"].update(port=mqtt_port)
+    gw["mqtt"].pop("username", None)
     gw["bundle"]["path"] = str(bundle)
     gw["http"]["port"] = http_port
     # The replay publishes faster than real time with timestamps on the true 10 Hz grid, so
@@ -73,6 +75,7 @@ def write_configs(work: Path, bundle: Path, mqtt_port: int, http_port: int) -> t
     srv: dict[str, Any] = tomllib.loads((ROOT / "configs/server.toml").read_text())
     srv["bundles"] = [str(bundle)]
     srv["mqtt"].update(port=mqtt_port)
+    srv["mqtt"].pop("username", None)
     srv["http"]["port"] = free_port()
     gpath, spath = work / "gateway.toml", work / "server.toml"
     gpath.write_text(to_toml(gw))
