@@ -15,6 +15,7 @@ import math
 import os
 import shutil
 import subprocess
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
@@ -44,6 +45,10 @@ TBF_BURST_BYTES = 2 * MTU_BYTES
 TBF_LIMIT_BYTES = 64 * 1024
 
 Mode = Literal["auto", "real", "emulated", "off"]
+# Actuation errors kept for /v1/status (the newest; `error_count` counts them all). A write
+# that keeps failing fails again on every fallback run, so an unbounded list would grow
+# without end.
+ERRORS_KEPT = 16
 
 
 def cfs_quota(share: float) -> tuple[int, int]:
@@ -105,7 +110,8 @@ class Actuators:
         self.s = s
         self.cpu_hz: float | None = None
         self.tx_power_w: float | None = None
-        self.errors: list[str] = []
+        self.errors: deque[str] = deque(maxlen=ERRORS_KEPT)
+        self.error_count = 0
         self.link_rate: Callable[[], float | None] | None = None  # the link sensor's reading
         self.cpu_mode = self._pick_cpu()
         self.tx_mode = self._pick_tx()
@@ -123,7 +129,7 @@ class Actuators:
         if want in ("auto", "emulated") and emu_ok:
             return "emulated"
         if want not in ("auto", "off"):
-            self.errors.append(f"cpu actuator mode {want!r} is not possible here")
+            self._error(f"cpu actuator mode {want!r} is not possible here")
         return "off"
 
     def _pick_tx(self) -> str:
@@ -136,7 +142,7 @@ class Actuators:
         if want in ("auto", "emulated") and shutil.which("tc") and \
                 Path(f"/sys/class/net/{iface}").exists():
             return "emulated"
-        self.errors.append(f"tx actuator mode {want!r} is not possible on {iface}")
+        self._error(f"tx actuator mode {want!r} is not possible on {iface}")
         return "off"
 
     def set_cpu(self, cpu_hz: float) -> None:
@@ -177,8 +183,7 @@ class Actuators:
                     (self.s.cgroup / "cpu.cfs_quota_us").write_text(str(quota))
             self.cpu_hz = hz
         except OSError as exc:
-            self.errors.append(f"cpu: {exc}")
-            log.warning("cannot set CPU clock: %s", exc)
+            self._error(f"cannot set CPU clock: {exc}")
 
     def airtime_s(self, nbytes: int) -> float:
         """Emulated mode: how long to hold a frame of `nbytes` before it goes to the socket.
@@ -208,13 +213,19 @@ class Actuators:
                    str(TBF_LIMIT_BYTES)]
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=5)
         if out.returncode != 0:
-            self.errors.append(f"tx: {' '.join(cmd)}: {out.stderr.strip()}")
-            log.warning("cannot set transmit power: %s", out.stderr.strip())
+            self._error(f"cannot set transmit power: {' '.join(cmd)}: {out.stderr.strip()}")
             return
         self.tx_power_w = p_w
+
+    def _error(self, msg: str) -> None:
+        """Record a failure; log it when it differs from the last (a repeat is counted)."""
+        self.error_count += 1
+        if not self.errors or self.errors[-1] != msg:
+            log.warning("%s", msg)
+        self.errors.append(msg)
 
     def status(self) -> dict[str, object]:
         return {"cpu": {"mode": self.cpu_mode, "hz": self.effective_cpu_hz()},
                 "tx": {"mode": self.tx_mode, "power_w": self.effective_tx_power_w(),
                        "interface": self.s.interface},
-                "errors": self.errors[-5:]}
+                "errors": list(self.errors)[-5:], "error_count": self.error_count}
