@@ -70,6 +70,8 @@ def decode_json(payload: bytes, stream: StreamConfig, now: float,
     if len(payload) > stream.max_payload_bytes:
         raise DecodeError("too_large", f"{len(payload)} bytes > limit "
                           f"{stream.max_payload_bytes}")
+    if not payload:  # json would say "Expecting value", which sends an operator the wrong way
+        raise DecodeError("empty", "empty payload (0 bytes)")
     try:
         doc = json.loads(payload)
     except (UnicodeDecodeError, ValueError) as exc:  # ValueError covers JSONDecodeError

@@ -25,7 +25,7 @@ def chunk(n: int, step: float = 0.1, t0: float = NOW - 60) -> bytes:
 
 
 @pytest.mark.parametrize(("payload", "reason"), [
-    (b"", "bad_json"),
+    (b"", "empty"),
     (b"\xff\x00garbage", "bad_json"),
     (b"[" * 2000, "bad_json"),  # deeper than the parser recurses, within the size limit
     (b'"a string"', "bad_type"),
