@@ -137,6 +137,15 @@ class JournalSettings(Strict):
         "FULL", description="SQLite synchronous mode under WAL. FULL makes every acknowledged "
         "message survive power loss (one fsync per batch; 6-17% less ingest measured); "
         "NORMAL survives a process crash only.")
+    keep_results_days: float = Field(
+        30.0, ge=0, description="Results (with their window's label and latencies) are kept "
+        "this long after their window ended, once published on MQTT (or refused by the "
+        "broker); older ones are deleted a small batch at a time. 0: no age limit.")
+    max_results: int = Field(
+        500_000, gt=0, description="At most this many results are kept (about 250 MB of "
+        "database at ~500 bytes each); the oldest published ones go first. Results not yet "
+        "published, and the newest of each stream, are never deleted, so the table can "
+        "exceed this while the broker is away.")
 
 
 class GatewayConfig(Strict):

@@ -37,6 +37,12 @@ CLOSE_TICK_S = 0.05
 DRAIN_GRACE_S = 5.0
 # Results and dead letters read per publisher pass; each is published and marked in turn.
 PUBLISH_BATCH = 200
+# Results deleted per retention step (one transaction), and the pause between steps, so
+# that deleting a backlog of old results never holds the event loop for long.
+RETENTION_BATCH = 500
+RETENTION_PAUSE_S = 0.05
+# How often retention looks for old results when there was nothing to delete.
+RETENTION_TICK_S = 10.0
 # A journal smaller than this many windows' worth of readings per stream risks windows that
 # can never complete before backpressure engages (they are then closed short); warn.
 MIN_JOURNAL_WINDOWS = 4
@@ -78,7 +84,7 @@ class Gateway:
                                          "duplicate_messages": 0, "late_readings": 0,
                                          "backpressure_events": 0, "windows_rerun": 0,
                                          "journal_peak_rows": 0, "results_refused": 0,
-                                         "deadletters_refused": 0}
+                                         "deadletters_refused": 0, "results_pruned": 0}
         self.started = time.time()
         decision = Decision(cfg.decision.variant, cfg.decision.precision)
         self.session = MqttSession(
@@ -140,7 +146,7 @@ class Gateway:
             return
         if msg.topic == self.topics.control:
             self.session.ack(msg)
-            await self.control.on_control(msg.payload)
+            self.control.on_control(msg.payload)  # applied in its own task, newest first
             return
         # Our own and our peers' output, caught by a broad unclaimed_topics filter:
         # dead-lettering it would publish a dead letter that is caught again, forever.
@@ -291,6 +297,20 @@ class Gateway:
             while await self._publish_stored():
                 pass  # a full batch went out and more is waiting
 
+    def _prune_results(self) -> int:
+        """One retention step: delete a batch of old published results; how many went."""
+        j = self.cfg.journal
+        before = time.time() - j.keep_results_days * 86400 if j.keep_results_days else None
+        gone = self.store.prune_results(before, j.max_results, RETENTION_BATCH)
+        self.counters["results_pruned"] += gone
+        return gone
+
+    async def _retention(self) -> None:
+        """Keep the results table bounded, a small batch at a time between other work."""
+        while True:
+            full = self._prune_results() == RETENTION_BATCH  # more wait: soon, not at once
+            await asyncio.sleep(RETENTION_PAUSE_S if full else RETENTION_TICK_S)
+
     # recovery and lifecycle --------------------------------------------------------------
     def recover(self) -> int:
         """Rebuild open windows from the journal and re-run windows cut off by a crash."""
@@ -332,7 +352,8 @@ class Gateway:
             self.tg = tg
             mqtt_task = tg.create_task(self.session.run())
             workers = [tg.create_task(c) for c in (self.ingest.run(), self._closer(),
-                                                  self._publisher(), self.control.run())]
+                                                  self._publisher(), self.control.run(),
+                                                  self._retention())]
             self.recover()
             health = tg.create_task(self.health.run())  # READY=1, STATUS=, WATCHDOG=1
             await self.stopping.wait()
@@ -348,8 +369,8 @@ class Gateway:
             while self.store.unpublished(1) and time.monotonic() < limit \
                     and self.session.connected.is_set():  # noqa: ASYNC110
                 await asyncio.sleep(0.05)
-            workers[2].cancel()
-            workers[3].cancel()
+            for w in workers[2:]:
+                w.cancel()
             health.cancel()
             log.debug("stopping: HTTP")
             await runner.cleanup()

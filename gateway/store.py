@@ -37,8 +37,26 @@ CREATE TABLE IF NOT EXISTS {name} (
     window INTEGER NOT NULL, end_ts REAL NOT NULL, body TEXT NOT NULL,
     published INTEGER NOT NULL DEFAULT 0, refused TEXT, UNIQUE (stream, grid, window));
 """
+# After any migration (rebuilding `results` drops its indexes and triggers). Per-stream
+# counts, newest id and newest end are kept by triggers, so /v1/streams and
+# /v1/results/latest read a row per stream instead of scanning every result.
 INDEXES = """
 CREATE INDEX IF NOT EXISTS results_unpublished ON results (published, id);
+CREATE INDEX IF NOT EXISTS results_stream ON results (stream, id);
+CREATE INDEX IF NOT EXISTS deadletters_unpublished ON deadletters (published, id);
+CREATE TABLE IF NOT EXISTS result_stats (
+    stream TEXT PRIMARY KEY, n INTEGER NOT NULL, last_id INTEGER NOT NULL, last_end_ts REAL);
+CREATE TRIGGER IF NOT EXISTS results_counted AFTER INSERT ON results BEGIN
+    INSERT INTO result_stats VALUES (new.stream, 1, new.id, new.end_ts)
+    ON CONFLICT (stream) DO UPDATE SET n = n + 1, last_id = max(last_id, new.id),
+        last_end_ts = max(last_end_ts, new.end_ts);
+END;
+CREATE TRIGGER IF NOT EXISTS results_uncounted AFTER DELETE ON results BEGIN
+    UPDATE result_stats SET n = n - 1, last_id = CASE WHEN last_id = old.id THEN
+        coalesce((SELECT max(id) FROM results WHERE stream = old.stream), 0) ELSE last_id END
+    WHERE stream = old.stream;
+    DELETE FROM result_stats WHERE stream = old.stream AND n <= 0;
+END;
 """
 
 # Dead letters keep only the first bytes: enough to diagnose, never a copy of a huge payload.
@@ -76,7 +94,14 @@ class Store:
         self._sync("NORMAL")
         self.db.executescript(SCHEMA + RESULTS.format(name="results"))
         self._migrate()
+        counted = self.db.execute("SELECT 1 FROM sqlite_master WHERE name = 'results_counted'"
+                                  ).fetchone() is not None
         self.db.executescript(INDEXES)
+        if not counted:  # triggers new (or dropped by a rebuild): count what is there, once
+            with self.tx():
+                self.db.execute("DELETE FROM result_stats")
+                self.db.execute("INSERT INTO result_stats SELECT stream, count(*), max(id), "
+                                "max(end_ts) FROM results GROUP BY stream")
         self.grids: dict[str, str] = {}  # stream -> its grid in force (see use_grid)
         self._journal_rows = self.db.execute("SELECT count(*) FROM readings").fetchone()[0]
         self._seen_rows = self.db.execute("SELECT count(*) FROM seen").fetchone()[0]
@@ -289,13 +314,48 @@ class Store:
     def latest(self) -> list[Result]:
         """The newest result of every stream."""
         return self._rows(self.db.execute(
-            "SELECT id, body FROM results WHERE id IN (SELECT max(id) FROM results "
-            "GROUP BY stream) ORDER BY stream"))
+            "SELECT id, body FROM results WHERE id IN (SELECT last_id FROM result_stats) "
+            "ORDER BY stream"))
 
     def result_counts(self) -> dict[str, tuple[int, float | None]]:
         """Per stream: number of results and the newest end time."""
         return {s: (n, t) for s, n, t in self.db.execute(
-            "SELECT stream, count(*), max(end_ts) FROM results GROUP BY stream")}
+            "SELECT stream, n, last_end_ts FROM result_stats")}
+
+    def prune_results(self, before_ts: float | None, keep: int, batch: int) -> int:
+        """Delete up to `batch` of the oldest settled results (published, or refused and
+        parked) that are beyond the newest `keep` or end before `before_ts`; how many went.
+
+        Never a result still to be published, the newest of a stream (/v1/results/latest),
+        or the highest window of a stream's grid in force (it marks where its windows
+        resume after a restart). Oldest by id, through the (published, id) index: a batch
+        costs the same however large the table.
+        """
+        total = int(self.db.execute("SELECT coalesce(sum(n), 0) FROM result_stats")
+                    .fetchone()[0])
+        keep_ids = {int(i) for (i,) in self.db.execute("SELECT last_id FROM result_stats")}
+        for stream, grid in self.grids.items():
+            row = self.db.execute("SELECT id FROM results WHERE stream = ? AND grid = ? "
+                                  "ORDER BY window DESC LIMIT 1", (stream, grid)).fetchone()
+            if row is not None:
+                keep_ids.add(int(row[0]))
+        rows: list[tuple[int, float]] = []
+        for state in (1, REFUSED):  # one range each: IN (1, 2) would sort the whole index
+            rows += self.db.execute("SELECT id, end_ts FROM results WHERE published = ? "
+                                    "ORDER BY id LIMIT ?", (state, batch + len(keep_ids)))
+        over = total - keep
+        gone: list[int] = []
+        for rid, end_ts in sorted(rows):
+            if len(gone) >= batch:
+                break
+            if rid not in keep_ids and (len(gone) < over or (
+                    before_ts is not None and end_ts < before_ts)):
+                gone.append(rid)
+        if gone:
+            with self.tx():
+                self.db.execute(f"DELETE FROM results WHERE id IN ({','.join('?' * len(gone))})",
+                                gone)
+        return len(gone)
 
     def unpublished(self, limit: int = 100) -> list[Result]:
         """Results not yet confirmed published on MQTT, oldest first."""
