@@ -224,11 +224,18 @@ class MqttSession:
             log.info("MQTT connected to %s:%d as %s (connect #%d)", self.settings.host,
                      self.settings.port, self.client_id, self.connects)
             self.connected.set()
-            tasks = {asyncio.ensure_future(self._pump(conn)),
-                     asyncio.ensure_future(self._keepalive(conn, keepalive)),
-                     asyncio.ensure_future(self._closing.wait())}
+            pump = asyncio.ensure_future(self._pump(conn))
+            closing = asyncio.ensure_future(self._closing.wait())
+            tasks = {pump, closing, asyncio.ensure_future(self._keepalive(conn, keepalive))}
             try:
                 await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+                if not self._closing.is_set() and not pump.done():
+                    # The link ended, but what it delivered is ours: QoS 0 is never sent
+                    # again, nor is QoS 1 once the session has expired. The pump finishes the
+                    # message in hand and drains the inbox; their acks are no-ops now, so the
+                    # broker resends the QoS 1 ones, which at-least-once allows.
+                    self.connected.clear()
+                    await asyncio.wait({pump, closing}, return_when=asyncio.FIRST_COMPLETED)
             finally:
                 for t in tasks:
                     t.cancel()

@@ -1,0 +1,111 @@
+"""Our MQTT client where links end, brokers set limits, and configs change: the session must
+neither lose nor stall, nor storm the broker."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+from harness import until
+
+from edgetok.mqttlink import InMessage, MqttSession
+from edgetok.mqttwire import SUBACK, packet, publish_packet, read_varint
+from edgetok.settings import MqttSettings
+
+LIMIT_S = 20.0
+
+
+# A scripted broker, for what a real one will not produce on cue -------------------------
+async def read_packet(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    """One control packet from the client: (first byte, body)."""
+    head = await reader.readexactly(2)
+    raw = bytearray(head)
+    while raw[-1] & 0x80:
+        raw += await reader.readexactly(1)
+    length, _ = read_varint(raw, 1)
+    return raw[0], await reader.readexactly(length)
+
+
+Script = Callable[[int, asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+@asynccontextmanager
+async def scripted_broker(script: Script) -> AsyncIterator[list[int]]:
+    """A listener running `script(n, reader, writer)` for its n-th connection (from 1);
+    yields the port in a one-element list."""
+    count = 0
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal count
+        count += 1
+        try:
+            await script(count, reader, writer)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    try:
+        yield [server.sockets[0].getsockname()[1]]
+    finally:
+        server.close()
+
+
+async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """CONNECT → CONNACK, SUBSCRIBE → SUBACK granting QoS 1."""
+    await read_packet(reader)
+    writer.write(b"\x20\x03\x00\x00\x00")
+    first, body = await read_packet(reader)
+    assert first == 0x82
+    writer.write(packet(SUBACK, body[:2] + b"\x00\x01"))
+    await writer.drain()
+
+
+def fast(port: int, **extra: Any) -> MqttSettings:
+    return MqttSettings(host="127.0.0.1", port=port, reconnect_min_s=0.05,
+                        reconnect_max_s=0.05, **extra)
+
+
+@pytest.mark.asyncio
+async def test_messages_received_before_the_link_ends_are_all_handled() -> None:
+    sent = [publish_packet("s/x", b"%d" % i, 0, False, 0) for i in range(200)] \
+        + [publish_packet("s/x", b"q1-%d" % i, 1, False, i + 1) for i in range(3)]
+
+    async def script(n: int, reader: asyncio.StreamReader,
+                     writer: asyncio.StreamWriter) -> None:
+        await accept(reader, writer)
+        if n == 1:  # a burst, then the broker goes away (as on a restart)
+            writer.write(b"".join(sent) + b"\xe0\x02\x8b\x00")
+            await writer.drain()
+        await reader.read()  # hold the link until the client drops it
+
+    got: list[bytes] = []
+    cancelled = 0
+
+    async def handler(m: InMessage) -> None:
+        nonlocal cancelled
+        try:
+            await asyncio.sleep(0)  # a handler that yields, as a queue put or commit does
+        except asyncio.CancelledError:
+            cancelled += 1
+            raise
+        got.append(m.payload)
+        s.ack(m)  # for a link that is gone: must be a harmless no-op
+
+    async with scripted_broker(script) as (port,):
+        s = MqttSession(fast(port), "etk-drain", password=None, subscriptions=["s/#"],
+                        on_message=handler)
+        task = asyncio.create_task(s.run())
+        try:
+            await until(lambda: s.connects == 2 and s.connected.is_set())
+        finally:
+            await s.close()
+            await task
+    # Everything read before the DISCONNECT was handled, once each, in order.
+    assert got == [b"%d" % i for i in range(200)] + [b"q1-%d" % i for i in range(3)]
+    assert cancelled == 0
+    assert s.last_error is not None and "Server shutting down" in s.last_error
