@@ -14,7 +14,6 @@ import logging
 import math
 import os
 import shutil
-import subprocess
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
@@ -22,7 +21,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from edgetok.gateway.linksense import SenseMode
+from edgetok.gateway.linksense import SenseMode, run_bounded
 from edgetok.settings import Strict, resolve_path
 
 log = logging.getLogger(__name__)
@@ -49,6 +48,8 @@ Mode = Literal["auto", "real", "emulated", "off"]
 # that keeps failing fails again on every fallback run, so an unbounded list would grow
 # without end.
 ERRORS_KEPT = 16
+# tc and iw answer in milliseconds; one that hangs (a wedged driver) is killed after this.
+TX_TIMEOUT_S = 5.0
 
 
 def cfs_quota(share: float) -> tuple[int, int]:
@@ -150,12 +151,13 @@ class Actuators:
         if cpu_hz != self.cpu_hz:
             self._set_cpu(cpu_hz)
 
-    def apply(self, cpu_hz: float, tx_power_w: float) -> None:
-        """Best effort: failures are recorded and reported, never raised."""
+    async def apply(self, cpu_hz: float, tx_power_w: float) -> bool:
+        """Set both; True once both are in force (or their actuator is off). Failures are
+        recorded and reported, never raised: the caller decides when to try again."""
         if cpu_hz != self.cpu_hz:
             self._set_cpu(cpu_hz)
-        if tx_power_w > 0 and tx_power_w != self.tx_power_w:
-            self._set_tx(tx_power_w)
+        cpu_ok = self.cpu_mode == "off" or self.cpu_hz == cpu_hz
+        return await self.set_tx(tx_power_w) and cpu_ok
 
     def effective_cpu_hz(self) -> float:
         """The clock the head really runs at: as set, or nominal when not actuated."""
@@ -199,10 +201,14 @@ class Actuators:
         sensed = self.link_rate() if self.s.link_airtime and self.link_rate else None
         return 8.0 * free / sensed if sensed else 0.0
 
-    def _set_tx(self, p_w: float) -> None:
+    async def set_tx(self, p_w: float) -> bool:
+        """Set the transmit power with iw or tc, off the event loop; True once it is in force.
+
+        A command that fails or hangs (killed after TX_TIMEOUT_S) leaves the power as it was.
+        """
         iface = self.s.interface
-        if iface is None or self.tx_mode == "off":
-            return
+        if iface is None or self.tx_mode == "off" or p_w <= 0 or p_w == self.tx_power_w:
+            return True
         if self.tx_mode == "real":
             mbm = round(10 * math.log10(p_w * 1000) * 100)
             cmd = ["iw", "dev", iface, "set", "txpower", "fixed", str(mbm)]
@@ -211,11 +217,19 @@ class Actuators:
             cmd = ["tc", "qdisc", "replace", "dev", iface, "root", "tbf", "rate",
                    f"{int(bps)}bit", "burst", str(TBF_BURST_BYTES), "limit",
                    str(TBF_LIMIT_BYTES)]
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=5)
-        if out.returncode != 0:
-            self._error(f"cannot set transmit power: {' '.join(cmd)}: {out.stderr.strip()}")
-            return
-        self.tx_power_w = p_w
+        try:
+            code, _, err = await run_bounded(cmd, TX_TIMEOUT_S)
+        except TimeoutError:
+            why = f"no answer in {TX_TIMEOUT_S:g} s"
+        except OSError as exc:
+            why = str(exc)
+        else:
+            if code == 0:
+                self.tx_power_w = p_w
+                return True
+            why = err.decode(errors="replace").strip() or f"exit code {code}"
+        self._error(f"cannot set transmit power: {' '.join(cmd)}: {why}")
+        return False
 
     def _error(self, msg: str) -> None:
         """Record a failure; log it when it differs from the last (a repeat is counted)."""

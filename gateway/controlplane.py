@@ -9,6 +9,7 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING
 
+from edgetok.aio import wait_event
 from edgetok.control import ControlError, Decision, Telemetry, decode_decision, encode_telemetry
 from edgetok.gateway.actuators import Actuators
 from edgetok.gateway.inference import Decision as Running
@@ -23,6 +24,10 @@ log = logging.getLogger(__name__)
 
 # Results kept for telemetry statistics: enough for a stable median at a few windows/s.
 RECENT = 256
+# A clock or transmit power that did not take (tc or iw failed or hung) is tried again this
+# often until it does or a newer decision replaces it. Decisions are retained: the
+# coordinator does not send one again, so dropping it would leave the old power in force.
+ACTUATE_RETRY_S = 2.0
 
 
 class ControlPlane:
@@ -38,6 +43,9 @@ class ControlPlane:
         gw.inferencer.airtime = actuators.airtime_s
         actuators.link_rate = self.sensor.rate_bps
         self.last: Decision | None = None
+        self.pending: Decision | None = None  # the newest received, not applied yet
+        self.actuation_due: Decision | None = None  # applied, but its clock or power not yet
+        self._wake = asyncio.Event()  # a decision arrived
         self.rejected = 0
         self.recent: deque[Result] = deque(maxlen=RECENT)
         self._bytes_mark = 0
@@ -55,8 +63,12 @@ class ControlPlane:
         if r.where != "device-fallback":
             self._window_done.set()
 
-    async def on_control(self, payload: bytes) -> None:
-        """Validate and apply a decision between windows; bad ones are logged and counted."""
+    def on_control(self, payload: bytes) -> None:
+        """Validate a decision and hand it to the applier; bad ones are logged and counted.
+
+        Applying it (warming sessions, tc or iw) waits its turn in its own task: the MQTT
+        reader goes straight on to the downlink replies behind it.
+        """
         gw = self.gw
         try:
             d = decode_decision(payload)
@@ -73,8 +85,31 @@ class ControlPlane:
             self.rejected += 1
             log.warning("ignoring control message: %s", exc)
             return
-        if not d.supersedes(self.last):
+        if not d.supersedes(self.pending or self.last):
             return
+        self.pending = d  # one that still waits is superseded: only the newest is applied
+        self._wake.set()
+
+    async def _applier(self) -> None:
+        """Apply the newest decision received, and retry an actuation that did not take."""
+        while True:
+            await wait_event(self._wake, ACTUATE_RETRY_S if self.actuation_due else None)
+            self._wake.clear()
+            d, self.pending = self.pending, None
+            try:
+                if d is not None:
+                    await self._apply(d)
+                elif self.actuation_due is not None:
+                    due = self.actuation_due
+                    if await self.actuators.apply(due.cpu_hz, due.tx_power_w):
+                        log.info("decision #%d: clock and transmit power in force", due.seq)
+                        self.actuation_due = None
+            except Exception:  # one bad decision must not take the control plane down
+                log.exception("cannot apply decision #%d", d.seq if d else -1)
+
+    async def _apply(self, d: Decision) -> None:
+        """Warm the decision's sessions, switch to it, then set its clock and power."""
+        gw = self.gw
         # Warm the sessions first, so the swap itself costs the next window nothing.
         loop = asyncio.get_running_loop()
         v = gw.manifest.variant(d.variant)
@@ -93,11 +128,15 @@ class ControlPlane:
         # The fallback must be warm too: the window that needs it is already late.
         await loop.run_in_executor(gw.inferencer.executor, gw.inferencer.warm,
                                    gw.inferencer.fallback_of(running))
-        self.actuators.apply(d.cpu_hz, d.tx_power_w)
+        self.actuators.set_cpu(d.cpu_hz)  # one sysfs or cgroup write: before the swap
         self.last = d
         gw.inferencer.decision = running
         log.info("decision #%d: %s %s (cpu %.2f GHz, tx %.3f W, predicted %.1f ms)", d.seq,
                  d.variant, d.precision, d.cpu_hz / 1e9, d.tx_power_w, d.latency_ms)
+        # Telemetry reports the power really in force meanwhile, so the coordinator is not
+        # misled while this waits for tc or iw, or for a retry.
+        ok = await self.actuators.apply(d.cpu_hz, d.tx_power_w)
+        self.actuation_due = None if ok else d
 
     def measured(self) -> dict[str, float | None]:
         """Mean measured latency over recent results, for predicted-versus-measured."""
@@ -147,6 +186,7 @@ class ControlPlane:
         """Sense the link and publish telemetry every interval."""
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self.sensor.run())
+            tg.create_task(self._applier())
             tg.create_task(self._report())
             if self.gw.cfg.head_probe_interval_s > 0 and \
                     self.gw.cfg.decision.follow_coordinator:
@@ -189,6 +229,7 @@ class ControlPlane:
     def status(self) -> dict[str, object]:
         d, cal = self.last, self.gw.inferencer.probe_calibration
         return {"decision": d.model_dump() if d else None, "rejected": self.rejected,
+                "actuation_due": self.actuation_due is not None,
                 "measured": self.measured(), "actuators": self.actuators.status(),
                 "head_probe": {"scale": round(cal.scale, 4), "calibrations": cal.samples},
                 "link": self.sensor.status()}

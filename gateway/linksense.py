@@ -13,9 +13,11 @@ import contextlib
 import logging
 import re
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
+from edgetok.aio import within
 from edgetok.gateway.qdisc import read_tbf_rate
 
 log = logging.getLogger(__name__)
@@ -26,6 +28,23 @@ STALE_POLLS = 4
 # One poll must not hang the loop: iw answers in milliseconds.
 POLL_TIMEOUT_S = 2.0
 _IW_RATE = re.compile(r"tx bitrate:\s*([0-9.]+)\s*MBit/s")
+
+
+async def run_bounded(cmd: Sequence[str], timeout_s: float) -> tuple[int, bytes, bytes]:
+    """Run a command off the event loop: (exit code, stdout, stderr); TimeoutError past
+    timeout_s. A child that outlasts it, or its caller's cancellation, is killed and reaped:
+    a hung iw or tc (a wedged driver) left running would pile up one child per try."""
+    proc = await asyncio.create_subprocess_exec(*cmd, stdout=asyncio.subprocess.PIPE,
+                                                stderr=asyncio.subprocess.PIPE)
+    try:
+        out, err = await within(proc.communicate(), timeout_s)
+    finally:
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+    assert proc.returncode is not None
+    return proc.returncode, out, err
 
 
 def parse_iw_link(text: str) -> float | None:
@@ -65,17 +84,7 @@ class LinkSensor:
         assert self.interface is not None
         if self.mode == "tc":  # one netlink round trip, tens of µs: no need to leave the loop
             return read_tbf_rate(self.interface)
-        proc = await asyncio.create_subprocess_exec(
-            "iw", "dev", self.interface, "link", stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.DEVNULL)
-        try:
-            out, _ = await asyncio.wait_for(proc.communicate(), POLL_TIMEOUT_S)
-        finally:
-            # A hung iw (a wedged driver) left running would pile up one child per poll.
-            if proc.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
-                await proc.wait()
+        _, out, _ = await run_bounded(["iw", "dev", self.interface, "link"], POLL_TIMEOUT_S)
         return parse_iw_link(out.decode(errors="replace"))
 
     async def poll(self) -> float | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -26,7 +27,7 @@ V2_ROOT = Path("/sys/fs/cgroup")
 
 def test_without_hardware_both_actuators_report_off_and_defaults() -> None:
     a = Actuators(ActuatorSettings(cgroup=None, interface=None))
-    a.apply(1.0e9, 0.05)
+    asyncio.run(a.apply(1.0e9, 0.05))
     st = a.status()
     assert st["cpu"] == {"mode": "off", "hz": 2.0e9}  # the nominal clock, nothing was set
     assert st["tx"]["mode"] == "off" and st["tx"]["power_w"] == 0.1
@@ -68,7 +69,7 @@ def cgroup() -> Iterator[Path]:
 def test_emulated_clock_writes_a_proportional_cpu_quota(cgroup: Path) -> None:
     a = Actuators(ActuatorSettings(cpu_mode="emulated", cgroup=cgroup, nominal_hz=2.0e9))
     assert a.cpu_mode == "emulated"
-    a.apply(0.5e9, 0.0)
+    asyncio.run(a.apply(0.5e9, 0.0))
     if (cgroup / "cpu.max").exists():
         quota, period = (cgroup / "cpu.max").read_text().split()
     else:
@@ -79,7 +80,7 @@ def test_emulated_clock_writes_a_proportional_cpu_quota(cgroup: Path) -> None:
     assert a.effective_cpu_hz() == 0.5e9
     # 4% of a core: under the kernel's 1 ms floor at the usual period. The write must be
     # taken (a refused one would leave the old clock in force), with a longer period.
-    a.apply(0.08e9, 0.0)
+    asyncio.run(a.apply(0.08e9, 0.0))
     assert not a.errors
     if (cgroup / "cpu.max").exists():
         quota, period = (cgroup / "cpu.max").read_text().split()
@@ -145,7 +146,7 @@ def test_emulated_power_shapes_the_uplink_with_a_fixed_bucket() -> None:
         s = ActuatorSettings(cpu_mode="off", tx_mode="emulated", interface=a_if)
         act = Actuators(s)
         for p in (0.1, 0.001):
-            act.apply(1e9, p)
+            asyncio.run(act.apply(1e9, p))
             assert not act.errors, act.errors
             out = subprocess.run(["tc", "-j", "qdisc", "show", "dev", a_if],
                                  capture_output=True, text=True, check=True).stdout
