@@ -64,6 +64,7 @@ class Connection(asyncio.Protocol):
         self._room = asyncio.Event()  # set when a publish slot or the writer frees up
         self._writable = True
         self._reading_paused = False
+        self._pausable = True
 
     # asyncio.Protocol -------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -121,9 +122,21 @@ class Connection(asyncio.Protocol):
             self._buf += buf[pos:]
         if got:
             self.arrived.set()
-            if len(self.inbox) >= READ_PAUSE_AT and self._transport is not None:
-                self._reading_paused = True
-                self._transport.pause_reading()
+            self._maybe_pause()
+
+    def _maybe_pause(self) -> None:
+        """Stop reading the socket while READ_PAUSE_AT messages wait, if allowed."""
+        if self._pausable and not self._reading_paused and len(self.inbox) >= READ_PAUSE_AT \
+                and self._transport is not None:
+            self._reading_paused = True
+            self._transport.pause_reading()
+
+    def set_pausable(self, pausable: bool) -> None:
+        """Whether reading may stop while READ_PAUSE_AT messages wait."""
+        # Not while the session awaits its SUBACK and PUBACKs: they may be queued behind
+        # thousands of retained messages, and a handler may be waiting for setup to finish.
+        self._pausable = pausable
+        self._maybe_pause()
 
     # incoming ---------------------------------------------------------------------------
     def _on_publish(self, first: int, buf: bytes | bytearray, pos: int, end: int) -> None:

@@ -17,6 +17,7 @@ import ssl
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from edgetok.aio import wait_event, within
 from edgetok.mqttconn import Connection
@@ -196,6 +197,8 @@ class MqttSession:
                 transport, conn = await asyncio.get_running_loop().create_connection(
                     lambda: Connection(generation, auto_ack=not self._manual_ack),
                     s.host, s.port, ssl=tls_context(s))
+                # Not until setup is done: its acks may queue behind many retained messages.
+                conn.set_pausable(False)
                 sock = transport.get_extra_info("socket")
                 if sock is not None:
                     for opt in NODELAY:
@@ -212,41 +215,68 @@ class MqttSession:
             raise MqttError(f"timed out connecting to {s.host}:{s.port}") from None
         except OSError as exc:  # refused, unreachable, TLS verification (ssl.SSLError)
             raise MqttError(str(exc) or type(exc).__name__) from exc
+        except asyncio.CancelledError:  # close() while connecting
+            if transport is not None:
+                transport.abort()
+            raise
         return conn, ack.keepalive_s if ack.keepalive_s is not None else s.keepalive_s
 
     async def _connected_session(self) -> None:
-        """Subscribe, announce, and pump messages until the connection ends or we close."""
-        conn, keepalive = await self._open()
-        self._conn = conn
+        """Connect, then run the connection until it ends or we close."""
+        closing = asyncio.ensure_future(self._closing.wait())
+        opening = asyncio.ensure_future(self._open())
         try:
-            self.connects += 1
-            await self._setup(conn)
-            log.info("MQTT connected to %s:%d as %s (connect #%d)", self.settings.host,
-                     self.settings.port, self.client_id, self.connects)
-            self.connected.set()
-            pump = asyncio.ensure_future(self._pump(conn))
-            closing = asyncio.ensure_future(self._closing.wait())
-            tasks = {pump, closing, asyncio.ensure_future(self._keepalive(conn, keepalive))}
-            try:
-                await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-                if not self._closing.is_set() and not pump.done():
-                    # The link ended, but what it delivered is ours: QoS 0 is never sent
-                    # again, nor is QoS 1 once the session has expired. The pump finishes the
-                    # message in hand and drains the inbox; their acks are no-ops now, so the
-                    # broker resends the QoS 1 ones, which at-least-once allows.
-                    self.connected.clear()
-                    await asyncio.wait({pump, closing}, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                for t in tasks:
-                    t.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.wait({opening, closing}, return_when=asyncio.FIRST_COMPLETED)
+            if opening.done():  # else close() came first: _open aborts its transport
+                await self._run_connection(*opening.result(), closing)
+        finally:
+            for t in (opening, closing):
+                t.cancel()
+            await asyncio.gather(opening, closing, return_exceptions=True)
+
+    async def _run_connection(self, conn: Connection, keepalive: int,
+                              closing: asyncio.Future[Any]) -> None:
+        """Subscribe, announce, and pump messages until the connection ends or we close."""
+        self._conn = conn
+        self.connects += 1
+        # The pump runs during setup too: a broker sends retained messages (and a resumed
+        # session's backlog) ahead of the SUBACK and PUBACK that setup waits for.
+        pump = asyncio.ensure_future(self._pump(conn))
+        setup = asyncio.ensure_future(self._setup(conn))
+        tasks: set[asyncio.Future[Any]] = {
+            pump, setup, asyncio.ensure_future(self._keepalive(conn, keepalive))}
+        try:
+            await asyncio.wait(tasks | {closing}, return_when=asyncio.FIRST_COMPLETED)
+            if setup.done() and not self._closing.is_set() and conn.lost is None:
+                setup.result()  # setup failed: raise why
+                conn.set_pausable(True)
+                log.info("MQTT connected to %s:%d as %s (connect #%d)", self.settings.host,
+                         self.settings.port, self.client_id, self.connects)
+                self.connected.set()
+                await asyncio.wait(tasks - {setup} | {closing},
+                                   return_when=asyncio.FIRST_COMPLETED)
             if self._closing.is_set():
-                self.connected.clear()
-                if self._final is not None:
-                    await self._send(conn, self._final, PUBLISH_TIMEOUT_S, True)
+                pump.cancel()  # a handler mid-message at close: QoS 1 comes back unacked
+                if self.connected.is_set():
+                    self.connected.clear()
+                    if self._final is not None:
+                        await self._send(conn, self._final, PUBLISH_TIMEOUT_S, True)
                 return
             raise conn.lost or MqttError("connection ended")
+        except MqttError:
+            self.connected.clear()
+            conn.close()  # a failed setup leaves the link up: end it before draining
+            if not pump.done() and not self._closing.is_set():
+                # The link ended, but what it delivered is ours: QoS 0 is never sent
+                # again, nor is QoS 1 once the session has expired. The pump finishes the
+                # message in hand and drains the inbox; their acks are no-ops now, so the
+                # broker resends the QoS 1 ones, which at-least-once allows.
+                await asyncio.wait({pump, closing}, return_when=asyncio.FIRST_COMPLETED)
+            raise
         finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
             self._conn = None
             conn.close()
 

@@ -9,9 +9,11 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
+from conftest import Broker
 from harness import until
 
-from edgetok.mqttlink import InMessage, MqttSession
+from edgetok import mqttconn, mqttlink
+from edgetok.mqttlink import InMessage, MqttSession, Outgoing
 from edgetok.mqttwire import SUBACK, packet, publish_packet, read_varint
 from edgetok.settings import MqttSettings
 
@@ -109,3 +111,69 @@ async def test_messages_received_before_the_link_ends_are_all_handled() -> None:
     assert got == [b"%d" % i for i in range(200)] + [b"q1-%d" % i for i in range(3)]
     assert cancelled == 0
     assert s.last_error is not None and "Server shutting down" in s.last_error
+
+
+def mqtt_settings(broker: Broker, **extra: Any) -> MqttSettings:
+    return MqttSettings(host="127.0.0.1", port=broker.port, reconnect_min_s=0.1,
+                        reconnect_max_s=0.5, **extra)
+
+
+@asynccontextmanager
+async def running(s: MqttSession) -> AsyncIterator[MqttSession]:
+    """Run a session for the body, connected or not, and close it after."""
+    task = asyncio.create_task(s.run())
+    try:
+        yield s
+    finally:
+        await s.close()
+        await task
+
+
+@pytest.mark.asyncio
+async def test_setup_completes_behind_more_retained_messages_than_the_read_pause(
+        mosquitto: Broker, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(mqttconn, "READ_PAUSE_AT", 50)
+    async with running(MqttSession(mqtt_settings(mosquitto), "etk-fill", password=None,
+                                   manual_ack=False)) as pub:
+        for i in range(300):
+            assert await pub.publish(f"r/{i}", b"v", qos=0, retain=True, wait_s=LIMIT_S)
+        assert await pub.publish("r/last", b"sync", retain=True)
+    got: list[str] = []
+
+    async def handler(m: InMessage) -> None:
+        # A handler that needs the session up, as one that publishes a reply does.
+        await s.connected.wait()
+        got.append(m.topic)
+
+    s = MqttSession(mqtt_settings(mosquitto), "etk-retained", password=None,
+                    subscriptions=["r/#"], on_connect=[Outgoing("st/gw", b"online")],
+                    on_message=handler, manual_ack=False)
+    async with running(s):
+        await until(s.connected.is_set)
+        await until(lambda: len(got) == 301)
+        assert s.connects == 1 and s.last_error is None
+    assert sorted(got) == sorted([f"r/{i}" for i in range(300)] + ["r/last"])
+
+
+@pytest.mark.asyncio
+async def test_close_interrupts_a_setup_the_broker_never_answers(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(mqttlink, "PUBLISH_TIMEOUT_S", 3600.0)
+    subscribed = asyncio.Event()
+
+    async def script(n: int, reader: asyncio.StreamReader,
+                     writer: asyncio.StreamWriter) -> None:
+        await read_packet(reader)
+        writer.write(b"\x20\x03\x00\x00\x00")
+        await read_packet(reader)  # SUBSCRIBE, never answered
+        subscribed.set()
+        await reader.read()
+
+    async with scripted_broker(script) as (port,):
+        s = MqttSession(fast(port), "etk-mute", password=None, subscriptions=["s/#"])
+        task = asyncio.create_task(s.run())
+        async with asyncio.timeout(LIMIT_S):
+            await subscribed.wait()
+            await s.close(timeout_s=LIMIT_S)  # returns once run() has ended
+            await task
+    assert task.done() and not s.connected.is_set()
