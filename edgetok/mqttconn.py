@@ -131,6 +131,11 @@ class Connection(asyncio.Protocol):
             self._reading_paused = True
             self._transport.pause_reading()
 
+    @property
+    def reading_paused(self) -> bool:
+        """Whether we stopped reading the socket (the inbox is full)."""
+        return self._reading_paused
+
     def set_pausable(self, pausable: bool) -> None:
         """Whether reading may stop while READ_PAUSE_AT messages wait."""
         # Not while the session awaits its SUBACK and PUBACKs: they may be queued behind
@@ -224,6 +229,9 @@ class Connection(asyncio.Protocol):
         """The session took messages from the inbox: resume reading if it had stopped."""
         if self._reading_paused and len(self.inbox) < READ_PAUSE_AT // 2:
             self._reading_paused = False
+            # The broker's silence while we did not read proves nothing: liveness counts
+            # from now on.
+            self.last_rx = time.monotonic()
             if self._transport is not None:
                 self._transport.resume_reading()
 

@@ -336,6 +336,12 @@ class MqttSession:
             return
         while not await wait_event(conn.ended, keepalive_s / KEEPALIVE_CHECKS):
             now = time.monotonic()
+            if conn.reading_paused:
+                # Nothing from the broker is our doing while we do not read (a handler slow
+                # on a full inbox): judge it once reading resumes, and keep our side alive.
+                if now - conn.last_tx >= keepalive_s / 2:
+                    conn.write(PING)
+                continue
             if now - conn.last_rx > 1.5 * keepalive_s:
                 conn.abort(MqttError(f"keepalive: nothing from the broker for "
                                      f"{now - conn.last_rx:.0f}s"))

@@ -177,3 +177,38 @@ async def test_close_interrupts_a_setup_the_broker_never_answers(
             await s.close(timeout_s=LIMIT_S)  # returns once run() has ended
             await task
     assert task.done() and not s.connected.is_set()
+
+
+@pytest.mark.asyncio
+async def test_a_handler_stalled_past_the_keepalive_keeps_the_link(
+        mosquitto: Broker, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(mqttconn, "READ_PAUSE_AT", 50)
+    keepalive = 1  # below what config allows, so the stall need not be long
+    release = asyncio.Event()
+    got: list[bytes] = []
+
+    async def stalled(m: InMessage) -> None:
+        await release.wait()
+        got.append(m.payload)
+
+    bodies = [b"%05d" % i + b"." * 200 for i in range(3000)]
+    sub = MqttSession(mqtt_settings(mosquitto).model_copy(update={"keepalive_s": keepalive}),
+                      "etk-stalled", password=None, subscriptions=["flood"],
+                      on_message=stalled, manual_ack=False)
+    async with running(MqttSession(mqtt_settings(mosquitto), "etk-pub", password=None,
+                                   manual_ack=False)) as pub, running(sub):
+        await until(lambda: sub.connected.is_set() and pub.connected.is_set())
+        conn = sub._conn
+        assert conn is not None
+        for body in bodies:
+            assert await pub.publish("flood", body, qos=0)
+        await until(lambda: conn.reading_paused)
+        # Wait until we have kept the link alive for well past 1.5 keepalives of silence
+        # from a broker we are not reading, or until it was (wrongly) given up.
+        await until(lambda: conn.lost is not None
+                    or conn.last_tx - conn.last_rx > 2 * keepalive)
+        assert conn.lost is None and conn.reading_paused
+        release.set()
+        await until(lambda: len(got) == len(bodies))
+        assert sub.connects == 1 and sub.last_error is None
+    assert got == bodies
