@@ -44,6 +44,8 @@ NODELAY = ((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),)
 # Keepalive checks per keepalive interval: a PINGREQ goes out when either direction has been
 # quiet for half the interval, and a broker silent for 1.5 intervals is taken as gone.
 KEEPALIVE_CHECKS = 4
+# A link up this long after its setup counts as healthy: the next outage backs off afresh.
+HEALTHY_AFTER_S = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,19 +162,23 @@ class MqttSession:
         self._final: Outgoing | None = None
         self.connects = 0
         self.last_error: str | None = None
+        self._up_since: float | None = None  # when the current link finished its setup
 
     async def run(self) -> None:
         """Connect, pump messages, and reconnect with backoff until close() is called."""
         delay = self.settings.reconnect_min_s
         while not self._closing.is_set():
-            connects = self.connects
+            self._up_since = None
             try:
                 await self._connected_session()
                 delay = self.settings.reconnect_min_s
             except MqttError as exc:
-                if self.connects != connects:
-                    # The link was up: start the backoff afresh, not where the last outage
-                    # left it, or a second broker restart would wait reconnect_max_s.
+                if self._up_since is not None and \
+                        time.monotonic() - self._up_since >= HEALTHY_AFTER_S:
+                    # The link was up and well: start the backoff afresh, not where the last
+                    # outage left it, or a second broker restart would wait reconnect_max_s.
+                    # Not after a link that failed in or soon after setup (a refused birth,
+                    # a session taken over): that would reconnect every reconnect_min_s.
                     delay = self.settings.reconnect_min_s
                 self.last_error = str(exc)
                 log.warning("MQTT connection to %s:%d lost or refused: %s; retrying in %.1fs",
@@ -253,6 +259,7 @@ class MqttSession:
                 log.info("MQTT connected to %s:%d as %s (connect #%d)", self.settings.host,
                          self.settings.port, self.client_id, self.connects)
                 self.connected.set()
+                self._up_since = time.monotonic()
                 await asyncio.wait(tasks - {setup} | {closing},
                                    return_when=asyncio.FIRST_COMPLETED)
             if self._closing.is_set():
@@ -291,8 +298,11 @@ class MqttSession:
                 if code >= 0x80:
                     log.warning("broker refused subscription %s: %s", filt, reason(code))
         for msg in self._announce:
-            if not await self._send(conn, msg, PUBLISH_TIMEOUT_S, True):
-                raise conn.lost or MqttError(f"announcement on {msg.topic} not acknowledged")
+            sent = await self._send(conn, msg, PUBLISH_TIMEOUT_S, True)
+            if not sent:
+                raise conn.lost or MqttError(
+                    f"announcement on {msg.topic} " + (f"refused: {sent.reason}" if sent.refused
+                                                       else "not acknowledged"))
 
     async def _send(self, conn: Connection, msg: Outgoing, limit_s: float,
                     warn: bool) -> Published:

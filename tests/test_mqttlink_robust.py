@@ -6,10 +6,11 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Broker
+from conftest import Broker, free_port
 from harness import until
 
 from edgetok import mqttconn, mqttlink
@@ -212,3 +213,29 @@ async def test_a_handler_stalled_past_the_keepalive_keeps_the_link(
         await until(lambda: len(got) == len(bodies))
         assert sub.connects == 1 and sub.last_error is None
     assert got == bodies
+
+
+@pytest.mark.asyncio
+async def test_a_link_that_fails_right_after_connecting_backs_off(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    acl = tmp_path / "acl"
+    acl.write_text("topic readwrite ok/#\n")  # the birth below is not allowed
+    broker = Broker(free_port(), tmp_path / "broker", extra_conf=f"acl_file {acl}\n")
+    broker.start()
+    try:
+        s = MqttSession(MqttSettings(host="127.0.0.1", port=broker.port, reconnect_min_s=0.01,
+                                     reconnect_max_s=0.08), "etk-storm", password=None,
+                        on_connect=[Outgoing("st/gw", b"online")], manual_ack=False)
+
+        def delays() -> list[float]:
+            return [r.args[-1] for r in caplog.records
+                    if r.name == "edgetok.mqttlink" and "retrying" in r.getMessage()
+                    and isinstance(r.args, tuple)]
+
+        async with running(s):
+            await until(lambda: len(delays()) >= 5)
+        assert s.connects >= 5  # each try got a CONNACK, then the birth was refused
+        assert delays()[:5] == [0.01, 0.02, 0.04, 0.08, 0.08]
+        assert s.last_error is not None and "Not authorized" in s.last_error
+    finally:
+        broker.stop()
