@@ -47,6 +47,7 @@ class ControlPlane:
         self.actuation_due: Decision | None = None  # applied, but its clock or power not yet
         self._wake = asyncio.Event()  # a decision arrived
         self.rejected = 0
+        self.reports_failed = 0  # telemetry reports that could not be built
         self.recent: deque[Result] = deque(maxlen=RECENT)
         self._bytes_mark = 0
         self._probes_mark = 0
@@ -223,12 +224,21 @@ class ControlPlane:
         """Publish telemetry every interval (QoS 0: a lost report is superseded anyway)."""
         while True:
             await asyncio.sleep(self.gw.cfg.telemetry_interval_s)
-            await self.gw.session.publish(self.gw.topics.telemetry,
-                                          encode_telemetry(self.telemetry()), qos=0, wait_s=0)
+            try:
+                payload = encode_telemetry(self.telemetry())
+            except Exception:
+                # A figure the wire refuses (say a NaN from a clock step) must cost one report,
+                # not the control plane's task group and with it the daemon.
+                self.reports_failed += 1
+                if self.reports_failed == 1:
+                    log.exception("could not build a telemetry report; skipping it")
+                continue
+            await self.gw.session.publish(self.gw.topics.telemetry, payload, qos=0, wait_s=0)
 
     def status(self) -> dict[str, object]:
         d, cal = self.last, self.gw.inferencer.probe_calibration
         return {"decision": d.model_dump() if d else None, "rejected": self.rejected,
+                "reports_failed": self.reports_failed,
                 "actuation_due": self.actuation_due is not None,
                 "measured": self.measured(), "actuators": self.actuators.status(),
                 "head_probe": {"scale": round(cal.scale, 4), "calibrations": cal.samples},

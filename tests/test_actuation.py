@@ -9,9 +9,10 @@ import time
 from pathlib import Path
 
 import pytest
-from harness import gateway_config, until
+from conftest import Broker
+from harness import Collector, gateway_config, until
 
-from edgetok.control import Decision, encode_decision
+from edgetok.control import Decision, Telemetry, encode_decision
 from edgetok.gateway import actuators, controlplane
 from edgetok.gateway.actuators import ERRORS_KEPT, Actuators, ActuatorSettings, rate_bps
 from edgetok.gateway.config import GatewayConfig
@@ -138,5 +139,46 @@ async def test_the_newest_decision_is_applied_and_a_failed_power_retried(
         assert [c.split()[8] for c in calls.read_text().splitlines()] == [rate, rate]
         assert cp.actuators.tx_power_w == 0.05 and cp.actuators.error_count == 1
     finally:
+        gw.inferencer.close()
+        gw.store.close()
+
+
+@pytest.mark.asyncio
+async def test_a_report_that_cannot_be_built_costs_that_report_only(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_bundle: Path, mosquitto: Broker,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A telemetry figure the wire refuses ended the control plane's task group, and the
+    daemon with it; now that report is skipped and the next ones go out."""
+    cfg = gateway_config(tmp_path, tiny_bundle, mosquitto.port, free_port(), extra={
+        "telemetry_interval_s": 0.05,
+        "actuators": {"cpu_mode": "off", "tx_mode": "off", "link_sense": "off"}})
+    gw = Gateway(GatewayConfig.model_validate(cfg))
+    cp = gw.control
+    built = cp.telemetry
+    calls = 0
+
+    def flaky() -> Telemetry:
+        nonlocal calls
+        calls += 1
+        if calls == 1:  # what a NaN in a measured figure does at validation
+            return Telemetry(gateway=gw.cfg.id, ts=float("nan"))
+        return built()
+
+    monkeypatch.setattr(cp, "telemetry", flaky)
+    seen = Collector(mosquitto.port, [gw.topics.telemetry]).start()
+    session = asyncio.create_task(gw.session.run())
+    try:
+        await gw.session.connected.wait()
+        with caplog.at_level(logging.ERROR, logger="edgetok.gateway.controlplane"):
+            reporter = asyncio.create_task(cp._report())
+            await until(lambda: len(seen.on(gw.topics.telemetry)) >= 2)
+            assert not reporter.done()
+            reporter.cancel()
+        assert cp.reports_failed == 1 and cp.status()["reports_failed"] == 1
+        assert len([r for r in caplog.records if "telemetry report" in r.getMessage()]) == 1
+    finally:
+        await gw.session.close()
+        await session
+        seen.stop()
         gw.inferencer.close()
         gw.store.close()
