@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import re
 import shutil
@@ -68,6 +69,15 @@ def pick_mode(want: SenseMode, interface: str | None) -> SenseMode:
     return "off"
 
 
+def _hint(exc: BaseException) -> str:
+    """What to do about a refused netlink socket; '' for other failures."""
+    if isinstance(exc, OSError) and exc.errno in (errno.EAFNOSUPPORT, errno.EPERM,
+                                                  errno.EACCES):
+        return (" (netlink refused: under systemd, install with --with-actuators, whose "
+                "drop-in allows AF_NETLINK, or set [actuators] link_sense = \"off\")")
+    return ""
+
+
 class LinkSensor:
     """Polls the interface's link rate; `rate_bps()` is the latest fresh reading or None."""
 
@@ -78,6 +88,7 @@ class LinkSensor:
         self._rate: float | None = None
         self._at = -float("inf")
         self.errors = 0
+        self.last_error: str | None = None
         self._polling = False
 
     async def _read(self) -> float | None:
@@ -98,7 +109,13 @@ class LinkSensor:
             rate = await self._read()
         except (OSError, TimeoutError) as exc:
             self.errors += 1
-            log.debug("link sensing failed: %s", exc)
+            self.last_error = str(exc) or type(exc).__name__
+            # The first failure is worth a warning: a sandbox without netlink (the systemd
+            # unit without its actuators drop-in) turns sensing, and the server probes that
+            # need it, off for good, which was silent at DEBUG.
+            log.log(logging.WARNING if self.errors == 1 else logging.DEBUG,
+                    "link sensing with %s on %s failed: %s%s", self.mode, self.interface,
+                    self.last_error, _hint(exc))
             return None
         finally:
             self._polling = False
@@ -128,4 +145,4 @@ class LinkSensor:
     def status(self) -> dict[str, object]:
         """Mode, interface and the latest reading, for /v1/status."""
         return {"mode": self.mode, "interface": self.interface, "rate_bps": self.rate_bps(),
-                "errors": self.errors}
+                "errors": self.errors, "last_error": self.last_error}

@@ -80,3 +80,24 @@ async def test_polls_never_overlap(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert len(pids.read_text().split()) == 1
     assert await s.poll() == pytest.approx(72.2e6)  # and the next one runs again
     assert s.rate_bps() == pytest.approx(72.2e6) and s.errors == 0
+
+
+@pytest.mark.asyncio
+async def test_a_refused_netlink_socket_is_a_warning_with_what_to_do(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """The systemd unit without its actuators drop-in refuses AF_NETLINK; sensing then
+    stayed off with only a DEBUG line. The refusal is injected: this host allows netlink."""
+    import errno
+    import logging
+
+    def refused(interface: str) -> float | None:
+        raise OSError(errno.EAFNOSUPPORT, os.strerror(errno.EAFNOSUPPORT))
+
+    monkeypatch.setattr(linksense, "read_tbf_rate", refused)
+    s = LinkSensor("tc", "lo", 0.5)
+    with caplog.at_level(logging.DEBUG, logger="edgetok.gateway.linksense"):
+        for _ in range(3):
+            assert await s.poll() is None
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "--with-actuators" in warnings[0]
+    assert s.status()["errors"] == 3 and "not supported" in str(s.status()["last_error"])
