@@ -17,7 +17,9 @@ from edgetok.mqttwire import (
     DEFAULT_SERVER_RECEIVE_MAXIMUM,
     DISCONNECT,
     P_MAXIMUM_PACKET_SIZE,
+    P_MAXIMUM_QOS,
     P_RECEIVE_MAXIMUM,
+    P_RETAIN_AVAILABLE,
     P_SERVER_KEEPALIVE,
     PINGRESP,
     PUBACK,
@@ -53,6 +55,10 @@ class Connection(asyncio.Protocol):
         self.lost: MqttError | None = None
         self.last_rx = self.last_tx = time.monotonic()
         self.maximum_packet_size: int | None = None
+        # What the server supports (CONNACK, MQTT 5 section 3.2.2.3.4 and .5); a PUBLISH
+        # beyond either makes it drop the connection. Also read from a refusing CONNACK.
+        self.maximum_qos = 1
+        self.retain_available = True
         self._transport: asyncio.Transport | None = None
         self._buf = bytearray()
         self._acks = bytearray()
@@ -193,6 +199,13 @@ class Connection(asyncio.Protocol):
         """Refused: end the connection with the reason. Accepted: note the limits."""
         code = body[1]
         props = read_properties(body, 2)[0] if len(body) > 2 else {}
+        qos = int_property(props, P_MAXIMUM_QOS)
+        self.maximum_qos = 1 if qos is None else min(qos, 1)
+        self.retain_available = int_property(props, P_RETAIN_AVAILABLE) != 0
+        if code == 0x9A:  # our Will was retained
+            self.retain_available = False
+        elif code == 0x9B:  # our Will's QoS was too high
+            self.maximum_qos = min(self.maximum_qos, qos or 0)
         if code >= 0x80:
             self.abort(MqttError(reason(code) + reason_string(props)))
             return
@@ -202,7 +215,8 @@ class Connection(asyncio.Protocol):
         if not self.connack.done():
             self.connack.set_result(ConnAck(bool(body[0] & 1), self._send_maximum,
                                             int_property(props, P_SERVER_KEEPALIVE),
-                                            self.maximum_packet_size))
+                                            self.maximum_packet_size, self.maximum_qos,
+                                            self.retain_available))
 
     # outgoing ---------------------------------------------------------------------------
     def write(self, data: bytes) -> None:
@@ -243,8 +257,16 @@ class Connection(asyncio.Protocol):
                 return self._next_mid
         raise MqttError("no free packet identifier")
 
+    def allowed(self, qos: int, retain: bool) -> tuple[int, bool]:
+        """QoS and retain flag lowered to what the server supports."""
+        return min(qos, self.maximum_qos), retain and self.retain_available
+
     async def publish(self, topic: str, payload: bytes, qos: int, retain: bool) -> int:
-        """Send a PUBLISH; for QoS 1 wait for its PUBACK. Returns the reason code."""
+        """Send a PUBLISH; for QoS 1 wait for its PUBACK. Returns the reason code.
+
+        QoS and retain are lowered to what the server supports (see `allowed`).
+        """
+        qos, retain = self.allowed(qos, retain)
         if self.maximum_packet_size is not None and \
                 len(topic) + len(payload) + 16 > self.maximum_packet_size:
             return 0x95  # the broker would drop the whole connection for it

@@ -163,6 +163,10 @@ class MqttSession:
         self.connects = 0
         self.last_error: str | None = None
         self._up_since: float | None = None  # when the current link finished its setup
+        # What the server supports, as its last CONNACK said; each lowering is logged once.
+        self._maximum_qos = 1
+        self._retain_available = True
+        self._lowered: set[str] = set()
 
     async def run(self) -> None:
         """Connect, pump messages, and reconnect with backoff until close() is called."""
@@ -196,8 +200,10 @@ class MqttSession:
         s = self.settings
         self.generation += 1
         generation, transport = self.generation, None
-        will = (self._will.topic, self._will.payload, self._will.qos, self._will.retain) \
-            if self._will else None
+        will = None
+        if self._will is not None:
+            qos, retain = self._allowed(self._will.qos, self._will.retain, "the Will")
+            will = (self._will.topic, self._will.payload, qos, retain)
         try:
             async with asyncio.timeout(CONNECT_TIMEOUT_S):
                 transport, conn = await asyncio.get_running_loop().create_connection(
@@ -214,7 +220,13 @@ class MqttSession:
                     clean_start=s.session_expiry_s == 0, session_expiry_s=s.session_expiry_s,
                     receive_maximum=RECEIVE_MAXIMUM, username=s.username,
                     password=self._password, will=will))
-                ack = await conn.connack
+                try:
+                    ack = await conn.connack
+                finally:
+                    # Remembered for the Will of the next connect: a server refuses a Will
+                    # beyond what it supports ([MQTT-3.2.2-12], [MQTT-3.2.2-13]).
+                    self._maximum_qos = conn.maximum_qos
+                    self._retain_available = conn.retain_available
         except TimeoutError:
             if transport is not None:
                 transport.abort()
@@ -304,9 +316,21 @@ class MqttSession:
                     f"announcement on {msg.topic} " + (f"refused: {sent.reason}" if sent.refused
                                                        else "not acknowledged"))
 
+    def _allowed(self, qos: int, retain: bool, what: str) -> tuple[int, bool]:
+        """QoS and retain flag lowered to what the server supports, warning once of each."""
+        for lowered, feature, how in (
+                (qos > self._maximum_qos, f"QoS {qos}", f"at QoS {self._maximum_qos}"),
+                (retain and not self._retain_available, "retained messages", "not retained")):
+            if lowered and feature not in self._lowered:
+                self._lowered.add(feature)
+                log.warning("the broker does not support %s: %s and later messages are sent "
+                            "%s", feature, what, how)
+        return min(qos, self._maximum_qos), retain and self._retain_available
+
     async def _send(self, conn: Connection, msg: Outgoing, limit_s: float,
                     warn: bool) -> Published:
         """Publish on this connection; truthy once the broker has it."""
+        self._allowed(msg.qos, msg.retain, f"the message on {msg.topic}")  # conn lowers it
         try:
             code = await within(conn.publish(msg.topic, msg.payload, msg.qos, msg.retain),
                                 limit_s)

@@ -18,6 +18,7 @@ BYE = bytes((DISCONNECT, 0))
 # Property identifiers we read or write (MQTT 5.0, section 2.2.2.2).
 P_SESSION_EXPIRY, P_SERVER_KEEPALIVE, P_REASON_STRING = 0x11, 0x13, 0x1F
 P_RECEIVE_MAXIMUM, P_MAXIMUM_PACKET_SIZE = 0x21, 0x27
+P_MAXIMUM_QOS, P_RETAIN_AVAILABLE = 0x24, 0x25
 _BYTE, _U16, _U32, _VARINT, _STR, _BIN, _PAIR = range(7)
 PROPERTY_TYPES = {
     0x01: _BYTE, 0x02: _U32, 0x03: _STR, 0x08: _STR, 0x09: _BIN, 0x0B: _VARINT, 0x11: _U32,
@@ -75,6 +76,8 @@ class ConnAck:
     receive_maximum: int
     keepalive_s: int | None
     maximum_packet_size: int | None
+    maximum_qos: int = 1  # of what we use: QoS 2 would be 2
+    retain_available: bool = True
 
 
 def varint(n: int) -> bytes:

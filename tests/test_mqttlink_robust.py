@@ -14,7 +14,7 @@ from conftest import Broker, free_port
 from harness import until
 
 from edgetok import mqttconn, mqttlink
-from edgetok.mqttlink import InMessage, MqttSession, Outgoing
+from edgetok.mqttlink import InMessage, MqttError, MqttSession, Outgoing
 from edgetok.mqttwire import SUBACK, packet, publish_packet, read_varint
 from edgetok.settings import MqttSettings
 
@@ -237,5 +237,38 @@ async def test_a_link_that_fails_right_after_connecting_backs_off(
         assert s.connects >= 5  # each try got a CONNACK, then the birth was refused
         assert delays()[:5] == [0.01, 0.02, 0.04, 0.08, 0.08]
         assert s.last_error is not None and "Not authorized" in s.last_error
+    finally:
+        broker.stop()
+
+
+@pytest.mark.parametrize("limits", ["retain_available false", "max_qos 0",
+                                    "retain_available false\nmax_qos 0"])
+@pytest.mark.asyncio
+async def test_a_broker_without_retain_or_qos_1_gets_what_it_supports(
+        tmp_path: Path, limits: str, caplog: pytest.LogCaptureFixture) -> None:
+    broker = Broker(free_port(), tmp_path / "broker", extra_conf=limits + "\n")
+    broker.start()
+    got: list[InMessage] = []
+
+    async def collect(m: InMessage) -> None:
+        got.append(m)
+
+    status = {"will": Outgoing("st/gw", b"offline"),
+              "on_connect": [Outgoing("st/gw", b"online")]}  # retained, QoS 1
+    try:
+        async with running(MqttSession(mqtt_settings(broker), "etk-watch", password=None,
+                                       subscriptions=["st/#", "d/#"], on_message=collect,
+                                       manual_ack=False)) as watch, \
+                running(MqttSession(mqtt_settings(broker), "etk-gw", password=None,
+                                    manual_ack=False, **status)) as gw:
+            await until(lambda: watch.connected.is_set() and gw.connected.is_set())
+            assert await gw.publish("d/x", b"decision", qos=1, retain=True)
+            await until(lambda: [m.payload for m in got] == [b"online", b"decision"])
+            assert gw.connected.is_set() and gw.connects == 1  # not dropped for them
+            assert gw._conn is not None
+            gw._conn.abort(MqttError("injected: the link drops"))
+            await until(lambda: [m.payload for m in got][-1:] == [b"offline"])
+        lowered = [r.getMessage() for r in caplog.records if "does not support" in r.getMessage()]
+        assert len(lowered) == limits.count("\n") + 1  # once each, not once a message
     finally:
         broker.stop()
