@@ -25,6 +25,7 @@ from edgetok.mqttwire import (
     PUBACK,
     PUBLISH,
     SUBACK,
+    UNSUBACK,
     ConnAck,
     InMessage,
     MqttError,
@@ -35,6 +36,7 @@ from edgetok.mqttwire import (
     reason,
     reason_string,
     subscribe_packet,
+    unsubscribe_packet,
 )
 
 # Above this many parsed messages not yet taken by the session, stop reading the socket:
@@ -181,7 +183,7 @@ class Connection(asyncio.Protocol):
                 self._room.set()
                 if not fut.done():  # a publish that stopped waiting still held a slot
                     fut.set_result(body[2] if len(body) > 2 else 0)
-        elif kind == SUBACK:
+        elif kind in (SUBACK, UNSUBACK):
             fut = self._waiting.pop(int.from_bytes(body[:2], "big"), None)
             pos = read_properties(body, 2)[1]
             if fut is not None and not fut.done():
@@ -295,6 +297,17 @@ class Connection(asyncio.Protocol):
         fut: asyncio.Future[int | list[int]] = asyncio.get_running_loop().create_future()
         self._waiting[mid] = fut
         self.write(subscribe_packet(mid, filters, qos))
+        codes = await fut
+        assert isinstance(codes, list)
+        return codes
+
+    async def unsubscribe(self, filters: list[str]) -> list[int]:
+        """UNSUBSCRIBE and wait for UNSUBACK; one reason code per filter."""
+        self._check()
+        mid = self._new_mid()
+        fut: asyncio.Future[int | list[int]] = asyncio.get_running_loop().create_future()
+        self._waiting[mid] = fut
+        self.write(unsubscribe_packet(mid, filters))
         codes = await fut
         assert isinstance(codes, list)
         return codes

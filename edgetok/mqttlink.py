@@ -11,12 +11,14 @@ message unless paho's private switch was flipped.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import socket
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from edgetok.aio import wait_event, within
@@ -145,7 +147,8 @@ class MqttSession:
     def __init__(self, settings: MqttSettings, client_id: str, *, password: str | None,
                  subscriptions: Sequence[str] = (), will: Outgoing | None = None,
                  on_connect: Sequence[Outgoing] = (), manual_ack: bool = True,
-                 on_message: Callable[[InMessage], Awaitable[None]] | None = None) -> None:
+                 on_message: Callable[[InMessage], Awaitable[None]] | None = None,
+                 subscriptions_file: Path | None = None) -> None:
         self.settings = settings
         self.client_id = client_id
         self._password = password
@@ -154,6 +157,10 @@ class MqttSession:
         self._announce = list(on_connect)
         self._manual_ack = manual_ack
         self._on_message = on_message
+        # Where the subscribed filters are kept between runs, so that a filter dropped from
+        # the config is unsubscribed from the persistent session (see _unsubscribe_stale).
+        self._subscriptions_file = subscriptions_file
+        self._held = list(self.subscriptions)  # what the broker's session may hold
         self._conn: Connection | None = None
         self.generation = 0
         self.connected = asyncio.Event()
@@ -299,8 +306,55 @@ class MqttSession:
             self._conn = None
             conn.close()
 
+    def _load_held(self) -> list[str]:
+        """The filters the broker's session may still hold from an earlier run."""
+        path = self._subscriptions_file
+        if path is None:
+            return self._held
+        try:
+            held = json.loads(path.read_text())
+        except FileNotFoundError:
+            return []
+        except (OSError, ValueError) as exc:
+            log.warning("cannot read the last MQTT subscriptions from %s: %s", path, exc)
+            return []
+        return [f for f in held if isinstance(f, str)] if isinstance(held, list) else []
+
+    def _save_held(self, filters: list[str]) -> None:
+        """Record what the broker's session holds now, for the next run."""
+        self._held = filters
+        path = self._subscriptions_file
+        if path is None:
+            return
+        try:
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text(json.dumps(filters))
+            tmp.replace(path)  # never a half-written file
+        except OSError as exc:
+            log.warning("cannot record the MQTT subscriptions in %s: %s", path, exc)
+
+    async def _unsubscribe_stale(self, conn: Connection) -> None:
+        """Drop what a resumed session still holds that the subscriptions no longer name."""
+        # A persistent session keeps its subscriptions across connects, so a filter dropped
+        # from the config would go on delivering. Unsubscribing what the last run subscribed
+        # (recorded in subscriptions_file) and is not wanted now fixes that and keeps the
+        # messages queued for the filters that stay, which a one-off Clean Start would lose.
+        # What the broker queued for a dropped filter before this still arrives, once.
+        if not conn.connack.result().session_present:
+            return
+        stale = [f for f in self._load_held() if f not in self.subscriptions]
+        if not stale:
+            return
+        try:
+            codes = await within(conn.unsubscribe(stale), PUBLISH_TIMEOUT_S)
+        except TimeoutError:
+            raise MqttError("timed out waiting for UNSUBACK") from None
+        log.info("unsubscribed from filters no longer configured: %s",
+                 ", ".join(f"{f} ({reason(c)})" for f, c in zip(stale, codes, strict=False)))
+
     async def _setup(self, conn: Connection) -> None:
         """Subscribe (a refused filter is logged, not fatal) and publish the announcements."""
+        await self._unsubscribe_stale(conn)
         if self.subscriptions:
             try:
                 codes = await within(conn.subscribe(self.subscriptions, 1), PUBLISH_TIMEOUT_S)
@@ -309,6 +363,7 @@ class MqttSession:
             for filt, code in zip(self.subscriptions, codes, strict=False):
                 if code >= 0x80:
                     log.warning("broker refused subscription %s: %s", filt, reason(code))
+        self._save_held(list(self.subscriptions))
         for msg in self._announce:
             sent = await self._send(conn, msg, PUBLISH_TIMEOUT_S, True)
             if not sent:

@@ -1,7 +1,8 @@
 """MQTT v5 packet encoding and decoding: what edgetok exchanges with a broker.
 
 Only what edgetok uses (MQTT 5.0, OASIS standard, 2019): QoS 0 and 1 in both directions,
-subscriptions, a Will, keepalive and a clean DISCONNECT; no QoS 2, topic aliases or AUTH.
+subscribing and unsubscribing, a Will, keepalive and a clean DISCONNECT; no QoS 2, topic
+aliases or AUTH.
 edgetok.mqttconn runs these packets over an asyncio connection.
 """
 
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 
 CONNECT, CONNACK, PUBLISH, PUBACK = 0x10, 0x20, 0x30, 0x40
 SUBSCRIBE, SUBACK, PINGREQ, PINGRESP, DISCONNECT = 0x82, 0x90, 0xC0, 0xD0, 0xE0
+UNSUBSCRIBE, UNSUBACK = 0xA2, 0xB0
 PING = bytes((PINGREQ, 0))
 # DISCONNECT with reason 0 (normal): the broker discards the Will.
 BYE = bytes((DISCONNECT, 0))
@@ -29,6 +31,7 @@ PROPERTY_TYPES = {
 # Reason codes (section 2.4) as brokers report them; the text is what users will search for.
 REASONS = {
     0x00: "Success", 0x04: "Disconnect with Will Message", 0x10: "No matching subscribers",
+    0x11: "No subscription existed",
     0x80: "Unspecified error", 0x81: "Malformed Packet", 0x82: "Protocol Error",
     0x83: "Implementation specific error", 0x84: "Unsupported Protocol Version",
     0x85: "Client Identifier not valid", 0x86: "Bad User Name or Password",
@@ -197,3 +200,8 @@ def subscribe_packet(mid: int, filters: list[str], qos: int) -> bytes:
     body = mid.to_bytes(2, "big") + b"\x00" + b"".join(_str(f) + bytes((qos,))
                                                       for f in filters)
     return packet(SUBSCRIBE, body)
+
+
+def unsubscribe_packet(mid: int, filters: list[str]) -> bytes:
+    """UNSUBSCRIBE from every filter."""
+    return packet(UNSUBSCRIBE, mid.to_bytes(2, "big") + b"\x00" + b"".join(map(_str, filters)))

@@ -4,6 +4,7 @@ neither lose nor stall, nor storm the broker."""
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -272,3 +273,32 @@ async def test_a_broker_without_retain_or_qos_1_gets_what_it_supports(
         assert len(lowered) == limits.count("\n") + 1  # once each, not once a message
     finally:
         broker.stop()
+
+
+@pytest.mark.asyncio
+async def test_a_filter_dropped_from_the_config_is_unsubscribed_from_the_session(
+        mosquitto: Broker, tmp_path: Path) -> None:
+    held = tmp_path / "subscriptions.json"
+    got: list[bytes] = []
+
+    async def collect(m: InMessage) -> None:
+        got.append(m.payload)
+
+    def gateway(*filters: str) -> MqttSession:
+        return MqttSession(mqtt_settings(mosquitto), "etk-reconf", password=None,
+                           subscriptions=filters, on_message=collect, manual_ack=False,
+                           subscriptions_file=held)
+
+    async with running(MqttSession(mqtt_settings(mosquitto), "etk-pub", password=None,
+                                   manual_ack=False)) as pub:
+        async with running(gateway("old/#", "keep/#")) as s:
+            await until(s.connected.is_set)
+        assert await pub.publish("keep/x", b"queued while away", wait_s=LIMIT_S)
+        async with running(gateway("keep/#", "new/+")) as s:  # the config changed
+            await until(s.connected.is_set)
+            for topic in ("old/x", "keep/x", "new/x"):
+                assert await pub.publish(topic, topic.encode())
+            await until(lambda: got[-1:] == [b"new/x"])
+    # The kept filter's queue survived; the dropped filter delivers nothing.
+    assert got == [b"queued while away", b"keep/x", b"new/x"]
+    assert json.loads(held.read_text()) == ["keep/#", "new/+"]
