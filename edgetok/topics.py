@@ -58,3 +58,33 @@ def gateway_of(topic: str, prefix: str) -> str:
     if len(parts) < 3 or parts[0] != prefix:
         raise ValueError(f"topic {topic!r} is not under prefix {prefix!r}")
     return parts[2] if parts[1] == "uplink" else parts[1]
+
+
+def filter_problem(f: str) -> str | None:
+    """What makes `f` an invalid MQTT topic filter (MQTT 5 sections 4.7, 4.8.2), or None."""
+    # A broker answers an invalid filter by dropping the connection (mosquitto: Malformed
+    # Packet), and a reconnect sends it again: better refused when the config is checked.
+    if not f:
+        return "empty"
+    if "\0" in f:
+        return "contains a NUL character"
+    try:
+        size = len(f.encode())
+    except UnicodeEncodeError:
+        return "not valid UTF-8"
+    if size > 65535:
+        return f"{size} bytes long, over MQTT's 65535"
+    if f.startswith("$share/"):
+        group, _, rest = f[len("$share/"):].partition("/")
+        if not group or "+" in group or "#" in group:
+            return "a shared subscription needs a share name without '+' or '#'"
+        if not rest:
+            return "a shared subscription needs a filter after its share name"
+        f = rest
+    levels = f.split("/")
+    for i, level in enumerate(levels):
+        if "#" in level and (level != "#" or i != len(levels) - 1):
+            return "'#' must be alone in the last level"
+        if "+" in level and level != "+":
+            return "'+' must be alone in its level"
+    return None
