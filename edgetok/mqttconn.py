@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
+from collections.abc import Callable
 
 from edgetok.mqttwire import (
     BYE,
@@ -37,7 +38,9 @@ from edgetok.mqttwire import (
     reason_string,
     subscribe_packet,
     unsubscribe_packet,
+    varint,
 )
+from edgetok.topics import filter_problem
 
 # Above this many parsed messages not yet taken by the session, stop reading the socket:
 # QoS 0 traffic has no Receive Maximum, so TCP is its only backpressure.
@@ -266,12 +269,21 @@ class Connection(asyncio.Protocol):
     async def publish(self, topic: str, payload: bytes, qos: int, retain: bool) -> int:
         """Send a PUBLISH; for QoS 1 wait for its PUBACK. Returns the reason code.
 
-        QoS and retain are lowered to what the server supports (see `allowed`).
+        QoS and retain are lowered to what the server supports (see `allowed`). A topic no
+        broker takes is refused here with 0x90, a packet over the broker's Maximum Packet
+        Size with 0x95: the broker would drop the whole connection for either.
         """
         qos, retain = self.allowed(qos, retain)
-        if self.maximum_packet_size is not None and \
-                len(topic) + len(payload) + 16 > self.maximum_packet_size:
-            return 0x95  # the broker would drop the whole connection for it
+        try:
+            name = topic.encode()
+        except UnicodeEncodeError:  # a lone surrogate, e.g. from os.fsdecode
+            return 0x90
+        if not name or len(name) > 65535 or any(c in topic for c in "+#\0"):
+            return 0x90
+        if self.maximum_packet_size is not None:
+            body = 2 + len(name) + 2 * qos + 1 + len(payload)  # no properties
+            if 1 + len(varint(body)) + body > self.maximum_packet_size:
+                return 0x95
         # Wait for the writer's buffer to drain and, at QoS 1, for the broker's quota.
         while not self._writable or (qos and self._publishes >= self._send_maximum):
             self._check()
@@ -279,38 +291,55 @@ class Connection(asyncio.Protocol):
             await self._room.wait()
         self._check()
         if not qos:
-            self.write(publish_packet(topic, payload, 0, retain, 0))
+            self.write(publish_packet(name, payload, 0, retain, 0))
             return 0
         mid = self._new_mid()
         fut: asyncio.Future[int | list[int]] = asyncio.get_running_loop().create_future()
         self._waiting[mid] = fut
         self._publishes += 1
-        self.write(publish_packet(topic, payload, 1, retain, mid))
+        self.write(publish_packet(name, payload, 1, retain, mid))
         code = await fut
         assert isinstance(code, int)
         return code
 
     async def subscribe(self, filters: list[str], qos: int) -> list[int]:
         """SUBSCRIBE and wait for SUBACK; one reason code per filter."""
-        self._check()
-        mid = self._new_mid()
-        fut: asyncio.Future[int | list[int]] = asyncio.get_running_loop().create_future()
-        self._waiting[mid] = fut
-        self.write(subscribe_packet(mid, filters, qos))
-        codes = await fut
-        assert isinstance(codes, list)
-        return codes
+        return await self._filter_request(filters, lambda mid, fs: subscribe_packet(mid, fs, qos))
 
     async def unsubscribe(self, filters: list[str]) -> list[int]:
         """UNSUBSCRIBE and wait for UNSUBACK; one reason code per filter."""
-        self._check()
-        mid = self._new_mid()
-        fut: asyncio.Future[int | list[int]] = asyncio.get_running_loop().create_future()
-        self._waiting[mid] = fut
-        self.write(unsubscribe_packet(mid, filters))
-        codes = await fut
-        assert isinstance(codes, list)
-        return codes
+        return await self._filter_request(filters, unsubscribe_packet)
+
+    async def _filter_request(self, filters: list[str],
+                              make: Callable[[int, list[str]], bytes]) -> list[int]:
+        """Send the filters in as few packets as the broker's Maximum Packet Size allows, and
+        wait for each ack; one reason code per filter."""
+        # An invalid filter, or one too large on its own, is refused here (0x8F, 0x95): the
+        # broker would drop the connection for it, and again after every reconnect.
+        codes: list[int | None] = [None] * len(filters)
+        batches: list[list[int]] = []
+        limit = self.maximum_packet_size
+        for i, f in enumerate(filters):
+            if filter_problem(f) is not None:
+                codes[i] = 0x8F
+            elif limit is not None and len(make(0, [f])) > limit:
+                codes[i] = 0x95
+            elif batches and (limit is None or len(
+                    make(0, [filters[j] for j in batches[-1]] + [f])) <= limit):
+                batches[-1].append(i)
+            else:
+                batches.append([i])
+        for batch in batches:
+            self._check()
+            mid = self._new_mid()
+            fut: asyncio.Future[int | list[int]] = asyncio.get_running_loop().create_future()
+            self._waiting[mid] = fut
+            self.write(make(mid, [filters[j] for j in batch]))
+            got = await fut
+            assert isinstance(got, list)
+            for j, code in zip(batch, got, strict=False):
+                codes[j] = code
+        return [0x80 if c is None else c for c in codes]  # an ack short of codes: refused
 
     def _check(self) -> None:
         """Raise why the connection ended, if it has."""

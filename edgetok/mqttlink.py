@@ -394,7 +394,7 @@ class MqttSession:
             return Published(None)
         if code >= 0x80:
             log.log(logging.WARNING if warn else logging.DEBUG,
-                    "broker refused a publish to %s: %s", msg.topic, reason(code))
+                    "publish to %r refused: %s", msg.topic, reason(code))
         return Published(code)
 
     async def _pump(self, conn: Connection) -> None:

@@ -189,8 +189,9 @@ def connect_packet(client_id: str, *, keepalive_s: int, clean_start: bool,
     return packet(CONNECT, body)
 
 
-def publish_packet(topic: str, payload: bytes, qos: int, retain: bool, mid: int) -> bytes:
-    """PUBLISH without properties."""
+def publish_packet(topic: str | bytes, payload: bytes, qos: int, retain: bool,
+                   mid: int) -> bytes:
+    """PUBLISH without properties; the topic as text or as UTF-8."""
     body = _str(topic) + (mid.to_bytes(2, "big") if qos else b"") + b"\x00" + payload
     return packet(PUBLISH | (qos << 1) | (1 if retain else 0), body)
 

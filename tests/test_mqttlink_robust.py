@@ -302,3 +302,36 @@ async def test_a_filter_dropped_from_the_config_is_unsubscribed_from_the_session
     # The kept filter's queue survived; the dropped filter delivers nothing.
     assert got == [b"queued while away", b"keep/x", b"new/x"]
     assert json.loads(held.read_text()) == ["keep/#", "new/+"]
+
+
+@pytest.mark.asyncio
+async def test_the_maximum_packet_size_counts_bytes_and_bounds_subscribe_too(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    broker = Broker(free_port(), tmp_path / "broker", extra_conf="max_packet_size 100\n")
+    broker.start()
+    got: list[str] = []
+
+    async def collect(m: InMessage) -> None:
+        got.append(m.topic)
+
+    # Together one SUBSCRIBE over 100 bytes; each fits on its own but the last.
+    filters = [f"sub/{i}/" + "f" * 20 for i in range(5)]
+    try:
+        async with running(MqttSession(
+                mqtt_settings(broker), "etk-small", password=None, manual_ack=False,
+                subscriptions=[*filters, "big/" + "b" * 120], on_message=collect)) as s:
+            await until(s.connected.is_set)
+            assert "refused subscription big/bbb" in caplog.text  # not sent: too large
+            # 30 characters but 60 bytes: with the headers over 100 bytes.
+            big = await s.publish("ü" * 30, b"y" * 40)
+            assert big.refused and big.code == 0x95
+            bad = await s.publish("t/\udcff", b"x")  # a lone surrogate: no UTF-8 for it
+            assert bad.refused and bad.code == 0x90
+            assert (await s.publish("t/+", b"x")).code == 0x90  # wildcards are for filters
+            for f in filters:
+                assert await s.publish(f, b"x")
+            await until(lambda: len(got) == len(filters))
+            assert s.connects == 1 and s.connected.is_set()
+    finally:
+        broker.stop()
+    assert got == filters
