@@ -169,6 +169,9 @@ class MqttSession:
         self._final: Outgoing | None = None
         self.connects = 0
         self.last_error: str | None = None
+        # Filters the broker (or this client: invalid, too large) refused at the last
+        # connect, with the reason.
+        self.refused_filters: dict[str, str] = {}
         self._up_since: float | None = None  # when the current link finished its setup
         # What the server supports, as its last CONNACK said; each lowering is logged once.
         self._maximum_qos = 1
@@ -360,9 +363,16 @@ class MqttSession:
                 codes = await within(conn.subscribe(self.subscriptions, 1), PUBLISH_TIMEOUT_S)
             except TimeoutError:
                 raise MqttError("timed out waiting for SUBACK") from None
-            for filt, code in zip(self.subscriptions, codes, strict=False):
-                if code >= 0x80:
-                    log.warning("broker refused subscription %s: %s", filt, reason(code))
+            refused = {f: reason(c) for f, c in zip(self.subscriptions, codes, strict=False)
+                       if c >= 0x80}
+            for filt, why in refused.items():
+                log.warning("subscription %s refused: %s", filt, why)
+            # Not fatal (the other filters work), but a stream that gets nothing: health and
+            # /v1/status show it.
+            self.refused_filters = refused
+            if refused:
+                self.last_error = "subscriptions refused: " + "; ".join(
+                    f"{f} {why}" for f, why in refused.items())
         self._save_held(list(self.subscriptions))
         for msg in self._announce:
             sent = await self._send(conn, msg, PUBLISH_TIMEOUT_S, True)

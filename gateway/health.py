@@ -65,8 +65,10 @@ class Health:
         if not gw.session.connected.is_set():
             return f"waiting for broker {gw.cfg.mqtt.host}:{gw.cfg.mqtt.port}" + (
                 f" ({gw.session.last_error})" if gw.session.last_error else "")
+        refused = gw.session.refused_filters
         return (f"running {dec.variant} {dec.precision}; {gw.counters['results']} results, "
-                f"{len(gw.inflight)} in flight, {gw.store.journal_rows} journaled")
+                f"{len(gw.inflight)} in flight, {gw.store.journal_rows} journaled" + (
+                    f"; subscriptions refused: {', '.join(refused)}" if refused else ""))
 
     async def run(self) -> None:
         """READY=1 once the broker is connected (the bundle loaded at start), then STATUS=

@@ -306,7 +306,7 @@ async def test_a_filter_dropped_from_the_config_is_unsubscribed_from_the_session
 
 @pytest.mark.asyncio
 async def test_the_maximum_packet_size_counts_bytes_and_bounds_subscribe_too(
-        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+        tmp_path: Path) -> None:
     broker = Broker(free_port(), tmp_path / "broker", extra_conf="max_packet_size 100\n")
     broker.start()
     got: list[str] = []
@@ -321,7 +321,7 @@ async def test_the_maximum_packet_size_counts_bytes_and_bounds_subscribe_too(
                 mqtt_settings(broker), "etk-small", password=None, manual_ack=False,
                 subscriptions=[*filters, "big/" + "b" * 120], on_message=collect)) as s:
             await until(s.connected.is_set)
-            assert "refused subscription big/bbb" in caplog.text  # not sent: too large
+            assert s.refused_filters == {"big/" + "b" * 120: "[code:149] Packet too large"}
             # 30 characters but 60 bytes: with the headers over 100 bytes.
             big = await s.publish("ü" * 30, b"y" * 40)
             assert big.refused and big.code == 0x95
@@ -335,3 +335,53 @@ async def test_the_maximum_packet_size_counts_bytes_and_bounds_subscribe_too(
     finally:
         broker.stop()
     assert got == filters
+
+
+@pytest.mark.asyncio
+async def test_refused_subscriptions_are_reported_and_the_rest_work() -> None:
+    # Scripted: mosquitto 2.0.11's acl_file grants every SUBSCRIBE (it filters on delivery).
+    sent: list[bytes] = []
+
+    async def script(n: int, reader: asyncio.StreamReader,
+                     writer: asyncio.StreamWriter) -> None:
+        await read_packet(reader)
+        writer.write(b"\x20\x03\x00\x00\x00")
+        _, body = await read_packet(reader)
+        sent.append(body)
+        writer.write(packet(SUBACK, body[:2] + b"\x00\x01\x87"))  # the second: refused
+        writer.write(publish_packet("ok/x", b"works", 0, False, 0))
+        await reader.read()
+
+    got: list[bytes] = []
+
+    async def collect(m: InMessage) -> None:
+        got.append(m.payload)
+
+    # The operator's typo would make mosquitto drop the connection: refused here instead.
+    filters = ["ok/#", "sensors/#/bad", "secret/#"]
+    async with scripted_broker(script) as (port,), running(MqttSession(
+            fast(port), "etk-refused", password=None, manual_ack=False,
+            subscriptions=filters, on_message=collect)) as s:
+        await until(lambda: s.connected.is_set() and got == [b"works"])
+        assert s.refused_filters == {"secret/#": "[code:135] Not authorized",
+                                     "sensors/#/bad": "[code:143] Topic Filter invalid"}
+        assert s.last_error is not None and "secret/#" in s.last_error \
+            and "sensors/#/bad" in s.last_error
+        assert s.connects == 1
+    assert len(sent) == 1 and b"ok/#" in sent[0] and b"secret/#" in sent[0]
+    assert b"bad" not in sent[0]  # never sent to the broker
+
+
+def test_the_health_summary_names_refused_subscriptions() -> None:
+    from types import SimpleNamespace
+
+    from edgetok.gateway.health import Health
+
+    session = SimpleNamespace(connected=asyncio.Event(), last_error=None,
+                              refused_filters={"secret/#": "[code:135] Not authorized"})
+    session.connected.set()
+    gw = SimpleNamespace(
+        cfg=SimpleNamespace(streams=[SimpleNamespace(deadline_ms=100.0)]), session=session,
+        inferencer=SimpleNamespace(decision=SimpleNamespace(variant="v", precision="fp32")),
+        counters={"results": 0}, inflight={}, store=SimpleNamespace(journal_rows=0))
+    assert Health(gw).summary().endswith("; subscriptions refused: secret/#")  # type: ignore[arg-type]
