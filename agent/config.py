@@ -9,6 +9,7 @@ from pydantic import Field, SecretStr, field_validator
 
 from edgetok.agent.coordinator.online import ControllerConfig
 from edgetok.settings import MqttSettings, Strict, load_toml, read_secret
+from edgetok.topics import filter_problem
 
 
 def _resolve(v: list[Path], info: Any) -> list[Path]:
@@ -50,6 +51,16 @@ class ServerConfig(Strict):
         "on exactly one server per broker: every coordinator publishes decisions.")
 
     _abs = field_validator("bundles")(_resolve)
+
+    @field_validator("group")
+    @classmethod
+    def _group_ok(cls, v: str) -> str:
+        # The group is one level of `$share/<group>/...`: a '/' or a wildcard in it would
+        # make the subscription invalid, and the broker drop the server for it.
+        problem = "contains '/'" if "/" in v else filter_problem(f"$share/{v}/x")
+        if problem:
+            raise ValueError(f"{v!r} cannot be a shared-subscription group: {problem}")
+        return v
 
     def mqtt_password(self) -> str | None:
         return read_secret("mqtt_password", "EDGETOK_MQTT_PASSWORD", self.mqtt.password)

@@ -12,8 +12,19 @@ from edgetok.frames import Precision
 from edgetok.gateway.actuators import ActuatorSettings
 from edgetok.settings import MqttSettings, Strict, load_toml, read_secret, resolve_path
 from edgetok.tokenizers import TokenizerConfig
+from edgetok.topics import filter_problem
 
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+def _valid_filters(filters: list[str]) -> list[str]:
+    """`filters` if each is a valid MQTT topic filter; else a ValueError naming the first
+    bad one (a broker drops a client that subscribes to it, and it would reconnect for ever)."""
+    for f in filters:
+        problem = filter_problem(f)
+        if problem:
+            raise ValueError(f"{f!r} is not an MQTT topic filter: {problem}")
+    return filters
 
 
 class StreamConfig(Strict):
@@ -55,6 +66,11 @@ class StreamConfig(Strict):
                               "dead-lettered as stale.")
     max_future_s: float = Field(60.0, gt=0, description="Readings further ahead of the gateway "
                                 "clock are dead-lettered (a sensor with a broken clock).")
+
+    @field_validator("topics")
+    @classmethod
+    def _filters_ok(cls, v: list[str]) -> list[str]:
+        return _valid_filters(v)
 
     @field_validator("name")
     @classmethod
@@ -194,6 +210,11 @@ class GatewayConfig(Strict):
                                         "unnoticed (a misspelt sensor topic).")
 
     _abs = field_validator("state_dir")(resolve_path)
+
+    @field_validator("unclaimed_topics")
+    @classmethod
+    def _filters_ok(cls, v: list[str]) -> list[str]:
+        return _valid_filters(v)
 
     @field_validator("id")
     @classmethod

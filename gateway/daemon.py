@@ -95,7 +95,10 @@ class Gateway:
             + list(cfg.unclaimed_topics),
             will=Outgoing(self.topics.status, self._status_payload("offline")),
             on_connect=[Outgoing(self.topics.status, self._status_payload("online"))],
-            on_message=self._on_message)
+            on_message=self._on_message,
+            # A filter dropped from the config is unsubscribed from the broker's session,
+            # which would otherwise keep delivering it.
+            subscriptions_file=cfg.state_dir / "mqtt-subscriptions.json")
         self.ingest = Ingest(self.store, self.session, Router(cfg.streams), self.buffers,
                              self.counters, cfg.journal, self._deadletter, self._close_due)
         self.inferencer = Inferencer(cfg.id, self.runtime, self.tokenizers,
