@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from edgetok import __version__
 from edgetok.mqttlink import check_tls
 from edgetok.openapi import METRICS_AND_SPEC, Operation, Reply, document
-from edgetok.settings import ConfigError
+from edgetok.settings import all_problems
 from edgetok.web import (
     Alive,
     Readiness,
@@ -127,15 +127,9 @@ def build_app(srv: TailServer, token: str | None = None) -> web.Application:
 def preflight(cfg: ServerConfig) -> None:
     """Refuse to expose the API beyond loopback without a token, and unreadable broker TLS
     files, before anything starts."""
-    problems: list[str] = []
-    for check in (lambda: check_bind(cfg.http.host, cfg.api_token(), "server"),
-                  lambda: check_tls(cfg.mqtt, "server config")):
-        try:
-            check()
-        except ConfigError as exc:
-            problems += exc.problems
-    if problems:
-        raise ConfigError("server config", problems)
+    all_problems("server config", (
+        lambda: check_bind(cfg.http.host, cfg.api_token(), "server"),
+        lambda: check_tls(cfg.mqtt, "server config")))
 
 
 async def serve_http(srv: TailServer) -> web.AppRunner:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tomllib
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -33,6 +34,18 @@ class ConfigError(Exception):
         self.source = source
         self.problems = problems
         super().__init__(f"{source}: {len(problems)} problem(s)\n  " + "\n  ".join(problems))
+
+
+def all_problems(source: str, checks: Iterable[Callable[[], None]]) -> None:
+    """Run every check; one ConfigError naming the problems of all that failed."""
+    problems: list[str] = []
+    for check in checks:
+        try:
+            check()
+        except ConfigError as exc:
+            problems += exc.problems
+    if problems:
+        raise ConfigError(source, problems)
 
 
 def resolve_path(v: Path | None, info: ValidationInfo) -> Path | None:

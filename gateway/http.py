@@ -28,7 +28,7 @@ from edgetok.gateway.models import (
     UplinkInfo,
 )
 from edgetok.mqttlink import check_tls
-from edgetok.settings import ConfigError, require_readable
+from edgetok.settings import ConfigError, all_problems, require_readable
 from edgetok.web import (
     BindRefused,
     bearer_auth,
@@ -297,15 +297,9 @@ def build_app(gw: Gateway, token: str | None) -> web.Application:
 def preflight(cfg: GatewayConfig) -> None:
     """Refuse an exposed API without a token, and unreadable TLS files, before anything runs;
     one ConfigError names every problem."""
-    problems: list[str] = []
-    for check in (lambda: check_bind(cfg.http.host, cfg.api_token(), "gateway"),
-                  lambda: check_tls(cfg.mqtt, "gateway config"), lambda: _http_tls(cfg)):
-        try:
-            check()
-        except ConfigError as exc:
-            problems += exc.problems
-    if problems:
-        raise ConfigError("gateway config", problems)
+    all_problems("gateway config", (
+        lambda: check_bind(cfg.http.host, cfg.api_token(), "gateway"),
+        lambda: check_tls(cfg.mqtt, "gateway config"), lambda: _http_tls(cfg)))
 
 
 def _http_tls(cfg: GatewayConfig) -> None:
