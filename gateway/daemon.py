@@ -55,6 +55,10 @@ class Gateway:
         self.cfg = cfg
         self.topics = Topics(cfg.mqtt.prefix, cfg.id)
         self.store = Store(cfg.state_dir / "edgetok.db", cfg.journal.synchronous)
+        requeued = self.store.requeue_refused()
+        if requeued:
+            log.info("%d result(s) and dead letter(s) the broker refused get another try",
+                     requeued)
         self.runtime = Runtime(cfg.bundle.path, threads=cfg.bundle.threads,
                                max_sessions=cfg.bundle.max_sessions,
                                share_weights=cfg.bundle.share_weights,
@@ -286,7 +290,7 @@ class Gateway:
                  else self.store.mark_deadletter_refused)(row_id, sent.reason)
                 self.counters[f"{kind}s_refused"] += 1
                 self.metrics.on_refused(kind, sent.reason)
-                log.warning("%s %d refused on %s: %s; parked, not published again", kind,
+                log.warning("%s %d refused on %s: %s; parked until the next start", kind,
                             row_id, topic, sent.reason)
             else:
                 return False

@@ -77,7 +77,8 @@ DEADLETTER_KEEP = 100_000
 # Check that bound every this many dead letters (amortises the DELETE).
 DEADLETTER_PRUNE_EVERY = 1_000
 # `published` of a row the broker (or our client) refused: parked with its reason in
-# `refused`, never sent again by itself, so it cannot hold up the rows behind it.
+# `refused`, not sent again until the next start (requeue_refused), so it cannot hold up the
+# rows behind it.
 REFUSED = 2
 
 
@@ -371,7 +372,7 @@ class Store:
         self.db.execute("UPDATE results SET published = 1 WHERE id = ?", (result_id,))
 
     def mark_refused(self, result_id: int, why: str) -> None:
-        """Park a result the broker refused: kept and served, never published again."""
+        """Park a result the broker refused: kept and served, not published again this run."""
         self.db.execute("UPDATE results SET published = ?, refused = ? WHERE id = ?",
                         (REFUSED, why, result_id))
 
@@ -407,6 +408,14 @@ class Store:
         self.db.execute("UPDATE deadletters SET published = 1 WHERE id = ?", (deadletter_id,))
 
     def mark_deadletter_refused(self, deadletter_id: int, why: str) -> None:
-        """Park a dead letter the broker refused: kept, never published again."""
+        """Park a dead letter the broker refused: kept, not published again this run."""
         self.db.execute("UPDATE deadletters SET published = ?, refused = ? WHERE id = ?",
                         (REFUSED, why, deadletter_id))
+
+    def requeue_refused(self) -> int:
+        """Give every parked row one more try; how many. Called at start: a refusal is
+        usually an ACL or a size limit, and a restart is what follows fixing one."""
+        with self.tx():
+            return sum(self.db.execute(
+                f"UPDATE {table} SET published = 0, refused = NULL WHERE published = ?",
+                (REFUSED,)).rowcount for table in ("results", "deadletters"))

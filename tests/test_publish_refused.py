@@ -102,3 +102,48 @@ async def test_a_refused_row_is_parked_and_the_rest_still_go_out(
         gw.inferencer.close()
         gw.store.close()
         broker.stop()
+
+
+@pytest.mark.asyncio
+async def test_parked_rows_get_another_try_at_the_next_start(
+        tmp_path: Path, tiny_bundle: Path) -> None:
+    """Fixing the ACL and restarting the gateway sends what the broker had refused."""
+    acl = tmp_path / "acl"
+    acl.write_text(f"topic readwrite #\ntopic deny {RESULTS}env\n")
+    broker = Broker(free_port(), tmp_path / "broker", extra_conf=f"acl_file {acl}\n")
+    broker.start()
+    collector: Collector | None = None
+    try:
+        gw = Gateway(config(tmp_path, tiny_bundle, broker.port))
+        runner = asyncio.create_task(gw.session.run())
+        with gw.store.tx():
+            env = gw.store.add_result(result("env", 1))
+        await until(gw.session.connected.is_set)
+        assert await gw._publish_stored() is False
+        assert published(gw, "results") == {env: (REFUSED, NOT_AUTHORIZED)}
+        await gw.session.close()
+        await runner
+        gw.inferencer.close()
+        gw.store.close()
+
+        broker.stop()
+        acl.write_text("topic readwrite #\n")  # the operator's fix
+        broker.start()
+        collector = Collector(broker.port, [f"{RESULTS}#"], client_id="acl-fixed").start()
+        gw = Gateway(config(tmp_path, tiny_bundle, broker.port))
+        runner = asyncio.create_task(gw.session.run())
+        try:
+            assert published(gw, "results") == {env: (0, None)}
+            await until(gw.session.connected.is_set)
+            assert await gw._publish_stored() is False
+            await until(lambda: len(collector.on(RESULTS)) == 1)
+            assert published(gw, "results") == {env: (1, None)}
+        finally:
+            await gw.session.close()
+            await runner
+            gw.inferencer.close()
+            gw.store.close()
+    finally:
+        if collector is not None:
+            collector.stop()
+        broker.stop()
