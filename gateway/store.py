@@ -334,6 +334,8 @@ class Store:
         """
         total = int(self.db.execute("SELECT coalesce(sum(n), 0) FROM result_stats")
                     .fetchone()[0])
+        if total <= keep and not self._settled_before(before_ts):
+            return 0  # the usual tick: nothing over either limit, so no rows read
         keep_ids = {int(i) for (i,) in self.db.execute("SELECT last_id FROM result_stats")}
         for stream, grid in self.grids.items():
             row = self.db.execute("SELECT id FROM results WHERE stream = ? AND grid = ? "
@@ -357,6 +359,15 @@ class Store:
                 self.db.execute(f"DELETE FROM results WHERE id IN ({','.join('?' * len(gone))})",
                                 gone)
         return len(gone)
+
+    def _settled_before(self, ts: float | None) -> bool:
+        """Whether the oldest settled result of either kind ends before `ts` (by id, via
+        the (published, id) index: the oldest by id is the oldest window in practice)."""
+        if ts is None:
+            return False
+        return any(self.db.execute(
+            "SELECT 1 FROM (SELECT end_ts FROM results WHERE published = ? ORDER BY id "
+            "LIMIT 1) WHERE end_ts < ?", (state, ts)).fetchone() for state in (1, REFUSED))
 
     def unpublished(self, limit: int = 100) -> list[Result]:
         """Results not yet confirmed published on MQTT, oldest first."""
